@@ -1,0 +1,200 @@
+//! Types and names shared by the kernel programs (`probe-ebpf`) and the daemon (`probe-user`).
+//!
+//! Every struct is `#[repr(C)]`, `Copy`, and laid out without implicit padding, so the kernel
+//! and userspace agree on its bytes. Discriminants are plain `u32` constants, not enums: a
+//! value read from a map can hold anything, and a constant cannot be an invalid enum.
+#![no_std]
+
+/// A connection accepted by a tracked process, named the way the process names it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+/// Where a connection is in its request/response turn.
+pub mod phase {
+    /// Accepted, nothing read yet (or only written).
+    pub const IDLE: u32 = 0;
+    /// Request bytes read, no response byte written yet: the request is in flight.
+    pub const REQUEST: u32 = 1;
+    /// Response started; the next successful read starts a new request.
+    pub const RESPONSE: u32 = 2;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnState {
+    pub phase: u32,
+    pub _reserved: u32,
+}
+
+/// Per-process counters, kept per CPU and summed by userspace. All of them only grow, so the
+/// gauges are differences (active = accepted - closed) and need no atomics in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcStats {
+    pub accepted: u64,
+    pub closed: u64,
+    /// Requests started (first read after a write, or first read on a connection).
+    pub requests: u64,
+    /// Requests whose response started (first write after a request).
+    pub responses: u64,
+    /// Requests that ended without a response (connection closed mid-request).
+    pub aborted: u64,
+}
+
+impl ProcStats {
+    pub fn add(&mut self, other: &Self) {
+        self.accepted += other.accepted;
+        self.closed += other.closed;
+        self.requests += other.requests;
+        self.responses += other.responses;
+        self.aborted += other.aborted;
+    }
+
+    pub fn active(&self) -> u64 {
+        self.accepted.saturating_sub(self.closed)
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.requests
+            .saturating_sub(self.responses.saturating_add(self.aborted))
+    }
+
+    /// The counters of a process that has exited: the kernel closed whatever it still held.
+    pub fn finished(mut self) -> Self {
+        self.aborted += self.in_flight();
+        self.closed = self.accepted;
+        self
+    }
+}
+
+/// Direction of a socket syscall between its sys_enter and sys_exit.
+pub mod dir {
+    pub const READ: u32 = 0;
+    pub const WRITE: u32 = 1;
+}
+
+/// A read or write on a tracked connection, remembered per thread until the syscall returns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingIo {
+    pub fd: u32,
+    pub dir: u32,
+}
+
+/// Process lifecycle, sent through the `EVENTS` ring buffer (rare: fork and exit only).
+pub mod event_kind {
+    /// A tracked process forked; `pid` is the child's id, which may be a thread's.
+    pub const FORK: u32 = 1;
+    /// A tracked process (its thread-group leader) exited.
+    pub const EXIT: u32 = 2;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcEvent {
+    pub ts_ns: u64,
+    pub kind: u32,
+    pub pid: u32,
+    /// The parent's TGID for `FORK`; 0 otherwise.
+    pub ppid: u32,
+    pub _reserved: u32,
+}
+
+/// Why an event could not be recorded; indexes the `DROPS` per-CPU array.
+pub mod drop_reason {
+    pub const CONNECTION_MAP_FULL: u32 = 0;
+    pub const TARGET_MAP_FULL: u32 = 1;
+    pub const STATS_MAP_FULL: u32 = 2;
+    pub const PENDING_MAP_FULL: u32 = 3;
+    pub const EVENT_RING_FULL: u32 = 4;
+    pub const COUNT: u32 = 5;
+    /// Label values, indexed by reason.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "connection_map_full",
+        "target_map_full",
+        "stats_map_full",
+        "pending_map_full",
+        "event_ring_full",
+    ];
+}
+
+/// Names of maps and load-time globals, so both sides spell them once.
+pub mod names {
+    pub const TARGETS: &str = "TARGETS";
+    pub const CONNS: &str = "CONNS";
+    pub const STATS: &str = "STATS";
+    pub const DROPS: &str = "DROPS";
+    pub const EVENTS: &str = "EVENTS";
+
+    /// Offsets into tracepoint records, read from tracefs format files at load time.
+    pub const SYSCALL_ARG0_OFFSET: &str = "SYSCALL_ARG0_OFFSET";
+    pub const SYSCALL_ARG1_OFFSET: &str = "SYSCALL_ARG1_OFFSET";
+    pub const SYSCALL_RET_OFFSET: &str = "SYSCALL_RET_OFFSET";
+    pub const FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+}
+
+/// Default map sizes; userspace may override them at load time.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
+pub const DEFAULT_MAX_PROCESSES: u32 = 16_384;
+/// Syscalls in progress on tracked connections, one per thread at most.
+pub const PENDING_ENTRIES: u32 = 16_384;
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C), Copy, without padding, and valid for any bit pattern.
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ConnState {}
+    unsafe impl aya::Pod for ProcStats {}
+    unsafe impl aya::Pod for PendingIo {}
+    unsafe impl aya::Pod for ProcEvent {}
+}
+
+// No implicit padding anywhere: the sizes are the sums of the fields.
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 8);
+const _: () = assert!(core::mem::size_of::<ProcStats>() == 40);
+const _: () = assert!(core::mem::size_of::<PendingIo>() == 8);
+const _: () = assert!(core::mem::size_of::<ProcEvent>() == 24);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gauges_are_differences_of_counters() {
+        let s = ProcStats {
+            accepted: 10,
+            closed: 7,
+            requests: 20,
+            responses: 17,
+            aborted: 1,
+        };
+        assert_eq!(s.active(), 3);
+        assert_eq!(s.in_flight(), 2);
+    }
+
+    #[test]
+    fn a_finished_process_holds_nothing() {
+        let s = ProcStats {
+            accepted: 5,
+            closed: 2,
+            requests: 9,
+            responses: 7,
+            aborted: 0,
+        }
+        .finished();
+        assert_eq!((s.active(), s.in_flight()), (0, 0));
+        assert_eq!((s.closed, s.aborted), (5, 2));
+    }
+
+    #[test]
+    fn drop_reason_names_cover_every_reason() {
+        assert_eq!(drop_reason::NAMES.len(), drop_reason::COUNT as usize);
+    }
+}

@@ -1,0 +1,126 @@
+//! Connection lifetime: `accept`/`accept4` return starts one (the accepting process is the
+//! current task there, unlike in `sock:inet_sock_set_state`, which may run in softirq), and
+//! `close` of its fd ends it. Process exit is handled by the daemon, which retires the
+//! process's counters and entries.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_probe_read_user,
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use probe_common::{ConnKey, ConnState, ProcStats, drop_reason, phase};
+
+use crate::{
+    maps::{CONNS, PENDING_ACCEPT, count_drop, is_target, stats_mut},
+    record::{current, syscall_arg0, syscall_arg1, syscall_ret},
+};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const EEXIST: i64 = 17;
+
+/// sys_enter_accept / sys_enter_accept4: remember where the peer address will be written.
+#[tracepoint]
+pub fn accept_enter(ctx: TracePointContext) -> u32 {
+    let _ = try_accept_enter(&ctx);
+    0
+}
+
+fn try_accept_enter(ctx: &TracePointContext) -> Result<(), i64> {
+    let (id, tgid, _) = current();
+    if !is_target(tgid) {
+        return Ok(());
+    }
+    let sockaddr = syscall_arg1(ctx)?;
+    if PENDING_ACCEPT.insert(id, sockaddr, BPF_ANY as u64).is_err() {
+        count_drop(drop_reason::PENDING_MAP_FULL);
+    }
+    Ok(())
+}
+
+/// sys_exit_accept / sys_exit_accept4: a new TCP connection owned by this process.
+#[tracepoint]
+pub fn accept_exit(ctx: TracePointContext) -> u32 {
+    let _ = try_accept_exit(&ctx);
+    0
+}
+
+fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    let (id, tgid, _) = current();
+    let Some(sockaddr) = PENDING_ACCEPT.get_ptr(id).map(|p| unsafe { *p }) else {
+        return Ok(());
+    };
+    let _ = PENDING_ACCEPT.remove(id);
+    let fd = syscall_ret(ctx)?;
+    if fd < 0 {
+        return Ok(());
+    }
+    // accept only returns stream sockets; the family tells TCP from a unix socket. Without an
+    // address buffer the family is unknown and the connection is counted.
+    if sockaddr != 0
+        && let Ok(family) = unsafe { bpf_probe_read_user(sockaddr as *const u16) }
+        && family != AF_INET
+        && family != AF_INET6
+    {
+        return Ok(());
+    }
+    let Some(stats) = stats_mut(tgid) else {
+        return Ok(());
+    };
+    let key = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
+    let fresh = ConnState::default();
+    match CONNS.insert(key, fresh, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        Err(err) if i64::from(err) == -EEXIST => {
+            // The fd was reused without a close we saw (dup2, close_range): end the old one.
+            if let Some(old) = CONNS.get_ptr(key).map(|p| unsafe { *p }) {
+                end_connection(stats, old);
+            }
+            let _ = CONNS.insert(key, fresh, BPF_ANY as u64);
+        }
+        Err(_) => {
+            count_drop(drop_reason::CONNECTION_MAP_FULL);
+            return Ok(());
+        }
+    }
+    stats.accepted += 1;
+    Ok(())
+}
+
+/// sys_enter_close: the fd is released whatever close returns (except EBADF, where it was
+/// not open, and then it is not in the map either).
+#[tracepoint]
+pub fn close_enter(ctx: TracePointContext) -> u32 {
+    let _ = try_close_enter(&ctx);
+    0
+}
+
+fn try_close_enter(ctx: &TracePointContext) -> Result<(), i64> {
+    let (_, tgid, _) = current();
+    let fd = syscall_arg0(ctx)?;
+    let key = ConnKey {
+        tgid,
+        fd: fd as u32,
+    };
+    // One lookup decides for every process: only tracked connections are in the map.
+    let Some(state) = CONNS.get_ptr(key).map(|p| unsafe { *p }) else {
+        return Ok(());
+    };
+    let _ = CONNS.remove(key);
+    if let Some(stats) = stats_mut(tgid) {
+        end_connection(stats, state);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn end_connection(stats: &mut ProcStats, state: ConnState) {
+    stats.closed += 1;
+    if state.phase == phase::REQUEST {
+        stats.aborted += 1;
+    }
+}

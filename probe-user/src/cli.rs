@@ -1,0 +1,99 @@
+//! Command line. Usage errors print one line and exit 2.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, error::ErrorKind};
+use probe_common::{DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PROCESSES};
+
+use crate::error::EXIT_USAGE;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "flyprobe",
+    version,
+    about = "Kernel-level server probe: per-worker connections and requests from eBPF \
+             tracepoints, served as Prometheus metrics. Needs root (or CAP_BPF + CAP_PERFMON)."
+)]
+pub struct Cli {
+    /// Watch this process and all its descendants, present and future (repeatable).
+    #[arg(long = "pid-tree", value_name = "PID", required = true, value_parser = parse_pid)]
+    pub pid_tree: Vec<u32>,
+
+    /// Address to serve /metrics on. Loopback by default: expose it on purpose.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    pub listen: SocketAddr,
+
+    /// Connections tracked at once; more are counted in flyprobe_dropped_events_total.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Processes with counters at once (live workers plus ones not yet retired).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PROCESSES,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_processes: u32,
+
+    /// Where tracefs is (mounted there when missing).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/sys/kernel/tracing",
+        hide = true
+    )]
+    pub tracefs: PathBuf,
+}
+
+fn parse_pid(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) => {
+            Err("PID 0 is not a process; pass the server's PID (e.g. `pgrep -o uvicorn`)".into())
+        }
+        Ok(pid) => Ok(pid),
+        Err(_) => Err(format!("'{s}' is not a PID (a positive integer)")),
+    }
+}
+
+/// Help and version go to stdout with exit 0; anything else is one line on stderr, exit 2.
+pub fn report_usage_error(err: &clap::Error) -> ExitCode {
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        let _ = err.print();
+        return ExitCode::SUCCESS;
+    }
+    // clap's message may continue on indented lines ("required arguments were not
+    // provided:\n  --pid-tree <PID>"); fold it into one line, without the usage block.
+    let rendered = err.to_string();
+    let line = rendered
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let line = line.trim_start_matches("error: ");
+    eprintln!("flyprobe: error: {line} (see `flyprobe --help`)");
+    ExitCode::from(EXIT_USAGE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pids_must_be_positive_integers() {
+        assert_eq!(parse_pid("1234"), Ok(1234));
+        assert!(parse_pid("0").unwrap_err().contains("PID 0"));
+        assert!(parse_pid("abc").unwrap_err().contains("'abc' is not a PID"));
+        assert!(parse_pid("-5").is_err());
+    }
+
+    #[test]
+    fn defaults_are_loopback_and_bounded() {
+        let cli = Cli::try_parse_from(["flyprobe", "--pid-tree", "7"]).unwrap();
+        assert_eq!(cli.listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(cli.pid_tree, vec![7]);
+        assert_eq!(cli.max_connections, DEFAULT_MAX_CONNECTIONS);
+    }
+}

@@ -1,0 +1,108 @@
+//! Start-up in the order that fails fastest on bad input, then the run loop.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    cli::Cli,
+    error::StartError,
+    events, http, metrics, privileges,
+    probe::{Limits, Probe},
+    state::{Shared, State},
+    tracefs,
+    watched::Watched,
+};
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut watched = Watched::discover(&cli.pid_tree)?;
+    privileges::check()?;
+    let listener = bind(cli.listen)?;
+    tracefs::ensure_mounted(&cli.tracefs)?;
+
+    let limits = Limits {
+        max_connections: cli.max_connections,
+        max_processes: cli.max_processes,
+    };
+    let mut probe = Probe::load(&cli.tracefs, &limits).context("starting the eBPF probe")?;
+    let (mut maps, ring) = probe.take_maps().context("opening the probe's maps")?;
+
+    // Programs are attached, so forks from here on are tracked by the kernel. Seed the ones
+    // that exist, then scan once more for any forked before their parent was seeded.
+    let mut seeded = 0;
+    for pid in watched.members().keys().copied().collect::<Vec<_>>() {
+        maps.track(pid).context("seeding the target set")?;
+        seeded += 1;
+    }
+    for pid in watched.rescan() {
+        maps.track(pid).context("seeding the target set")?;
+        seeded += 1;
+    }
+    for root in watched.roots() {
+        log::info!(
+            "watching {} (pid {}) and its descendants",
+            root.server,
+            root.pid
+        );
+    }
+    log::info!(
+        "attached {} programs to {} tracepoints; tracking {seeded} processes; metrics at http://{}/metrics",
+        probe.program_count(),
+        probe.links,
+        cli.listen
+    );
+
+    let state = Shared::new(State { maps, watched });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(serve(listener, ring, state));
+    let links = probe.links;
+    drop(probe);
+    if result.is_ok() {
+        log::info!("detached {links} tracepoint links; bye");
+    }
+    result
+}
+
+async fn serve(
+    listener: std::net::TcpListener,
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    state: Shared,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener).context("listening socket")?;
+    let registry = metrics::registry(state.clone()).context("building the metrics registry")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let sweeper = state.clone();
+    tokio::select! {
+        r = http::serve(listener, registry) => r.context("serving metrics")?,
+        r = events::pump(ring, state) => r.context("reading kernel events")?,
+        () = async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                sweeper.sweep();
+            }
+        } => {},
+        _ = sigterm.recv() => log::info!("SIGTERM: shutting down"),
+        _ = sigint.recv() => log::info!("SIGINT: shutting down"),
+    }
+    Ok(())
+}
+
+fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AddrInUse {
+            StartError::ListenInUse { addr }
+        } else {
+            StartError::Listen { addr, source }
+        }
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| StartError::Listen { addr, source })?;
+    Ok(listener)
+}

@@ -1,0 +1,47 @@
+//! Startup errors a user can act on, and the exit codes the README documents.
+
+use std::{io, net::SocketAddr};
+
+use thiserror::Error;
+
+/// Bad arguments: the command line, or a PID that names no process.
+pub const EXIT_USAGE: u8 = 2;
+/// Everything else that stops flyprobe: privileges, the port, tracefs, the kernel.
+pub const EXIT_RUNTIME: u8 = 1;
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("no process with PID {pid}: pass the PID of a running server to --pid-tree")]
+    NoSuchProcess { pid: u32 },
+    #[error(
+        "flyprobe needs root, or the capabilities CAP_BPF and CAP_PERFMON, to load eBPF \
+         programs (it has neither: {detail}); run it with sudo"
+    )]
+    NotPrivileged { detail: String },
+    #[error(
+        "cannot listen on {addr}: the address is already in use; stop what holds it or pass --listen with another port"
+    )]
+    ListenInUse { addr: SocketAddr },
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl StartError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::NoSuchProcess { .. } => EXIT_USAGE,
+            Self::NotPrivileged { .. } | Self::ListenInUse { .. } | Self::Listen { .. } => {
+                EXIT_RUNTIME
+            }
+        }
+    }
+}
+
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    err.downcast_ref::<StartError>()
+        .map_or(EXIT_RUNTIME, StartError::exit_code)
+}

@@ -1,0 +1,37 @@
+//! `flyprobe`: watches a server's process tree from the kernel and serves Prometheus metrics.
+
+mod cli;
+mod daemon;
+mod error;
+mod events;
+mod http;
+mod kernel_maps;
+mod metrics;
+mod privileges;
+mod probe;
+mod server_kind;
+mod snapshot;
+mod sockets;
+mod state;
+mod tracefs;
+mod watched;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return cli::report_usage_error(&err),
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match daemon::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line, the whole cause chain, no backtrace.
+            eprintln!("flyprobe: error: {err:#}");
+            ExitCode::from(error::exit_code(&err))
+        }
+    }
+}

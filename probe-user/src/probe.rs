@@ -1,0 +1,271 @@
+//! Loads the embedded kernel object, fills in record offsets and map sizes, and attaches every
+//! program to its tracepoints. Dropping `Probe` detaches them all.
+
+use std::path::Path;
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{MapData, MapError, RingBuf},
+    programs::{ProgramError, TracePoint},
+};
+use probe_common::names;
+use thiserror::Error;
+
+use crate::{
+    kernel_maps::KernelMaps,
+    tracefs::{Format, TracefsError},
+};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flyprobe"));
+
+/// A program and the tracepoints it serves. Syscall families share one program each: their
+/// records agree on where the first argument and the return value are (checked at attach).
+struct Hook {
+    program: &'static str,
+    category: &'static str,
+    tracepoints: &'static [&'static str],
+}
+
+const HOOKS: &[Hook] = &[
+    Hook {
+        program: "process_fork",
+        category: "sched",
+        tracepoints: &["sched_process_fork"],
+    },
+    Hook {
+        program: "process_exit",
+        category: "sched",
+        tracepoints: &["sched_process_exit"],
+    },
+    Hook {
+        program: "accept_enter",
+        category: "syscalls",
+        tracepoints: &["sys_enter_accept", "sys_enter_accept4"],
+    },
+    Hook {
+        program: "accept_exit",
+        category: "syscalls",
+        tracepoints: &["sys_exit_accept", "sys_exit_accept4"],
+    },
+    Hook {
+        program: "close_enter",
+        category: "syscalls",
+        tracepoints: &["sys_enter_close"],
+    },
+    Hook {
+        program: "read_enter",
+        category: "syscalls",
+        tracepoints: &[
+            "sys_enter_read",
+            "sys_enter_readv",
+            "sys_enter_recvfrom",
+            "sys_enter_recvmsg",
+        ],
+    },
+    Hook {
+        program: "write_enter",
+        category: "syscalls",
+        tracepoints: &[
+            "sys_enter_write",
+            "sys_enter_writev",
+            "sys_enter_sendto",
+            "sys_enter_sendmsg",
+            "sys_enter_sendfile64",
+        ],
+    },
+    Hook {
+        program: "io_exit",
+        category: "syscalls",
+        tracepoints: &[
+            "sys_exit_read",
+            "sys_exit_readv",
+            "sys_exit_recvfrom",
+            "sys_exit_recvmsg",
+            "sys_exit_write",
+            "sys_exit_writev",
+            "sys_exit_sendto",
+            "sys_exit_sendmsg",
+            "sys_exit_sendfile64",
+        ],
+    },
+];
+
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error(
+        "tracepoint {category}:{name} keeps `{field}` at offset {found}, where the shared \
+         program expects {expected}"
+    )]
+    LayoutMismatch {
+        category: String,
+        name: String,
+        field: String,
+        found: u32,
+        expected: u32,
+    },
+    #[error("loading the eBPF object into the kernel")]
+    Load(#[source] Box<EbpfError>),
+    #[error("the eBPF object has no program `{name}`")]
+    MissingProgram { name: &'static str },
+    #[error("loading program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("attaching {program} to {category}:{tracepoint}")]
+    Attach {
+        program: &'static str,
+        category: &'static str,
+        tracepoint: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("the eBPF object has no map `{name}`")]
+    MissingMap { name: &'static str },
+    #[error("opening map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+pub struct Limits {
+    pub max_connections: u32,
+    pub max_processes: u32,
+}
+
+/// Offsets in tracepoint records, from tracefs.
+struct Offsets {
+    arg0: u32,
+    arg1: u32,
+    ret: u32,
+    fork_child_pid: u32,
+}
+
+impl Offsets {
+    fn read(tracefs: &Path) -> Result<Self, ProbeError> {
+        let enter = Format::read(tracefs, "syscalls", "sys_enter_accept4")?;
+        let exit = Format::read(tracefs, "syscalls", "sys_exit_accept4")?;
+        let fork = Format::read(tracefs, "sched", "sched_process_fork")?;
+        Ok(Self {
+            arg0: enter.offset("fd")?,
+            arg1: enter.offset("upeer_sockaddr")?,
+            ret: exit.offset("ret")?,
+            fork_child_pid: fork.offset("child_pid")?,
+        })
+    }
+
+    /// A shared program reads arg0 (or ret) at one offset for every syscall it serves.
+    fn check(&self, tracefs: &Path, category: &str, name: &str) -> Result<(), ProbeError> {
+        if category != "syscalls" {
+            return Ok(());
+        }
+        let format = Format::read(tracefs, category, name)?;
+        let (field, found, expected) = if name.starts_with("sys_exit_") {
+            ("ret".to_string(), format.offset("ret")?, self.ret)
+        } else {
+            let (field, off) = format
+                .first_field()
+                .ok_or_else(|| TracefsError::MissingField {
+                    category: category.into(),
+                    name: name.into(),
+                    field: "fd".into(),
+                })?;
+            (field.to_string(), off, self.arg0)
+        };
+        if found == expected {
+            Ok(())
+        } else {
+            Err(ProbeError::LayoutMismatch {
+                category: category.into(),
+                name: name.into(),
+                field,
+                found,
+                expected,
+            })
+        }
+    }
+}
+
+pub struct Probe {
+    // Owns the programs and their links: dropping it detaches everything.
+    ebpf: Ebpf,
+    pub links: usize,
+}
+
+impl Probe {
+    pub fn load(tracefs: &Path, limits: &Limits) -> Result<Self, ProbeError> {
+        let offsets = Offsets::read(tracefs)?;
+        // TARGETS also holds the thread ids of tracked processes.
+        let targets = limits.max_processes.saturating_mul(4);
+        let ebpf = EbpfLoader::new()
+            .override_global(names::SYSCALL_ARG0_OFFSET, &offsets.arg0, true)
+            .override_global(names::SYSCALL_ARG1_OFFSET, &offsets.arg1, true)
+            .override_global(names::SYSCALL_RET_OFFSET, &offsets.ret, true)
+            .override_global(names::FORK_CHILD_PID_OFFSET, &offsets.fork_child_pid, true)
+            .map_max_entries(names::CONNS, limits.max_connections)
+            .map_max_entries(names::STATS, limits.max_processes)
+            .map_max_entries(names::TARGETS, targets)
+            .load(OBJECT)
+            .map_err(|e| ProbeError::Load(Box::new(e)))?;
+        let mut probe = Self { ebpf, links: 0 };
+        for hook in HOOKS {
+            probe.attach(tracefs, &offsets, hook)?;
+        }
+        Ok(probe)
+    }
+
+    fn attach(&mut self, tracefs: &Path, offsets: &Offsets, hook: &Hook) -> Result<(), ProbeError> {
+        let name = hook.program;
+        let program: &mut TracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(ProbeError::MissingProgram { name })?
+            .try_into()
+            .map_err(|e| ProbeError::Program {
+                name,
+                source: Box::new(e),
+            })?;
+        program.load().map_err(|e| ProbeError::Program {
+            name,
+            source: Box::new(e),
+        })?;
+        for &tp in hook.tracepoints {
+            offsets.check(tracefs, hook.category, tp)?;
+            program
+                .attach(hook.category, tp)
+                .map_err(|e| ProbeError::Attach {
+                    program: name,
+                    category: hook.category,
+                    tracepoint: tp.into(),
+                    source: Box::new(e),
+                })?;
+            self.links += 1;
+            log::debug!("attached {name} to {}:{tp}", hook.category);
+        }
+        Ok(())
+    }
+
+    pub fn take_maps(&mut self) -> Result<(KernelMaps, RingBuf<MapData>), ProbeError> {
+        let maps = KernelMaps::take(&mut self.ebpf)?;
+        let events = take(&mut self.ebpf, names::EVENTS)?;
+        Ok((maps, events))
+    }
+
+    pub fn program_count(&self) -> usize {
+        self.ebpf.programs().count()
+    }
+}
+
+/// Take a map out of the object, typed.
+pub fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbeError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(ProbeError::MissingMap { name })?;
+    T::try_from(map).map_err(|source| ProbeError::Map { name, source })
+}

@@ -1,0 +1,110 @@
+//! Which processes hold a listening TCP socket, from /proc: the basis of "worker".
+//! /proc/<pid>/net/tcp{,6} is read once per network namespace per call.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use procfs::{
+    net::TcpState,
+    process::{FDTarget, Process},
+};
+
+/// Listening-socket inodes each of `pids` holds (processes holding none are left out).
+pub fn listening(pids: impl IntoIterator<Item = u32>) -> BTreeMap<u32, BTreeSet<u64>> {
+    let mut by_netns: HashMap<u64, BTreeSet<u64>> = HashMap::new();
+    let mut out = BTreeMap::new();
+    for pid in pids {
+        let Ok(process) = Process::new(pid as i32) else {
+            continue;
+        };
+        let Some(netns) = netns_of(&process) else {
+            continue;
+        };
+        let listeners = by_netns
+            .entry(netns)
+            .or_insert_with(|| listening_inodes(&process));
+        let Ok(fds) = process.fd() else {
+            continue;
+        };
+        let held: BTreeSet<u64> = fds
+            .filter_map(Result::ok)
+            .filter_map(|fd| match fd.target {
+                FDTarget::Socket(inode) if listeners.contains(&inode) => Some(inode),
+                _ => None,
+            })
+            .collect();
+        if !held.is_empty() {
+            out.insert(pid, held);
+        }
+    }
+    out
+}
+
+fn netns_of(process: &Process) -> Option<u64> {
+    let ns = process.namespaces().ok()?;
+    ns.0.get(std::ffi::OsStr::new("net")).map(|n| n.identifier)
+}
+
+fn listening_inodes(process: &Process) -> BTreeSet<u64> {
+    let v4 = process.tcp().unwrap_or_default();
+    let v6 = process.tcp6().unwrap_or_default();
+    v4.into_iter()
+        .chain(v6)
+        .filter(|e| e.state == TcpState::Listen)
+        .map(|e| e.inode)
+        .collect()
+}
+
+/// Workers among the holders of listening sockets: a holder with a descendant that also
+/// holds one is a supervisor (uvicorn, gunicorn, nginx masters keep the socket they hand
+/// down), not a worker. `parents` maps each watched PID to its parent.
+pub fn workers(
+    holders: &BTreeMap<u32, BTreeSet<u64>>,
+    parents: &BTreeMap<u32, u32>,
+) -> BTreeSet<u32> {
+    let supervisors: BTreeSet<u32> = holders
+        .keys()
+        .flat_map(|&pid| ancestors(pid, parents))
+        .filter(|a| holders.contains_key(a))
+        .collect();
+    holders
+        .keys()
+        .copied()
+        .filter(|pid| !supervisors.contains(pid))
+        .collect()
+}
+
+fn ancestors(pid: u32, parents: &BTreeMap<u32, u32>) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut cur = pid;
+    while let Some(&parent) = parents.get(&cur) {
+        if parent == 0 || out.contains(&parent) || out.len() > 256 {
+            break;
+        }
+        out.push(parent);
+        cur = parent;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_master_that_hands_its_socket_down_is_not_a_worker() {
+        let holders = BTreeMap::from([
+            (10, BTreeSet::from([7])),
+            (11, BTreeSet::from([7])),
+            (12, BTreeSet::from([7])),
+        ]);
+        let parents = BTreeMap::from([(10, 1), (11, 10), (12, 10), (13, 10)]);
+        assert_eq!(workers(&holders, &parents), BTreeSet::from([11, 12]));
+    }
+
+    #[test]
+    fn a_single_process_server_is_its_own_worker() {
+        let holders = BTreeMap::from([(10, BTreeSet::from([7]))]);
+        let parents = BTreeMap::from([(10, 1)]);
+        assert_eq!(workers(&holders, &parents), BTreeSet::from([10]));
+    }
+}

@@ -1,0 +1,99 @@
+//! The daemon's shared state: kernel maps plus the watched trees, behind one lock that the
+//! event pump, the periodic sweep and the scrape take in turn.
+
+use std::{
+    sync::{Arc, Mutex, MutexGuard},
+    time::Instant,
+};
+
+use probe_common::{ProcEvent, event_kind};
+use procfs::Current as _;
+
+use crate::{
+    kernel_maps::KernelMaps,
+    metrics::SnapshotSource,
+    snapshot::{self, Snapshot},
+    watched::Watched,
+};
+
+pub struct State {
+    pub maps: KernelMaps,
+    pub watched: Watched,
+}
+
+#[derive(Clone)]
+pub struct Shared(Arc<Mutex<State>>);
+
+impl Shared {
+    pub fn new(state: State) -> Self {
+        Self(Arc::new(Mutex::new(state)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere cannot leave the maps half-written: keep serving.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn on_event(&self, event: ProcEvent) {
+        let mut state = self.lock();
+        match event.kind {
+            event_kind::FORK => {
+                if state.watched.on_fork(event.pid, event.ppid) {
+                    log::info!("process {} started (forked by {})", event.pid, event.ppid);
+                }
+            }
+            event_kind::EXIT => {
+                if state.watched.members().contains_key(&event.pid) {
+                    log::info!("process {} exited", event.pid);
+                }
+                state.watched.on_exit(event.pid, Instant::now(), uptime());
+                if state.watched.roots().iter().any(|r| r.pid == event.pid) {
+                    log::warn!(
+                        "watched root {} exited; serving its final metrics",
+                        event.pid
+                    );
+                }
+            }
+            other => log::debug!("unknown kernel event kind {other}"),
+        }
+    }
+
+    /// Notice processes that vanished without an event and retire those past their grace.
+    pub fn sweep(&self) {
+        self.lock().sweep();
+    }
+}
+
+impl State {
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        for pid in self.watched.vanished() {
+            log::debug!("process {pid} is gone (no exit event seen)");
+            self.watched.on_exit(pid, now, uptime());
+        }
+        for pid in self.watched.due(now) {
+            let last = self.maps.retire(pid);
+            self.watched.retire(pid, last);
+        }
+    }
+}
+
+impl SnapshotSource for Shared {
+    fn snapshot(&self) -> Snapshot {
+        let mut state = self.lock();
+        state.sweep();
+        snapshot::build(
+            &state.watched,
+            &state.maps.stats(),
+            state.maps.drops(),
+            uptime(),
+        )
+    }
+}
+
+/// Seconds since boot, the clock /proc start times are on.
+pub fn uptime() -> f64 {
+    procfs::Uptime::current().map_or(0.0, |u| u.uptime)
+}

@@ -1,0 +1,171 @@
+//! The `flyprobe` binary under test, and its scrapes.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use prometheus_parse::{Sample, Scrape, Value};
+
+use crate::{artifact, client::Conn, eventually, free_port, procs::Guard, workspace};
+
+pub fn bin() -> PathBuf {
+    artifact("FLYPROBE_BIN", workspace().join("target/release/flyprobe"))
+}
+
+/// A file for a child's stderr, unique per test process and call.
+pub fn log_path(tag: &str) -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!(
+        "flyprobe-test-{}-{n}-{tag}.log",
+        std::process::id()
+    ))
+}
+
+pub struct Flyprobe {
+    guard: Guard,
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl Flyprobe {
+    /// Start flyprobe watching `pid`'s tree and wait until it serves metrics.
+    pub fn watch(pid: u32) -> Self {
+        Self::start(&["--pid-tree", &pid.to_string()])
+    }
+
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_on(free_port(), args)
+    }
+
+    /// Start on a given loopback port (the demo uses the documented default, 9464).
+    pub fn start_on(port: u16, args: &[&str]) -> Self {
+        let log = log_path("flyprobe");
+        let stderr = File::create(&log).expect("creating flyprobe log");
+        let guard = Guard::spawn(
+            "flyprobe",
+            Command::new(bin())
+                .args(args)
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(stderr),
+        );
+        let mut fp = Self { guard, port, log };
+        eventually(
+            "flyprobe to serve /metrics",
+            Duration::from_secs(30),
+            || {
+                if let Ok(Some(status)) = fp.guard.child.try_wait() {
+                    panic!("flyprobe exited early ({status}):\n{}", fp.log());
+                }
+                fp.try_scrape()
+            },
+        );
+        fp
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn try_scrape(&self) -> Result<Metrics, String> {
+        let mut conn = Conn::connect(self.port).map_err(|e| e.to_string())?;
+        let resp = conn.get("/metrics").map_err(|e| e.to_string())?;
+        if resp.status != 200 {
+            return Err(format!("status {}", resp.status));
+        }
+        let text = String::from_utf8(resp.body).map_err(|e| e.to_string())?;
+        Metrics::parse(&text)
+    }
+
+    pub fn scrape(&self) -> Metrics {
+        self.try_scrape()
+            .unwrap_or_else(|e| panic!("scraping flyprobe: {e}\n{}", self.log()))
+    }
+
+    /// SIGTERM, then require a clean exit (status 0) within 10 s; returns flyprobe's log.
+    pub fn stop(mut self) -> String {
+        self.guard.signal(libc::SIGTERM);
+        let status = self.guard.wait_timeout(Duration::from_secs(10));
+        let log = self.log();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "flyprobe did not exit 0 on SIGTERM ({status:?}):\n{log}"
+        );
+        log
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub text: String,
+    samples: Vec<Sample>,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+            .map_err(|e| format!("unparsable exposition: {e}"))?;
+        Ok(Self {
+            text: text.to_string(),
+            samples: scrape.samples,
+        })
+    }
+
+    fn value(sample: &Sample) -> f64 {
+        match sample.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+            _ => f64::NAN,
+        }
+    }
+
+    /// Every series of `name` whose labels include all of `labels`.
+    pub fn series(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Vec<(BTreeMap<String, String>, f64)> {
+        self.samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| {
+                let labels = s
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                (labels, Self::value(s))
+            })
+            .collect()
+    }
+
+    /// `name` by its `pid` label, for one server.
+    pub fn by_pid(&self, name: &str, server: &str) -> BTreeMap<u32, u64> {
+        self.series(name, &[("server", server)])
+            .into_iter()
+            .filter_map(|(labels, v)| Some((labels.get("pid")?.parse().ok()?, v as u64)))
+            .collect()
+    }
+
+    pub fn sum(&self, name: &str, server: &str) -> u64 {
+        self.by_pid(name, server).values().sum()
+    }
+
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        match self.series(name, labels).as_slice() {
+            [(_, v)] => Some(*v),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Bad input: one clear line on stderr, the documented exit code, never a panic.
+
+use std::{
+    net::TcpListener,
+    os::unix::process::CommandExt as _,
+    process::{Command, Output},
+};
+
+use flyprobe_tests::{flyprobe, free_port, require_root};
+
+const USAGE: i32 = 2;
+const RUNTIME: i32 = 1;
+
+fn run(args: &[&str], configure: impl FnOnce(&mut Command)) -> Output {
+    let mut cmd = Command::new(flyprobe::bin());
+    cmd.args(args);
+    configure(&mut cmd);
+    cmd.output().expect("running flyprobe")
+}
+
+/// Exactly one error line, naming the problem, and the expected exit code.
+fn assert_fails(out: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "exit code; stderr:\n{stderr}"
+    );
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "one error line; stderr:\n{stderr}");
+    assert!(errors[0].starts_with("flyprobe: error: "), "{stderr}");
+    assert!(
+        errors[0].contains(needle),
+        "expected {needle:?} in:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("stack backtrace"),
+        "{stderr}"
+    );
+}
+
+fn own_pid() -> String {
+    std::process::id().to_string()
+}
+
+#[test]
+fn pid_that_does_not_exist() {
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id().to_string();
+    gone.wait().unwrap();
+    let out = run(&["--pid-tree", &pid], |_| {});
+    assert_fails(&out, USAGE, &format!("no process with PID {pid}"));
+}
+
+#[test]
+fn pid_zero() {
+    assert_fails(
+        &run(&["--pid-tree", "0"], |_| {}),
+        USAGE,
+        "PID 0 is not a process",
+    );
+}
+
+#[test]
+fn pid_not_a_number() {
+    assert_fails(
+        &run(&["--pid-tree", "abc"], |_| {}),
+        USAGE,
+        "'abc' is not a PID",
+    );
+}
+
+#[test]
+fn no_pid_tree() {
+    assert_fails(&run(&[], |_| {}), USAGE, "--pid-tree");
+}
+
+#[test]
+fn malformed_listen_address() {
+    let out = run(&["--pid-tree", &own_pid(), "--listen", "nowhere"], |_| {});
+    assert_fails(&out, USAGE, "--listen");
+}
+
+#[test]
+fn without_privileges() {
+    // As `nobody`, with no capabilities.
+    let out = run(&["--pid-tree", &own_pid()], |cmd| {
+        cmd.uid(65534).gid(65534);
+    });
+    assert_fails(
+        &out,
+        RUNTIME,
+        "needs root, or the capabilities CAP_BPF and CAP_PERFMON",
+    );
+}
+
+#[test]
+fn listen_address_in_use() {
+    require_root();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run(&["--pid-tree", &own_pid(), "--listen", &addr], |_| {});
+    assert_fails(
+        &out,
+        RUNTIME,
+        &format!("cannot listen on {addr}: the address is already in use"),
+    );
+}
+
+#[test]
+fn tracefs_that_cannot_be_mounted() {
+    require_root();
+    // A regular file is no mount point: mount(2) fails with ENOTDIR.
+    let not_a_dir = flyprobe::log_path("not-a-dir");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let out = run(
+        &[
+            "--pid-tree",
+            &own_pid(),
+            "--listen",
+            &listen,
+            "--tracefs",
+            not_a_dir.to_str().unwrap(),
+        ],
+        |_| {},
+    );
+    assert_fails(&out, RUNTIME, "mounting it failed");
+    let _ = std::fs::remove_file(not_a_dir);
+}

@@ -1,0 +1,45 @@
+//! Orchestration for flyprobe: setup, demo, test. The plain build is `cargo build`.
+
+mod build;
+mod cmd;
+mod demo;
+mod setup;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "flyprobe development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and tests need: rust-src, bpf-linker, the Python test servers.
+    Setup,
+    /// Set up, build, then watch a 2-worker uvicorn app with flyprobe, send traffic and print a scrape.
+    Demo(demo::DemoArgs),
+    /// Set up, build, then run every test: unit tests and end-to-end tests against the real kernel.
+    Test(test::TestArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup_all(),
+        Task::Demo(args) => setup_all().and_then(|()| demo::run(&args)),
+        Task::Test(args) => setup_all().and_then(|()| test::run_all(&args)),
+    };
+    if let Err(err) = result {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn setup_all() -> Result<()> {
+    setup::rust_toolchain()?;
+    setup::python_servers()
+}
