@@ -101,7 +101,25 @@ pub struct ProcEvent {
     pub pid: u32,
     /// The parent's TGID for `FORK`; 0 otherwise.
     pub ppid: u32,
-    pub _reserved: u32,
+    /// For `EXIT`: how the process ended, as far as the kernel saw it.
+    pub exit: ExitInfo,
+}
+
+/// How a process is ending: the `exit_group` code if it called it, else the last signal
+/// sent to it that can kill (ignored-by-default and stop signals are not recorded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitInfo {
+    pub flags: u32,
+    pub code: u32,
+    pub signal: u32,
+}
+
+pub mod exit_flags {
+    /// The process called exit_group; `code` is its status.
+    pub const EXITED: u32 = 1;
+    /// A signal that can kill was delivered (or already pending); `signal` is the last.
+    pub const SIGNALED: u32 = 2;
 }
 
 /// Why an event could not be recorded; indexes the `DROPS` per-CPU array.
@@ -111,7 +129,8 @@ pub mod drop_reason {
     pub const STATS_MAP_FULL: u32 = 2;
     pub const PENDING_MAP_FULL: u32 = 3;
     pub const EVENT_RING_FULL: u32 = 4;
-    pub const COUNT: u32 = 5;
+    pub const EXIT_MAP_FULL: u32 = 5;
+    pub const COUNT: u32 = 6;
     /// Label values, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
         "connection_map_full",
@@ -119,6 +138,7 @@ pub mod drop_reason {
         "stats_map_full",
         "pending_map_full",
         "event_ring_full",
+        "exit_map_full",
     ];
 }
 
@@ -129,12 +149,16 @@ pub mod names {
     pub const STATS: &str = "STATS";
     pub const DROPS: &str = "DROPS";
     pub const EVENTS: &str = "EVENTS";
+    pub const EXITS: &str = "EXITS";
 
     /// Offsets into tracepoint records, read from tracefs format files at load time.
     pub const SYSCALL_ARG0_OFFSET: &str = "SYSCALL_ARG0_OFFSET";
     pub const SYSCALL_ARG1_OFFSET: &str = "SYSCALL_ARG1_OFFSET";
     pub const SYSCALL_RET_OFFSET: &str = "SYSCALL_RET_OFFSET";
     pub const FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+    pub const SIGNAL_SIG_OFFSET: &str = "SIGNAL_SIG_OFFSET";
+    pub const SIGNAL_PID_OFFSET: &str = "SIGNAL_PID_OFFSET";
+    pub const SIGNAL_RESULT_OFFSET: &str = "SIGNAL_RESULT_OFFSET";
 }
 
 /// Default map sizes; userspace may override them at load time.
@@ -153,6 +177,7 @@ mod pod {
     unsafe impl aya::Pod for ProcStats {}
     unsafe impl aya::Pod for PendingIo {}
     unsafe impl aya::Pod for ProcEvent {}
+    unsafe impl aya::Pod for ExitInfo {}
 }
 
 // No implicit padding anywhere: the sizes are the sums of the fields.
@@ -160,7 +185,8 @@ const _: () = assert!(core::mem::size_of::<ConnKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ConnState>() == 8);
 const _: () = assert!(core::mem::size_of::<ProcStats>() == 40);
 const _: () = assert!(core::mem::size_of::<PendingIo>() == 8);
-const _: () = assert!(core::mem::size_of::<ProcEvent>() == 24);
+const _: () = assert!(core::mem::size_of::<ExitInfo>() == 12);
+const _: () = assert!(core::mem::size_of::<ProcEvent>() == 32);
 
 #[cfg(test)]
 mod tests {

@@ -1,15 +1,16 @@
 //! Process lifecycle. Fork extends the target set in the kernel, so a worker forked by a
-//! tracked supervisor is tracked before its first accept; exit removes the id and tells the
-//! daemon, which retires the process's counters.
+//! tracked supervisor is tracked before its first accept. How a process ends is gathered on
+//! the way (its exit_group code, the signals sent to it) and reported with its exit, since
+//! sched_process_exit itself carries no exit status.
 
 use aya_ebpf::{
     bindings::BPF_ANY, helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext,
 };
-use probe_common::{ProcEvent, drop_reason, event_kind};
+use probe_common::{ExitInfo, ProcEvent, drop_reason, event_kind, exit_flags};
 
 use crate::{
-    maps::{EVENTS, TARGETS, count_drop, is_target},
-    record::{current, fork_child_pid},
+    maps::{EVENTS, EXITS, TARGETS, count_drop, is_target},
+    record::{current, fork_child_pid, signal_generated, syscall_arg0},
 };
 
 /// sched:sched_process_fork. The current task is the parent.
@@ -29,8 +30,72 @@ fn try_process_fork(ctx: &TracePointContext) -> Result<(), i64> {
         count_drop(drop_reason::TARGET_MAP_FULL);
         return Ok(());
     }
-    emit(event_kind::FORK, child, parent);
+    emit(event_kind::FORK, child, parent, ExitInfo::default());
     Ok(())
+}
+
+/// syscalls:sys_enter_exit_group: the status the whole process exits with.
+#[tracepoint]
+pub fn exit_group_enter(ctx: TracePointContext) -> u32 {
+    let _ = try_exit_group_enter(&ctx);
+    0
+}
+
+fn try_exit_group_enter(ctx: &TracePointContext) -> Result<(), i64> {
+    let (_, tgid, _) = current();
+    if !is_target(tgid) {
+        return Ok(());
+    }
+    let code = syscall_arg0(ctx)? as u32;
+    update_exit(tgid, |info| {
+        info.flags |= exit_flags::EXITED;
+        info.code = code;
+    });
+    Ok(())
+}
+
+/// signal:signal_generate, in the sender's context (the faulting task's own for SIGSEGV).
+#[tracepoint]
+pub fn signal_generate(ctx: TracePointContext) -> u32 {
+    let _ = try_signal_generate(&ctx);
+    0
+}
+
+// Signals whose default action cannot end a process: CHLD, CONT, STOP, TSTP, TTIN, TTOU,
+// URG, WINCH.
+const HARMLESS: [i32; 8] = [17, 18, 19, 20, 21, 22, 23, 28];
+// trace_signal_generate results that mean the signal is (or already was) queued.
+const DELIVERED: i32 = 0;
+const ALREADY_PENDING: i32 = 2;
+
+fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i64> {
+    let (sig, target, result) = signal_generated(ctx)?;
+    let target = target as u32;
+    if (result != DELIVERED && result != ALREADY_PENDING)
+        || HARMLESS.contains(&sig)
+        || !is_target(target)
+    {
+        return Ok(());
+    }
+    update_exit(target, |info| {
+        info.flags |= exit_flags::SIGNALED;
+        info.signal = sig as u32;
+    });
+    Ok(())
+}
+
+#[inline(always)]
+fn update_exit(tgid: u32, f: impl FnOnce(&mut ExitInfo)) {
+    if let Some(info) = EXITS.get_ptr_mut(tgid) {
+        // SAFETY: the entry is valid for this run; racing writers only overwrite fields.
+        f(unsafe { &mut *info });
+        return;
+    }
+    let mut info = ExitInfo::default();
+    f(&mut info);
+    if EXITS.insert(tgid, info, BPF_ANY as u64).is_err() {
+        count_drop(drop_reason::EXIT_MAP_FULL);
+    }
 }
 
 /// sched:sched_process_exit, once per exiting thread.
@@ -38,20 +103,28 @@ fn try_process_fork(ctx: &TracePointContext) -> Result<(), i64> {
 pub fn process_exit(ctx: TracePointContext) -> u32 {
     let _ = ctx;
     let (_, tgid, tid) = current();
-    if TARGETS.remove(tid).is_ok() && tid == tgid {
-        emit(event_kind::EXIT, tgid, 0);
+    if TARGETS.remove(tid).is_err() {
+        return 0;
+    }
+    let exit = EXITS.get_ptr(tid).map(|p| unsafe { *p });
+    if exit.is_some() {
+        // A signal aimed at a thread leaves an entry under its id: gone with the thread.
+        let _ = EXITS.remove(tid);
+    }
+    if tid == tgid {
+        emit(event_kind::EXIT, tgid, 0, exit.unwrap_or_default());
     }
     0
 }
 
 #[inline(always)]
-fn emit(kind: u32, pid: u32, ppid: u32) {
+fn emit(kind: u32, pid: u32, ppid: u32, exit: ExitInfo) {
     let event = ProcEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         kind,
         pid,
         ppid,
-        _reserved: 0,
+        exit,
     };
     if EVENTS.output::<ProcEvent>(&event, 0).is_err() {
         count_drop(drop_reason::EVENT_RING_FULL);

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use probe_common::{
-    ConnKey, ConnState, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PROCESSES, EVENTS_BYTES,
+    ConnKey, ConnState, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PROCESSES, EVENTS_BYTES, ExitInfo,
     PENDING_ENTRIES, PendingIo, ProcStats, drop_reason,
 };
 
@@ -35,6 +35,11 @@ pub static PENDING_IO: LruHashMap<u64, PendingIo> =
 /// The user `sockaddr *` passed to accept, per thread, to read the family on return.
 #[map]
 pub static PENDING_ACCEPT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(PENDING_ENTRIES, 0);
+
+/// How each tracked process is ending (exit_group code, last signal that can kill), read and
+/// removed when its thread-group leader exits.
+#[map]
+pub static EXITS: HashMap<u32, ExitInfo> = HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
 
 #[map]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_reason::COUNT, 0);

@@ -1,9 +1,9 @@
 //! Reading tracepoint records. Offsets come from the tracefs format files: the daemon reads
 //! them at load time and writes them into these globals, so a kernel that lays a record out
-//! differently (sched_process_fork changed in 6.x) still reads the right field.
+//! differently (sched_process_fork changed in 6.x) still reads the right field. The symbol
+//! names are the ones in `probe_common::names`.
 
 use aya_ebpf::{Global, helpers::bpf_get_current_pid_tgid, programs::TracePointContext};
-use probe_common::names;
 
 #[unsafe(no_mangle)]
 static SYSCALL_ARG0_OFFSET: Global<u32> = Global::new(16);
@@ -13,12 +13,12 @@ static SYSCALL_ARG1_OFFSET: Global<u32> = Global::new(24);
 static SYSCALL_RET_OFFSET: Global<u32> = Global::new(16);
 #[unsafe(no_mangle)]
 static FORK_CHILD_PID_OFFSET: Global<u32> = Global::new(44);
-
-// Keep the exported symbol names in step with the ones the daemon overrides.
-const _: () = {
-    let _ = names::SYSCALL_ARG0_OFFSET;
-    let _ = names::FORK_CHILD_PID_OFFSET;
-};
+#[unsafe(no_mangle)]
+static SIGNAL_SIG_OFFSET: Global<u32> = Global::new(8);
+#[unsafe(no_mangle)]
+static SIGNAL_PID_OFFSET: Global<u32> = Global::new(36);
+#[unsafe(no_mangle)]
+static SIGNAL_RESULT_OFFSET: Global<u32> = Global::new(44);
 
 /// Syscall arguments are `unsigned long`; the return value is `long`.
 #[inline(always)]
@@ -45,6 +45,16 @@ pub fn fork_child_pid(ctx: &TracePointContext) -> Result<i32, i64> {
 fn read<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i64> {
     // SAFETY: bpf_probe_read_kernel checks the address; a bad offset yields an error.
     unsafe { ctx.read_at::<T>(offset as usize) }.map_err(i64::from)
+}
+
+/// signal:signal_generate: (signal, target pid, result).
+#[inline(always)]
+pub fn signal_generated(ctx: &TracePointContext) -> Result<(i32, i32, i32), i64> {
+    Ok((
+        read(ctx, SIGNAL_SIG_OFFSET.load())?,
+        read(ctx, SIGNAL_PID_OFFSET.load())?,
+        read(ctx, SIGNAL_RESULT_OFFSET.load())?,
+    ))
 }
 
 /// The calling thread: (full pid_tgid, tgid, tid).

@@ -33,6 +33,14 @@ pub struct Cli {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_processes: u32,
 
+    /// The `server` label, instead of the kind detected from the root's command line.
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+
+    /// Exit (status 0) once every watched root has exited, instead of serving final metrics.
+    #[arg(long)]
+    pub exit_with_target: bool,
+
     /// Where tracefs is (mounted there when missing).
     #[arg(
         long,

@@ -16,7 +16,7 @@ use crate::{
 };
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut watched = Watched::discover(&cli.pid_tree)?;
+    let mut watched = Watched::discover(&cli.pid_tree, cli.server_name.as_deref())?;
     privileges::check()?;
     let listener = bind(cli.listen)?;
     tracefs::ensure_mounted(&cli.tracefs)?;
@@ -53,12 +53,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         cli.listen
     );
 
-    let state = Shared::new(State { maps, watched });
+    let mut state = State { maps, watched };
+    state.sweep(); // classify workers before the first scrape
+    let state = Shared::new(state);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let result = runtime.block_on(serve(listener, ring, state));
+    let result = runtime.block_on(serve(listener, ring, state, cli.exit_with_target));
     let links = probe.links;
     drop(probe);
     if result.is_ok() {
@@ -71,6 +73,7 @@ async fn serve(
     listener: std::net::TcpListener,
     ring: aya::maps::RingBuf<aya::maps::MapData>,
     state: Shared,
+    exit_with_target: bool,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener).context("listening socket")?;
     let registry = metrics::registry(state.clone()).context("building the metrics registry")?;
@@ -85,8 +88,11 @@ async fn serve(
             loop {
                 tick.tick().await;
                 sweeper.sweep();
+                if exit_with_target && sweeper.all_roots_exited() {
+                    break;
+                }
             }
-        } => {},
+        } => log::info!("every watched root has exited (--exit-with-target): shutting down"),
         _ = sigterm.recv() => log::info!("SIGTERM: shutting down"),
         _ = sigint.recv() => log::info!("SIGINT: shutting down"),
     }

@@ -42,13 +42,17 @@ impl KernelMaps {
             .collect()
     }
 
-    /// Final counters of an exited process; removes everything the kernel kept for it.
-    pub fn retire(&mut self, pid: u32) -> ProcStats {
-        let last = self
-            .stats
+    /// One process's counters, summed over CPUs.
+    pub fn stats_of(&self, pid: u32) -> ProcStats {
+        self.stats
             .get(&pid, 0)
             .map(|per_cpu| sum(per_cpu.iter()))
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// Final counters of an exited process; removes everything the kernel kept for it.
+    pub fn retire(&mut self, pid: u32) -> ProcStats {
+        let last = self.stats_of(pid);
         let _ = self.stats.remove(&pid);
         let _ = self.targets.remove(&pid);
         let stale: Vec<ConnKey> = self

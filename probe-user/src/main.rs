@@ -6,6 +6,7 @@ mod error;
 mod events;
 mod http;
 mod kernel_maps;
+mod lifecycle;
 mod metrics;
 mod privileges;
 mod probe;

@@ -8,7 +8,7 @@ use prometheus::{
     proto::MetricFamily,
 };
 
-use crate::snapshot::Snapshot;
+use crate::{lifecycle::COMMON_REASONS, snapshot::Snapshot};
 
 /// Where snapshots come from (the daemon's shared state; a fixed one in tests).
 pub trait SnapshotSource: Send + Sync {
@@ -18,6 +18,18 @@ pub trait SnapshotSource: Send + Sync {
 const SERVER_PID: &[&str] = &["server", "pid"];
 const SERVER: &[&str] = &["server"];
 
+fn counter(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+    IntCounterVec::new(Opts::new(name, help), labels)
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    IntGaugeVec::new(Opts::new(name, help), labels)
+}
+
+fn float_gauge(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<GaugeVec> {
+    GaugeVec::new(Opts::new(name, help), labels)
+}
+
 struct Catalog {
     active: IntGaugeVec,
     accepted: IntCounterVec,
@@ -26,6 +38,11 @@ struct Catalog {
     in_flight: IntGaugeVec,
     workers: IntGaugeVec,
     uptime: GaugeVec,
+    up: IntGaugeVec,
+    worker_info: IntGaugeVec,
+    worker_uptime: GaugeVec,
+    started: IntCounterVec,
+    stopped: IntCounterVec,
     build_info: IntGaugeVec,
     dropped: IntCounterVec,
 }
@@ -33,96 +50,116 @@ struct Catalog {
 impl Catalog {
     fn new() -> prometheus::Result<Self> {
         Ok(Self {
-            active: IntGaugeVec::new(
-                Opts::new(
-                    "server_active_connections",
-                    "TCP connections accepted and not yet closed.",
-                ),
+            active: gauge(
+                "server_active_connections",
+                "TCP connections accepted and not yet closed.",
                 SERVER_PID,
             )?,
-            accepted: IntCounterVec::new(
-                Opts::new(
-                    "server_connections_accepted_total",
-                    "TCP connections accepted.",
-                ),
+            accepted: counter(
+                "server_connections_accepted_total",
+                "TCP connections accepted.",
                 SERVER_PID,
             )?,
-            closed: IntCounterVec::new(
-                Opts::new(
-                    "server_connections_closed_total",
-                    "TCP connections closed (by close or by process exit).",
-                ),
+            closed: counter(
+                "server_connections_closed_total",
+                "TCP connections closed (by close or by process exit).",
                 SERVER_PID,
             )?,
-            requests: IntCounterVec::new(
-                Opts::new(
-                    "server_requests_total",
-                    "Requests: reads on a connection after the server last wrote on it.",
-                ),
+            requests: counter(
+                "server_requests_total",
+                "Requests: reads on a connection after the server last wrote on it.",
                 SERVER_PID,
             )?,
-            in_flight: IntGaugeVec::new(
-                Opts::new(
-                    "server_in_flight_requests",
-                    "Requests read whose response has not started.",
-                ),
+            in_flight: gauge(
+                "server_in_flight_requests",
+                "Requests read whose response has not started.",
                 SERVER_PID,
             )?,
-            workers: IntGaugeVec::new(
-                Opts::new(
-                    "server_workers",
-                    "Live processes of the tree that serve connections.",
-                ),
+            workers: gauge(
+                "server_workers",
+                "Live processes of the tree that serve connections.",
                 SERVER,
             )?,
-            uptime: GaugeVec::new(
-                Opts::new(
-                    "server_uptime_seconds",
-                    "Seconds since the watched root process started.",
-                ),
+            uptime: float_gauge(
+                "server_uptime_seconds",
+                "Seconds since the watched root process started.",
                 SERVER,
             )?,
-            build_info: IntGaugeVec::new(
-                Opts::new("flyprobe_build_info", "flyprobe version; always 1."),
+            up: gauge(
+                "server_up",
+                "1 while a watched root process is alive, else 0.",
+                SERVER,
+            )?,
+            worker_info: gauge(
+                "server_worker_info",
+                "1 per live worker process.",
+                &["server", "pid", "ppid", "comm"],
+            )?,
+            worker_uptime: float_gauge(
+                "server_worker_uptime_seconds",
+                "Seconds since each live worker started.",
+                SERVER_PID,
+            )?,
+            started: counter(
+                "server_started_total",
+                "Workers started while flyprobe watched.",
+                SERVER,
+            )?,
+            stopped: counter(
+                "server_stopped_total",
+                "Workers stopped, by reason: exit_0, exit_nonzero, signal_<NAME>, unknown.",
+                &["server", "reason"],
+            )?,
+            build_info: gauge(
+                "flyprobe_build_info",
+                "flyprobe version; always 1.",
                 &["version"],
             )?,
-            dropped: IntCounterVec::new(
-                Opts::new(
-                    "flyprobe_dropped_events_total",
-                    "Kernel events flyprobe could not record, by reason.",
-                ),
+            dropped: counter(
+                "flyprobe_dropped_events_total",
+                "Kernel events flyprobe could not record, by reason.",
                 &["reason"],
             )?,
         })
     }
 
-    fn collectors(&self) -> [&dyn Collector; 9] {
+    fn counters(&self) -> [&IntCounterVec; 6] {
         [
-            &self.active,
             &self.accepted,
             &self.closed,
             &self.requests,
-            &self.in_flight,
-            &self.workers,
-            &self.uptime,
-            &self.build_info,
+            &self.started,
+            &self.stopped,
             &self.dropped,
         ]
     }
 
-    fn fill(&self, snap: &Snapshot) {
-        for c in [&self.accepted, &self.closed, &self.requests, &self.dropped] {
-            c.reset();
-        }
-        for g in [
+    fn gauges(&self) -> [&IntGaugeVec; 6] {
+        [
             &self.active,
             &self.in_flight,
             &self.workers,
+            &self.up,
+            &self.worker_info,
             &self.build_info,
-        ] {
-            g.reset();
-        }
+        ]
+    }
+
+    fn collectors(&self) -> Vec<&dyn Collector> {
+        let mut all: Vec<&dyn Collector> = Vec::new();
+        all.extend(self.counters().map(|c| c as &dyn Collector));
+        all.extend(self.gauges().map(|g| g as &dyn Collector));
+        all.push(&self.uptime);
+        all.push(&self.worker_uptime);
+        all
+    }
+
+    fn fill(&self, snap: &Snapshot) {
+        self.counters().iter().for_each(|c| c.reset());
+        self.gauges().iter().for_each(|g| g.reset());
         self.uptime.reset();
+        self.worker_uptime.reset();
+
         self.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -133,10 +170,29 @@ impl Catalog {
             let name = server.server.as_str();
             self.workers
                 .with_label_values(&[name])
-                .set(gauge(server.workers));
+                .set(int(server.workers.len() as u64));
             self.uptime
                 .with_label_values(&[name])
                 .set(server.uptime_seconds);
+            self.up.with_label_values(&[name]).set(i64::from(server.up));
+            self.started
+                .with_label_values(&[name])
+                .inc_by(server.lifecycle.started);
+            for reason in COMMON_REASONS {
+                self.stopped.with_label_values(&[name, reason]);
+            }
+            for (reason, n) in &server.lifecycle.stopped {
+                self.stopped.with_label_values(&[name, reason]).inc_by(*n);
+            }
+            for w in &server.workers {
+                let (pid, ppid) = (w.pid.to_string(), w.ppid.to_string());
+                self.worker_info
+                    .with_label_values(&[name, &pid, &ppid, &w.comm])
+                    .set(1);
+                self.worker_uptime
+                    .with_label_values(&[name, &pid])
+                    .set(w.uptime_seconds);
+            }
             for proc in &server.procs {
                 let pid = proc.pid.to_string();
                 let labels = [name, pid.as_str()];
@@ -144,18 +200,16 @@ impl Catalog {
                 self.accepted.with_label_values(&labels).inc_by(s.accepted);
                 self.closed.with_label_values(&labels).inc_by(s.closed);
                 self.requests.with_label_values(&labels).inc_by(s.requests);
-                self.active
-                    .with_label_values(&labels)
-                    .set(gauge(s.active()));
+                self.active.with_label_values(&labels).set(int(s.active()));
                 self.in_flight
                     .with_label_values(&labels)
-                    .set(gauge(s.in_flight()));
+                    .set(int(s.in_flight()));
             }
         }
     }
 }
 
-fn gauge(v: u64) -> i64 {
+fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
@@ -201,10 +255,15 @@ pub fn render(registry: &Registry) -> prometheus::Result<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use probe_common::ProcStats;
 
     use super::*;
-    use crate::snapshot::{ProcView, ServerView};
+    use crate::{
+        snapshot::{ProcView, ServerView, WorkerView},
+        watched::Lifecycle,
+    };
 
     struct Fixed(Snapshot);
     impl SnapshotSource for Fixed {
@@ -222,14 +281,26 @@ mod tests {
             responses: 9,
             aborted: 1,
         };
+        let mut drops = [0; drop_reason::COUNT as usize];
+        drops[drop_reason::TARGET_MAP_FULL as usize] = 3;
         let snap = Snapshot {
             servers: vec![ServerView {
                 server: "uvicorn".into(),
+                up: true,
                 uptime_seconds: 12.5,
-                workers: 2,
+                lifecycle: Lifecycle {
+                    started: 4,
+                    stopped: BTreeMap::from([("signal_SIGSEGV".into(), 2)]),
+                },
+                workers: vec![WorkerView {
+                    pid: 42,
+                    ppid: 41,
+                    comm: "python".into(),
+                    uptime_seconds: 3.0,
+                }],
                 procs: vec![ProcView { pid: 42, stats }],
             }],
-            drops: [0, 3, 0, 0, 0],
+            drops,
         };
         let text = render(&registry(Fixed(snap)).unwrap()).unwrap();
         for line in [
@@ -238,8 +309,14 @@ mod tests {
             "server_connections_closed_total{pid=\"42\",server=\"uvicorn\"} 5",
             "server_requests_total{pid=\"42\",server=\"uvicorn\"} 11",
             "server_in_flight_requests{pid=\"42\",server=\"uvicorn\"} 1",
-            "server_workers{server=\"uvicorn\"} 2",
+            "server_workers{server=\"uvicorn\"} 1",
             "server_uptime_seconds{server=\"uvicorn\"} 12.5",
+            "server_up{server=\"uvicorn\"} 1",
+            "server_worker_info{comm=\"python\",pid=\"42\",ppid=\"41\",server=\"uvicorn\"} 1",
+            "server_worker_uptime_seconds{pid=\"42\",server=\"uvicorn\"} 3",
+            "server_started_total{server=\"uvicorn\"} 4",
+            "server_stopped_total{reason=\"signal_SIGSEGV\",server=\"uvicorn\"} 2",
+            "server_stopped_total{reason=\"exit_0\",server=\"uvicorn\"} 0",
             "flyprobe_dropped_events_total{reason=\"target_map_full\"} 3",
             "flyprobe_dropped_events_total{reason=\"connection_map_full\"} 0",
         ] {

@@ -38,6 +38,16 @@ const HOOKS: &[Hook] = &[
         tracepoints: &["sched_process_exit"],
     },
     Hook {
+        program: "exit_group_enter",
+        category: "syscalls",
+        tracepoints: &["sys_enter_exit_group"],
+    },
+    Hook {
+        program: "signal_generate",
+        category: "signal",
+        tracepoints: &["signal_generate"],
+    },
+    Hook {
         program: "accept_enter",
         category: "syscalls",
         tracepoints: &["sys_enter_accept", "sys_enter_accept4"],
@@ -144,6 +154,9 @@ struct Offsets {
     arg1: u32,
     ret: u32,
     fork_child_pid: u32,
+    signal_sig: u32,
+    signal_pid: u32,
+    signal_result: u32,
 }
 
 impl Offsets {
@@ -151,11 +164,15 @@ impl Offsets {
         let enter = Format::read(tracefs, "syscalls", "sys_enter_accept4")?;
         let exit = Format::read(tracefs, "syscalls", "sys_exit_accept4")?;
         let fork = Format::read(tracefs, "sched", "sched_process_fork")?;
+        let signal = Format::read(tracefs, "signal", "signal_generate")?;
         Ok(Self {
             arg0: enter.offset("fd")?,
             arg1: enter.offset("upeer_sockaddr")?,
             ret: exit.offset("ret")?,
             fork_child_pid: fork.offset("child_pid")?,
+            signal_sig: signal.offset("sig")?,
+            signal_pid: signal.offset("pid")?,
+            signal_result: signal.offset("result")?,
         })
     }
 
@@ -207,9 +224,13 @@ impl Probe {
             .override_global(names::SYSCALL_ARG1_OFFSET, &offsets.arg1, true)
             .override_global(names::SYSCALL_RET_OFFSET, &offsets.ret, true)
             .override_global(names::FORK_CHILD_PID_OFFSET, &offsets.fork_child_pid, true)
+            .override_global(names::SIGNAL_SIG_OFFSET, &offsets.signal_sig, true)
+            .override_global(names::SIGNAL_PID_OFFSET, &offsets.signal_pid, true)
+            .override_global(names::SIGNAL_RESULT_OFFSET, &offsets.signal_result, true)
             .map_max_entries(names::CONNS, limits.max_connections)
             .map_max_entries(names::STATS, limits.max_processes)
             .map_max_entries(names::TARGETS, targets)
+            .map_max_entries(names::EXITS, limits.max_processes)
             .load(OBJECT)
             .map_err(|e| ProbeError::Load(Box::new(e)))?;
         let mut probe = Self { ebpf, links: 0 };

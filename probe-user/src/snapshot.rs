@@ -1,11 +1,11 @@
 //! One consistent view of everything flyprobe reports, built at scrape time from the kernel
-//! counters, the watched trees and /proc.
+//! counters and the watched trees.
 
 use std::collections::BTreeMap;
 
 use probe_common::{ProcStats, drop_reason};
 
-use crate::{sockets, watched::Watched};
+use crate::watched::{Lifecycle, Watched};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
@@ -16,9 +16,20 @@ pub struct Snapshot {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerView {
     pub server: String,
+    /// Whether a root of this server is alive.
+    pub up: bool,
     pub uptime_seconds: f64,
-    pub workers: u64,
+    pub lifecycle: Lifecycle,
+    pub workers: Vec<WorkerView>,
     pub procs: Vec<ProcView>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerView {
+    pub pid: u32,
+    pub ppid: u32,
+    pub comm: String,
+    pub uptime_seconds: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -34,21 +45,6 @@ pub fn build(
     drops: [u64; drop_reason::COUNT as usize],
     uptime_now: f64,
 ) -> Snapshot {
-    let members = watched.members();
-    let parents: BTreeMap<u32, u32> = members.iter().map(|(&pid, m)| (pid, m.ppid)).collect();
-    let live: Vec<u32> = members
-        .iter()
-        .filter(|(_, m)| m.exited.is_none())
-        .map(|(&pid, _)| pid)
-        .collect();
-    let holders = sockets::listening(live.iter().copied());
-    let mut workers = sockets::workers(&holders, &parents);
-    // Anything that accepted a connection serves, listening socket or not (e.g. passed fds).
-    workers.extend(
-        live.iter()
-            .filter(|pid| kernel.get(pid).is_some_and(|s| s.accepted > 0)),
-    );
-
     // Roots that share a label (two uvicorns) are one server.
     let mut labels: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
     for root in watched.roots() {
@@ -56,46 +52,73 @@ pub fn build(
     }
     let servers = labels
         .into_iter()
-        .map(|(label, roots)| {
-            let in_server = |root: u32| roots.contains(&root);
-            let mut per_pid: BTreeMap<u32, ProcStats> = BTreeMap::new();
-            for (&pid, member) in members.iter().filter(|(_, m)| in_server(m.root)) {
-                let counters = kernel.get(&pid).copied();
-                let serving = workers.contains(&pid);
-                if counters.is_none() && !serving {
-                    continue; // a supervisor or helper that never accepted
-                }
-                let mut stats = counters.unwrap_or_default();
-                if member.exited.is_some() {
-                    stats = stats.finished();
-                }
-                per_pid.entry(pid).or_default().add(&stats);
-            }
-            for (&(root, pid), stats) in watched.retired() {
-                if in_server(root) {
-                    per_pid.entry(pid).or_default().add(stats);
-                }
-            }
-            let live_workers = members
-                .iter()
-                .filter(|(pid, m)| in_server(m.root) && m.exited.is_none() && workers.contains(pid))
-                .count() as u64;
-            let uptime_seconds = watched
-                .roots()
-                .iter()
-                .filter(|r| roots.contains(&r.pid))
-                .map(|r| (r.exited.unwrap_or(uptime_now) - r.started).max(0.0))
-                .fold(0.0, f64::max);
-            ServerView {
-                server: label.to_string(),
-                uptime_seconds,
-                workers: live_workers,
-                procs: per_pid
-                    .into_iter()
-                    .map(|(pid, stats)| ProcView { pid, stats })
-                    .collect(),
-            }
-        })
+        .map(|(label, roots)| server(watched, kernel, label, &roots, uptime_now))
         .collect();
     Snapshot { servers, drops }
+}
+
+fn server(
+    watched: &Watched,
+    kernel: &BTreeMap<u32, ProcStats>,
+    label: &str,
+    roots: &[u32],
+    uptime_now: f64,
+) -> ServerView {
+    let members = watched
+        .members()
+        .iter()
+        .filter(|(_, m)| roots.contains(&m.root));
+    let mut per_pid: BTreeMap<u32, ProcStats> = BTreeMap::new();
+    let mut workers = Vec::new();
+    for (&pid, member) in members {
+        if member.worker {
+            workers.push(WorkerView {
+                pid,
+                ppid: member.ppid,
+                comm: member.comm.clone(),
+                uptime_seconds: seconds(uptime_now - member.started),
+            });
+        }
+        let counters = kernel.get(&pid).copied();
+        if counters.is_none() && !member.ever_worker {
+            continue; // a supervisor or helper that never accepted
+        }
+        let mut stats = counters.unwrap_or_default();
+        if member.exited.is_some() {
+            stats = stats.finished();
+        }
+        per_pid.entry(pid).or_default().add(&stats);
+    }
+    for (&(root, pid), stats) in watched.retired() {
+        if roots.contains(&root) {
+            per_pid.entry(pid).or_default().add(stats);
+        }
+    }
+    let mine = || watched.roots().iter().filter(|r| roots.contains(&r.pid));
+    let mut lifecycle = Lifecycle::default();
+    for root in roots {
+        let lc = watched.lifecycle(*root);
+        lifecycle.started += lc.started;
+        for (reason, n) in lc.stopped {
+            *lifecycle.stopped.entry(reason).or_default() += n;
+        }
+    }
+    ServerView {
+        server: label.to_string(),
+        up: mine().any(|r| r.exited.is_none()),
+        uptime_seconds: mine()
+            .map(|r| seconds(r.exited.unwrap_or(uptime_now) - r.started))
+            .fold(0.0, f64::max),
+        lifecycle,
+        workers,
+        procs: per_pid
+            .into_iter()
+            .map(|(pid, stats)| ProcView { pid, stats })
+            .collect(),
+    }
+}
+
+/// Start times tick at 100 Hz: report centiseconds, not float noise.
+fn seconds(span: f64) -> f64 {
+    (span.max(0.0) * 100.0).round() / 100.0
 }

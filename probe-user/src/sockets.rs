@@ -54,23 +54,30 @@ fn listening_inodes(process: &Process) -> BTreeSet<u64> {
         .collect()
 }
 
-/// Workers among the holders of listening sockets: a holder with a descendant that also
-/// holds one is a supervisor (uvicorn, gunicorn, nginx masters keep the socket they hand
-/// down), not a worker. `parents` maps each watched PID to its parent.
-pub fn workers(
-    holders: &BTreeMap<u32, BTreeSet<u64>>,
-    parents: &BTreeMap<u32, u32>,
-) -> BTreeSet<u32> {
+/// Holders of listening sockets split into supervisors and workers: a holder with a
+/// descendant that also holds one is a supervisor (uvicorn, gunicorn, nginx masters keep
+/// the socket they hand down). `parents` maps each watched PID to its parent.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Roles {
+    pub workers: BTreeSet<u32>,
+    pub supervisors: BTreeSet<u32>,
+}
+
+pub fn roles(holders: &BTreeMap<u32, BTreeSet<u64>>, parents: &BTreeMap<u32, u32>) -> Roles {
     let supervisors: BTreeSet<u32> = holders
         .keys()
         .flat_map(|&pid| ancestors(pid, parents))
         .filter(|a| holders.contains_key(a))
         .collect();
-    holders
+    let workers = holders
         .keys()
         .copied()
         .filter(|pid| !supervisors.contains(pid))
-        .collect()
+        .collect();
+    Roles {
+        workers,
+        supervisors,
+    }
 }
 
 fn ancestors(pid: u32, parents: &BTreeMap<u32, u32>) -> Vec<u32> {
@@ -98,13 +105,15 @@ mod tests {
             (12, BTreeSet::from([7])),
         ]);
         let parents = BTreeMap::from([(10, 1), (11, 10), (12, 10), (13, 10)]);
-        assert_eq!(workers(&holders, &parents), BTreeSet::from([11, 12]));
+        let r = roles(&holders, &parents);
+        assert_eq!(r.workers, BTreeSet::from([11, 12]));
+        assert_eq!(r.supervisors, BTreeSet::from([10]));
     }
 
     #[test]
     fn a_single_process_server_is_its_own_worker() {
         let holders = BTreeMap::from([(10, BTreeSet::from([7]))]);
         let parents = BTreeMap::from([(10, 1)]);
-        assert_eq!(workers(&holders, &parents), BTreeSet::from([10]));
+        assert_eq!(roles(&holders, &parents).workers, BTreeSet::from([10]));
     }
 }

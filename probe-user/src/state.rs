@@ -11,6 +11,7 @@ use procfs::Current as _;
 
 use crate::{
     kernel_maps::KernelMaps,
+    lifecycle,
     metrics::SnapshotSource,
     snapshot::{self, Snapshot},
     watched::Watched,
@@ -41,38 +42,43 @@ impl Shared {
         match event.kind {
             event_kind::FORK => {
                 if state.watched.on_fork(event.pid, event.ppid) {
-                    log::info!("process {} started (forked by {})", event.pid, event.ppid);
+                    log::debug!("process {} forked by {}", event.pid, event.ppid);
                 }
             }
             event_kind::EXIT => {
-                if state.watched.members().contains_key(&event.pid) {
-                    log::info!("process {} exited", event.pid);
-                }
-                state.watched.on_exit(event.pid, Instant::now(), uptime());
-                if state.watched.roots().iter().any(|r| r.pid == event.pid) {
-                    log::warn!(
-                        "watched root {} exited; serving its final metrics",
-                        event.pid
-                    );
+                let reason = lifecycle::reason(&event.exit);
+                let accepted = state.maps.stats_of(event.pid).accepted > 0;
+                let watched = &mut state.watched;
+                watched.on_exit(event.pid, &reason, accepted, Instant::now(), uptime());
+                if watched.roots().iter().any(|r| r.pid == event.pid) {
+                    log::warn!("watched root {} exited ({reason})", event.pid);
                 }
             }
             other => log::debug!("unknown kernel event kind {other}"),
         }
     }
 
-    /// Notice processes that vanished without an event and retire those past their grace.
+    /// Notice processes that vanished without an event, classify workers, and retire the
+    /// exited past their grace.
     pub fn sweep(&self) {
         self.lock().sweep();
+    }
+
+    pub fn all_roots_exited(&self) -> bool {
+        self.lock().watched.all_roots_exited()
     }
 }
 
 impl State {
-    fn sweep(&mut self) {
+    pub fn sweep(&mut self) {
         let now = Instant::now();
         for pid in self.watched.vanished() {
             log::debug!("process {pid} is gone (no exit event seen)");
-            self.watched.on_exit(pid, now, uptime());
+            let accepted = self.maps.stats_of(pid).accepted > 0;
+            self.watched
+                .on_exit(pid, "unknown", accepted, now, uptime());
         }
+        self.watched.classify(&self.maps.stats());
         for pid in self.watched.due(now) {
             let last = self.maps.retire(pid);
             self.watched.retire(pid, last);

@@ -1,6 +1,8 @@
 //! The watched process trees as userspace knows them: discovered from /proc at start, then
-//! kept current by the kernel's fork and exit events. Exited processes are retired after a
-//! short grace: their final counters move here and their kernel entries are freed.
+//! kept current by the kernel's fork and exit events. Workers are classified from /proc
+//! (listening sockets) and the kernel counters; their starts and stops are counted here.
+//! Exited processes are retired after a short grace: their final counters move here and
+//! their kernel entries are freed.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -10,7 +12,7 @@ use std::{
 use probe_common::ProcStats;
 use procfs::process::{Process, all_processes};
 
-use crate::{error::StartError, server_kind};
+use crate::{error::StartError, server_kind, sockets};
 
 /// How long an exited process's kernel state is kept before it is read one last time: long
 /// enough for its other threads to finish exiting.
@@ -26,11 +28,31 @@ pub struct Root {
     pub exited: Option<f64>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Member {
     pub ppid: u32,
     pub root: u32,
+    pub comm: String,
+    /// Seconds after boot the process started.
+    pub started: f64,
+    /// Forked after flyprobe attached: becoming a worker counts as a start.
+    pub forked_here: bool,
+    /// Serves right now (holds a listening socket it did not hand down, or accepted).
+    pub worker: bool,
+    /// Has served: its exit is a worker stop.
+    pub ever_worker: bool,
+    /// Has handed its listening socket to a descendant: never a worker.
+    pub supervisor: bool,
+    /// Has been through `classify` while alive (else its role is unknown at exit).
+    pub classified: bool,
     pub exited: Option<Instant>,
+}
+
+/// Worker starts and stops of one root's tree.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lifecycle {
+    pub started: u64,
+    pub stopped: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default)]
@@ -39,11 +61,20 @@ pub struct Watched {
     members: BTreeMap<u32, Member>,
     /// Final counters of exited processes, by (root, pid); summed if a PID is reused.
     retired: BTreeMap<(u32, u32), ProcStats>,
+    lifecycle: BTreeMap<u32, Lifecycle>,
+}
+
+/// What /proc says about a process: (comm, start in seconds after boot, ppid).
+fn proc_facts(pid: u32) -> Option<(String, f64, u32)> {
+    let stat = Process::new(pid as i32).ok()?.stat().ok()?;
+    let started = stat.starttime as f64 / procfs::ticks_per_second() as f64;
+    Some((stat.comm, started, stat.ppid as u32))
 }
 
 impl Watched {
-    /// Every root and its descendants as /proc shows them now.
-    pub fn discover(roots: &[u32]) -> Result<Self, StartError> {
+    /// Every root and its descendants as /proc shows them now. `server_name` overrides the
+    /// detected server kind.
+    pub fn discover(roots: &[u32], server_name: Option<&str>) -> Result<Self, StartError> {
         let mut watched = Self::default();
         for &pid in roots {
             let process =
@@ -52,12 +83,15 @@ impl Watched {
                 .stat()
                 .map_err(|_| StartError::NoSuchProcess { pid })?;
             let cmdline = process.cmdline().unwrap_or_default();
+            let server = server_name
+                .map_or_else(|| server_kind::detect(&cmdline, &stat.comm), str::to_string);
             watched.roots.push(Root {
                 pid,
-                server: server_kind::detect(&cmdline, &stat.comm),
+                server,
                 started: stat.starttime as f64 / procfs::ticks_per_second() as f64,
                 exited: None,
             });
+            watched.lifecycle.insert(pid, Lifecycle::default());
         }
         watched.rescan();
         Ok(watched)
@@ -73,19 +107,16 @@ impl Watched {
             .collect();
         let roots: BTreeSet<u32> = self.roots.iter().map(|r| r.pid).collect();
         let mut added = Vec::new();
-        for (&pid, &ppid) in &parents {
+        for &pid in parents.keys() {
             if self.members.contains_key(&pid) {
                 continue;
             }
-            if let Some(root) = nearest_root(pid, &parents, &roots) {
-                self.members.insert(
-                    pid,
-                    Member {
-                        ppid,
-                        root,
-                        exited: None,
-                    },
-                );
+            let Some(root) = nearest_root(pid, &parents, &roots) else {
+                continue;
+            };
+            if let Some((comm, started, ppid)) = proc_facts(pid) {
+                self.members
+                    .insert(pid, Member::new(ppid, root, comm, started, false));
                 added.push(pid);
             }
         }
@@ -104,6 +135,14 @@ impl Watched {
         &self.retired
     }
 
+    pub fn lifecycle(&self, root: u32) -> Lifecycle {
+        self.lifecycle.get(&root).cloned().unwrap_or_default()
+    }
+
+    pub fn all_roots_exited(&self) -> bool {
+        self.roots.iter().all(|r| r.exited.is_some())
+    }
+
     /// A tracked process forked `child`, which may be a thread: only processes join.
     pub fn on_fork(&mut self, child: u32, parent: u32) -> bool {
         let Some(root) = self.members.get(&parent).map(|m| m.root) else {
@@ -112,25 +151,106 @@ impl Watched {
         let is_process = Process::new(child as i32)
             .and_then(|p| p.status())
             .is_ok_and(|s| s.tgid == child as i32);
-        if is_process {
-            self.members.insert(
-                child,
-                Member {
-                    ppid: parent,
-                    root,
-                    exited: None,
-                },
-            );
+        if !is_process {
+            return false;
         }
-        is_process
+        let (comm, started, _) = proc_facts(child).unwrap_or_default();
+        self.members
+            .insert(child, Member::new(parent, root, comm, started, true));
+        true
     }
 
-    pub fn on_exit(&mut self, pid: u32, now: Instant, uptime: f64) {
-        if let Some(member) = self.members.get_mut(&pid) {
-            member.exited.get_or_insert(now);
+    /// Recompute which live members are workers; count first-time workers as started.
+    pub fn classify(&mut self, kernel: &BTreeMap<u32, ProcStats>) {
+        let parents: BTreeMap<u32, u32> = self.members.iter().map(|(&p, m)| (p, m.ppid)).collect();
+        let live: Vec<u32> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.exited.is_none())
+            .map(|(&pid, _)| pid)
+            .collect();
+        let holders = sockets::listening(live.iter().copied());
+        let roles = sockets::roles(&holders, &parents);
+        // A supervisor stays one when its workers are gone (all crashed, or between a
+        // reload's generations); it is then the only holder left but still not a worker.
+        for pid in &roles.supervisors {
+            if let Some(m) = self.members.get_mut(pid) {
+                m.supervisor = true;
+                m.ever_worker = false;
+            }
         }
+        let mut workers = roles.workers;
+        // Anything that accepted a connection serves, listening socket or not.
+        workers.extend(
+            live.iter()
+                .filter(|pid| kernel.get(pid).is_some_and(|s| s.accepted > 0)),
+        );
+        workers.retain(|pid| self.members.get(pid).is_some_and(|m| !m.supervisor));
+        for pid in live {
+            let is_worker = workers.contains(&pid);
+            if let Some((comm, _, _)) = is_worker.then(|| proc_facts(pid)).flatten() {
+                // exec changes comm (a spawned worker becomes `python`): keep it fresh.
+                if let Some(m) = self.members.get_mut(&pid) {
+                    m.comm = comm;
+                }
+            }
+            self.set_worker(pid, is_worker);
+        }
+    }
+
+    fn set_worker(&mut self, pid: u32, is_worker: bool) {
+        let Some(m) = self.members.get_mut(&pid) else {
+            return;
+        };
+        m.worker = is_worker;
+        m.classified = true;
+        if is_worker && !m.ever_worker {
+            m.ever_worker = true;
+            if m.forked_here {
+                self.lifecycle.entry(m.root).or_default().started += 1;
+                log::info!("worker {pid} ({}) started", m.comm);
+            }
+        }
+    }
+
+    /// A member exited. One that was never classified because it died within a sweep of its
+    /// birth still counts as a worker if it accepted, or if a sibling under the same parent
+    /// is a worker: a crash-looping worker is still a worker.
+    pub fn on_exit(&mut self, pid: u32, reason: &str, accepted: bool, now: Instant, uptime: f64) {
         for root in self.roots.iter_mut().filter(|r| r.pid == pid) {
             root.exited.get_or_insert(uptime);
+        }
+        let Some(member) = self.members.get(&pid) else {
+            return;
+        };
+        if member.exited.is_some() {
+            return;
+        }
+        let ppid = member.ppid;
+        let sibling_serves = !member.classified
+            && self
+                .members
+                .iter()
+                .any(|(&p, m)| p != pid && m.ppid == ppid && m.ever_worker);
+        if !member.ever_worker && (accepted || sibling_serves) {
+            self.set_worker(pid, true);
+        }
+        let Some(member) = self.members.get_mut(&pid) else {
+            return;
+        };
+        member.exited = Some(now);
+        member.worker = false;
+        if member.ever_worker {
+            log::info!("worker {pid} ({}) stopped: {reason}", member.comm);
+            *self
+                .lifecycle
+                .entry(member.root)
+                .or_default()
+                .stopped
+                .entry(reason.to_string())
+                .or_default() += 1;
+        } else {
+            log::debug!("process {pid} exited: {reason}");
         }
     }
 
@@ -139,7 +259,7 @@ impl Watched {
     pub fn vanished(&self) -> Vec<u32> {
         self.members
             .iter()
-            .filter(|(pid, m)| m.exited.is_none() && !procfs_has(**pid))
+            .filter(|(pid, m)| m.exited.is_none() && !alive(**pid))
             .map(|(pid, _)| *pid)
             .collect()
     }
@@ -167,7 +287,24 @@ impl Watched {
     }
 }
 
-fn procfs_has(pid: u32) -> bool {
+impl Member {
+    fn new(ppid: u32, root: u32, comm: String, started: f64, forked_here: bool) -> Self {
+        Self {
+            ppid,
+            root,
+            comm,
+            started,
+            forked_here,
+            worker: false,
+            ever_worker: false,
+            supervisor: false,
+            classified: false,
+            exited: None,
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
     Process::new(pid as i32)
         .and_then(|p| p.stat())
         .is_ok_and(|s| s.state != 'Z' && s.state != 'X')
@@ -193,6 +330,10 @@ fn nearest_root(pid: u32, parents: &BTreeMap<u32, u32>, roots: &BTreeSet<u32>) -
 mod tests {
     use super::*;
 
+    fn member(ppid: u32, forked_here: bool) -> Member {
+        Member::new(ppid, 1, "python".into(), 0.0, forked_here)
+    }
+
     #[test]
     fn nearest_root_walks_up_to_the_closest_root() {
         // 1 -> 10 -> 11 -> 12, 1 -> 20
@@ -206,14 +347,9 @@ mod tests {
     #[test]
     fn retiring_keeps_final_counters_with_gauges_at_zero() {
         let mut w = Watched::default();
-        w.members.insert(
-            5,
-            Member {
-                ppid: 1,
-                root: 1,
-                exited: Some(Instant::now()),
-            },
-        );
+        let mut m = member(1, false);
+        m.exited = Some(Instant::now());
+        w.members.insert(5, m);
         let last = ProcStats {
             accepted: 3,
             closed: 1,
@@ -227,5 +363,30 @@ mod tests {
         assert_eq!((kept.accepted, kept.requests), (3, 4));
         assert_eq!((kept.active(), kept.in_flight()), (0, 0));
         assert!(w.members().is_empty());
+    }
+
+    #[test]
+    fn starts_count_new_workers_and_stops_count_worker_exits_by_reason() {
+        let mut w = Watched::default();
+        w.lifecycle.insert(1, Lifecycle::default());
+        w.members.insert(1, member(0, false)); // the supervisor
+        w.members.insert(10, member(1, false)); // a worker that was there before flyprobe
+        w.members.insert(11, member(1, true)); // a worker forked later
+        w.members.insert(12, member(1, true)); // dies before any sweep classifies it
+        w.members.insert(13, member(11, true)); // a helper the worker forked
+        for pid in [10, 11] {
+            w.set_worker(pid, true);
+        }
+        let now = Instant::now();
+        w.on_exit(12, "signal_SIGSEGV", false, now, 0.5);
+        w.on_exit(11, "exit_0", false, now, 0.5);
+        w.on_exit(11, "exit_0", false, now, 0.5); // duplicate event: counted once
+        w.on_exit(13, "exit_0", false, now, 0.5); // never served, no serving sibling
+        let lc = w.lifecycle(1);
+        assert_eq!(lc.started, 2, "11 and 12 started; 10 predates flyprobe");
+        assert_eq!(
+            lc.stopped,
+            BTreeMap::from([("exit_0".into(), 1), ("signal_SIGSEGV".into(), 1)])
+        );
     }
 }

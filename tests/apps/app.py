@@ -2,6 +2,7 @@
 
 GET /         -> 200 "ok"
 GET /slow?ms= -> 200 after ms milliseconds
+GET /exit?code= -> the worker process exits at once with that status (no response)
 Every response names the serving process in an `x-worker-pid` header.
 """
 import asyncio
@@ -26,8 +27,11 @@ async def app(scope, receive, send):
         message = await receive()
         more = message.get("more_body", False)
     status, body = 200, b"ok"
+    query = parse_qs(scope["query_string"].decode())
+    if scope["path"] == "/exit":
+        os._exit(int(query.get("code", ["1"])[0]))
     if scope["path"] == "/slow":
-        ms = int(parse_qs(scope["query_string"].decode()).get("ms", ["0"])[0])
+        ms = int(query.get("ms", ["0"])[0])
         await asyncio.sleep(ms / 1000)
         body = b"slow ok"
     elif scope["path"] != "/":

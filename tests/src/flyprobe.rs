@@ -74,6 +74,11 @@ impl Flyprobe {
         self.guard.pid()
     }
 
+    /// Wait for flyprobe to exit on its own.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.guard.wait_timeout(timeout)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -39,7 +39,61 @@ pub fn uvicorn(workers: u32) -> Server {
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--workers", &workers.to_string(), "--log-level", "warning"]),
     );
-    ready(guard, port)
+    let server = ready(guard, port);
+    // Workers are spawned (fork + exec of `spawn_main`) beside a resource tracker.
+    all_forked(&server, workers, "spawn_main");
+    server
+}
+
+/// `gunicorn -k uvicorn_worker.UvicornWorker -w N`: a forking supervisor.
+pub fn gunicorn(workers: u32) -> Server {
+    let port = free_port();
+    let guard = Guard::spawn(
+        "gunicorn",
+        Command::new(python())
+            .args(["-m", "gunicorn", "app:app", "--chdir"])
+            .arg(apps_dir())
+            .args(["--bind", &format!("127.0.0.1:{port}")])
+            .args(["--workers", &workers.to_string()])
+            .args(["--worker-class", "uvicorn_worker.UvicornWorker"])
+            .args(["--graceful-timeout", "5", "--log-level", "warning"]),
+    );
+    let server = ready(guard, port);
+    all_forked(&server, workers, "");
+    server
+}
+
+/// Wait until the supervisor has forked all `n` workers (children whose command line
+/// contains `marker`), so none of them is born after a test attaches flyprobe.
+fn all_forked(server: &Server, n: u32, marker: &str) {
+    let pid = server.pid();
+    eventually(
+        &format!("{n} workers forked by {pid}"),
+        Duration::from_secs(30),
+        || {
+            let workers = children(pid)
+                .into_iter()
+                .filter(|c| {
+                    std::fs::read(format!("/proc/{c}/cmdline"))
+                        .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains(marker))
+                })
+                .count();
+            if workers == n as usize {
+                Ok(())
+            } else {
+                Err(workers)
+            }
+        },
+    );
+}
+
+/// The direct children of `pid`, from /proc.
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 /// The axum server built from tests/src/bin (tokio, 2 threads, one process).
