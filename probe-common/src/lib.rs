@@ -5,6 +5,8 @@
 //! value read from a map can hold anything, and a constant cannot be an invalid enum.
 #![no_std]
 
+pub mod http;
+
 /// A connection accepted by a tracked process, named the way the process names it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -16,18 +18,34 @@ pub struct ConnKey {
 /// Where a connection is in its request/response turn.
 pub mod phase {
     /// Accepted, nothing read yet (or only written).
-    pub const IDLE: u32 = 0;
+    pub const IDLE: u8 = 0;
     /// Request bytes read, no response byte written yet: the request is in flight.
-    pub const REQUEST: u32 = 1;
+    pub const REQUEST: u8 = 1;
     /// Response started; the next successful read starts a new request.
-    pub const RESPONSE: u32 = 2;
+    pub const RESPONSE: u8 = 2;
 }
 
+/// The state of one connection's current turn. Only tokens are kept: a method index, a
+/// status code, a protocol index.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnState {
-    pub phase: u32,
-    pub _reserved: u32,
+    pub phase: u8,
+    /// `http::METHODS` index of the current request.
+    pub method: u8,
+    /// `http::PROTO_*`, guessed from the connection's first read.
+    pub protocol: u8,
+    pub _pad: u8,
+    /// Status code of the current response (0 if none or not HTTP).
+    pub status: u16,
+    pub _pad2: u16,
+    /// When the request's first byte was read (bpf_ktime_get_ns).
+    pub start_ns: u64,
+    /// First request byte read to first response byte written.
+    pub duration_ns: u64,
+    /// Bytes read and written in this turn.
+    pub rx: u64,
+    pub tx: u64,
 }
 
 /// Per-process counters, kept per CPU and summed by userspace. All of them only grow, so the
@@ -43,6 +61,9 @@ pub struct ProcStats {
     pub responses: u64,
     /// Requests that ended without a response (connection closed mid-request).
     pub aborted: u64,
+    /// Bytes read from and written to tracked connections.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
 }
 
 impl ProcStats {
@@ -52,6 +73,8 @@ impl ProcStats {
         self.requests += other.requests;
         self.responses += other.responses;
         self.aborted += other.aborted;
+        self.rx_bytes += other.rx_bytes;
+        self.tx_bytes += other.tx_bytes;
     }
 
     pub fn active(&self) -> u64 {
@@ -77,12 +100,97 @@ pub mod dir {
     pub const WRITE: u32 = 1;
 }
 
+/// Where a syscall's data is: the shape of its second argument.
+pub mod buf_kind {
+    /// `void *buf` (read, recvfrom, write, sendto).
+    pub const PLAIN: u32 = 0;
+    /// `struct iovec *` (readv, writev).
+    pub const IOVEC: u32 = 1;
+    /// `struct msghdr *` (recvmsg, sendmsg).
+    pub const MSGHDR: u32 = 2;
+    /// No user buffer (sendfile).
+    pub const NONE: u32 = 3;
+}
+
 /// A read or write on a tracked connection, remembered per thread until the syscall returns.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PendingIo {
     pub fd: u32,
     pub dir: u32,
+    /// The syscall's buffer argument, shaped as `kind` says.
+    pub buf: u64,
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+/// Labels of a completed request: the process and the request's tokens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReqKey {
+    pub tgid: u32,
+    pub method: u8,
+    /// Status class 1..=5, or 0 (no response, or not HTTP).
+    pub status: u8,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Histogram bucket bounds for request durations, in ns (0.5 ms to 10 s).
+pub const DURATION_BOUNDS_NS: [u64; 14] = [
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+
+/// Completed requests with one set of labels (per CPU; summed by userspace). `buckets[i]`
+/// counts durations in (bound[i-1], bound[i]]; slower ones are only in `timed`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReqStats {
+    /// Requests completed (response started) or aborted (closed before any response).
+    pub count: u64,
+    /// Requests with a duration (the ones whose response started).
+    pub timed: u64,
+    pub duration_sum_ns: u64,
+    pub buckets: [u64; 14],
+}
+
+impl ReqStats {
+    pub fn add(&mut self, other: &Self) {
+        self.count += other.count;
+        self.timed += other.timed;
+        self.duration_sum_ns += other.duration_sum_ns;
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *a += b;
+        }
+    }
+}
+
+/// One access-log record, sent when a request's turn ends (only with --access-log).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccessRecord {
+    /// When the turn ended (bpf_ktime_get_ns).
+    pub ts_ns: u64,
+    pub duration_ns: u64,
+    pub rx: u64,
+    pub tx: u64,
+    pub tgid: u32,
+    pub status: u16,
+    pub method: u8,
+    pub protocol: u8,
 }
 
 /// Process lifecycle, sent through the `EVENTS` ring buffer (rare: fork and exit only).
@@ -130,7 +238,9 @@ pub mod drop_reason {
     pub const PENDING_MAP_FULL: u32 = 3;
     pub const EVENT_RING_FULL: u32 = 4;
     pub const EXIT_MAP_FULL: u32 = 5;
-    pub const COUNT: u32 = 6;
+    pub const REQUEST_MAP_FULL: u32 = 6;
+    pub const ACCESS_RING_FULL: u32 = 7;
+    pub const COUNT: u32 = 8;
     /// Label values, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
         "connection_map_full",
@@ -139,6 +249,8 @@ pub mod drop_reason {
         "pending_map_full",
         "event_ring_full",
         "exit_map_full",
+        "request_map_full",
+        "access_ring_full",
     ];
 }
 
@@ -150,6 +262,10 @@ pub mod names {
     pub const DROPS: &str = "DROPS";
     pub const EVENTS: &str = "EVENTS";
     pub const EXITS: &str = "EXITS";
+    pub const REQS: &str = "REQS";
+    pub const ACCESS: &str = "ACCESS";
+    /// Non-zero when --access-log is on; records are only built then.
+    pub const ACCESS_LOG_ENABLED: &str = "ACCESS_LOG_ENABLED";
 
     /// Offsets into tracepoint records, read from tracefs format files at load time.
     pub const SYSCALL_ARG0_OFFSET: &str = "SYSCALL_ARG0_OFFSET";
@@ -167,6 +283,9 @@ pub const DEFAULT_MAX_PROCESSES: u32 = 16_384;
 /// Syscalls in progress on tracked connections, one per thread at most.
 pub const PENDING_ENTRIES: u32 = 16_384;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
+pub const ACCESS_BYTES: u32 = 1024 * 1024;
+/// Label combinations (process x method x status x protocol) with counters at once.
+pub const DEFAULT_MAX_REQUEST_SERIES: u32 = 65_536;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -178,13 +297,19 @@ mod pod {
     unsafe impl aya::Pod for PendingIo {}
     unsafe impl aya::Pod for ProcEvent {}
     unsafe impl aya::Pod for ExitInfo {}
+    unsafe impl aya::Pod for ReqKey {}
+    unsafe impl aya::Pod for ReqStats {}
+    unsafe impl aya::Pod for AccessRecord {}
 }
 
 // No implicit padding anywhere: the sizes are the sums of the fields.
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 8);
-const _: () = assert!(core::mem::size_of::<ConnState>() == 8);
-const _: () = assert!(core::mem::size_of::<ProcStats>() == 40);
-const _: () = assert!(core::mem::size_of::<PendingIo>() == 8);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 40);
+const _: () = assert!(core::mem::size_of::<ProcStats>() == 56);
+const _: () = assert!(core::mem::size_of::<PendingIo>() == 24);
+const _: () = assert!(core::mem::size_of::<ReqKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ReqStats>() == 136);
+const _: () = assert!(core::mem::size_of::<AccessRecord>() == 40);
 const _: () = assert!(core::mem::size_of::<ExitInfo>() == 12);
 const _: () = assert!(core::mem::size_of::<ProcEvent>() == 32);
 
@@ -200,6 +325,7 @@ mod tests {
             requests: 20,
             responses: 17,
             aborted: 1,
+            ..Default::default()
         };
         assert_eq!(s.active(), 3);
         assert_eq!(s.in_flight(), 2);
@@ -213,6 +339,7 @@ mod tests {
             requests: 9,
             responses: 7,
             aborted: 0,
+            ..Default::default()
         }
         .finished();
         assert_eq!((s.active(), s.in_flight()), (0, 0));

@@ -14,6 +14,7 @@ use probe_common::{ConnKey, ConnState, ProcStats, drop_reason, phase};
 use crate::{
     maps::{CONNS, PENDING_ACCEPT, count_drop, is_target, stats_mut},
     record::{current, syscall_arg0, syscall_arg1, syscall_ret},
+    requests::{log_access, record_aborted},
 };
 
 const AF_INET: u16 = 2;
@@ -78,7 +79,7 @@ fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i64> {
         Err(err) if i64::from(err) == -EEXIST => {
             // The fd was reused without a close we saw (dup2, close_range): end the old one.
             if let Some(old) = CONNS.get_ptr(key).map(|p| unsafe { *p }) {
-                end_connection(stats, old);
+                end_connection(tgid, stats, &old);
             }
             let _ = CONNS.insert(key, fresh, BPF_ANY as u64);
         }
@@ -112,15 +113,21 @@ fn try_close_enter(ctx: &TracePointContext) -> Result<(), i64> {
     };
     let _ = CONNS.remove(key);
     if let Some(stats) = stats_mut(tgid) {
-        end_connection(stats, state);
+        end_connection(tgid, stats, &state);
     }
     Ok(())
 }
 
+/// The connection is gone: a request still waiting for its response is aborted, a
+/// finished turn gets its access-log record.
 #[inline(always)]
-fn end_connection(stats: &mut ProcStats, state: ConnState) {
+fn end_connection(tgid: u32, stats: &mut ProcStats, state: &ConnState) {
     stats.closed += 1;
     if state.phase == phase::REQUEST {
         stats.aborted += 1;
+        record_aborted(tgid, state);
+        log_access(tgid, state);
+    } else if state.phase == phase::RESPONSE {
+        log_access(tgid, state);
     }
 }

@@ -1,32 +1,80 @@
 //! The request/response turn. A request starts with the first successful read on a
 //! connection after the server last wrote on it (or the first read at all); its response
-//! starts with the first successful write after that. Each enter program is attached to a
-//! whole syscall family, the exit program to all of them.
+//! starts with the first successful write after that. For HTTP/1.x the first bytes of the
+//! turn give the method and the status code; an interim status (100 Continue) does not end
+//! the request, and a further status line written without a read in between is a
+//! pipelined request. Each enter program serves the syscalls whose buffer has one shape;
+//! the exit program serves them all.
 
-use aya_ebpf::{bindings::BPF_ANY, macros::tracepoint, programs::TracePointContext};
-use probe_common::{ConnKey, PendingIo, dir, drop_reason, phase};
+use aya_ebpf::{
+    bindings::BPF_ANY, helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext,
+};
+use probe_common::{
+    ConnKey, ConnState, PendingIo, buf_kind, dir, drop_reason,
+    http::{
+        METHOD_NONE, PROTO_HTTP1, PROTO_UNKNOWN, detect_protocol, is_interim, parse_method,
+        parse_status,
+    },
+    phase,
+};
 
 use crate::{
     maps::{CONNS, PENDING_IO, count_drop, stats_mut},
-    record::{current, syscall_arg0, syscall_ret},
+    record::{current, syscall_arg0, syscall_arg1, syscall_ret},
+    requests::{log_access, peek, record_completed},
 };
 
-/// sys_enter_{read,readv,recvfrom,recvmsg}
+/// sys_enter_{read,recvfrom}
 #[tracepoint]
 pub fn read_enter(ctx: TracePointContext) -> u32 {
-    let _ = try_io_enter(&ctx, dir::READ);
+    let _ = try_io_enter(&ctx, dir::READ, buf_kind::PLAIN);
     0
 }
 
-/// sys_enter_{write,writev,sendto,sendmsg,sendfile64}
+/// sys_enter_readv
+#[tracepoint]
+pub fn readv_enter(ctx: TracePointContext) -> u32 {
+    let _ = try_io_enter(&ctx, dir::READ, buf_kind::IOVEC);
+    0
+}
+
+/// sys_enter_recvmsg
+#[tracepoint]
+pub fn recvmsg_enter(ctx: TracePointContext) -> u32 {
+    let _ = try_io_enter(&ctx, dir::READ, buf_kind::MSGHDR);
+    0
+}
+
+/// sys_enter_{write,sendto}
 #[tracepoint]
 pub fn write_enter(ctx: TracePointContext) -> u32 {
-    let _ = try_io_enter(&ctx, dir::WRITE);
+    let _ = try_io_enter(&ctx, dir::WRITE, buf_kind::PLAIN);
+    0
+}
+
+/// sys_enter_writev
+#[tracepoint]
+pub fn writev_enter(ctx: TracePointContext) -> u32 {
+    let _ = try_io_enter(&ctx, dir::WRITE, buf_kind::IOVEC);
+    0
+}
+
+/// sys_enter_sendmsg
+#[tracepoint]
+pub fn sendmsg_enter(ctx: TracePointContext) -> u32 {
+    let _ = try_io_enter(&ctx, dir::WRITE, buf_kind::MSGHDR);
+    0
+}
+
+/// sys_enter_sendfile64: the data comes from a file, there is nothing to peek at.
+#[tracepoint]
+pub fn sendfile_enter(ctx: TracePointContext) -> u32 {
+    let _ = try_io_enter(&ctx, dir::WRITE, buf_kind::NONE);
     0
 }
 
 #[inline(always)]
-fn try_io_enter(ctx: &TracePointContext, direction: u32) -> Result<(), i64> {
+fn try_io_enter(ctx: &TracePointContext, direction: u32, kind: u32) -> Result<(), i64> {
     let (id, tgid, _) = current();
     // Every family's first argument is the socket fd (sendfile's is out_fd).
     let fd = syscall_arg0(ctx)? as u32;
@@ -34,7 +82,18 @@ fn try_io_enter(ctx: &TracePointContext, direction: u32) -> Result<(), i64> {
     if CONNS.get_ptr(ConnKey { tgid, fd }).is_none() {
         return Ok(());
     }
-    let pending = PendingIo { fd, dir: direction };
+    let buf = if kind == buf_kind::NONE {
+        0
+    } else {
+        syscall_arg1(ctx)?
+    };
+    let pending = PendingIo {
+        fd,
+        dir: direction,
+        buf,
+        kind,
+        _pad: 0,
+    };
     if PENDING_IO.insert(id, pending, BPF_ANY as u64).is_err() {
         count_drop(drop_reason::PENDING_MAP_FULL);
     }
@@ -55,7 +114,8 @@ fn try_io_exit(ctx: &TracePointContext) -> Result<(), i64> {
     };
     let _ = PENDING_IO.remove(id);
     // Errors (EAGAIN) and EOF (0) move no data and do not turn the connection.
-    if syscall_ret(ctx)? <= 0 {
+    let ret = syscall_ret(ctx)?;
+    if ret <= 0 {
         return Ok(());
     }
     let key = ConnKey {
@@ -67,19 +127,84 @@ fn try_io_exit(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     };
     // SAFETY: the entry stays valid for this program's run (RCU); a connection is driven by
-    // one thread at a time, so the phase is not written concurrently.
+    // one thread at a time, so the state is not written concurrently.
     let state = unsafe { &mut *state };
     let Some(stats) = stats_mut(tgid) else {
         return Ok(());
     };
+    let now = unsafe { bpf_ktime_get_ns() };
     if pending.dir == dir::READ {
+        stats.rx_bytes += ret as u64;
         if state.phase != phase::REQUEST {
-            state.phase = phase::REQUEST;
+            if state.phase == phase::RESPONSE {
+                log_access(tgid, state);
+            }
+            start_request(state, &pending, ret, now);
             stats.requests += 1;
         }
-    } else if state.phase == phase::REQUEST {
-        state.phase = phase::RESPONSE;
-        stats.responses += 1;
+        state.rx += ret as u64;
+        return Ok(());
     }
+
+    stats.tx_bytes += ret as u64;
+    let http = state.protocol == PROTO_HTTP1;
+    if state.phase == phase::REQUEST {
+        let status = if http { status_of(&pending, ret) } else { 0 };
+        if !is_interim(status) {
+            state.phase = phase::RESPONSE;
+            state.status = status;
+            state.duration_ns = now - state.start_ns;
+            stats.responses += 1;
+            record_completed(tgid, state);
+        }
+    } else if state.phase == phase::RESPONSE && http {
+        // A second status line with no read in between answers a pipelined request.
+        let status = status_of(&pending, ret);
+        if status != 0 && !is_interim(status) {
+            log_access(tgid, state);
+            state.status = status;
+            state.duration_ns = now - state.start_ns;
+            state.rx = 0;
+            state.tx = 0;
+            stats.requests += 1;
+            stats.responses += 1;
+            record_completed(tgid, state);
+        }
+    }
+    state.tx += ret as u64;
     Ok(())
+}
+
+#[inline(always)]
+fn start_request(state: &mut ConnState, pending: &PendingIo, ret: i64, now: u64) {
+    let head = peek(pending, ret);
+    if state.protocol == PROTO_UNKNOWN {
+        state.protocol = match &head {
+            Some((bytes, len)) => detect_protocol(bytes, *len),
+            None => probe_common::http::PROTO_OTHER,
+        };
+    }
+    state.method = match (&head, state.protocol == PROTO_HTTP1) {
+        (Some((bytes, len)), true) => match parse_method(bytes, *len) {
+            // Not a request line where one should start: still a request, method unknown.
+            METHOD_NONE => probe_common::http::METHOD_OTHER,
+            m => m,
+        },
+        (None, true) => probe_common::http::METHOD_OTHER,
+        _ => METHOD_NONE,
+    };
+    state.phase = phase::REQUEST;
+    state.status = 0;
+    state.start_ns = now;
+    state.duration_ns = 0;
+    state.rx = 0;
+    state.tx = 0;
+}
+
+#[inline(always)]
+fn status_of(pending: &PendingIo, ret: i64) -> u16 {
+    match peek(pending, ret) {
+        Some((bytes, len)) => parse_status(&bytes, len),
+        None => 0,
+    }
 }

@@ -2,6 +2,7 @@
 //! kernel from 5.8 (ring buffer) on. Grouped by event family:
 //! - `connections`: accept/accept4 exit starts a connection, close ends it;
 //! - `io`: the read and write syscall families drive the request/response turn;
+//! - `requests`: what a turn records (labelled counts, durations, the access log);
 //! - `lifecycle`: fork extends the target set in the kernel, exit ends a process.
 #![no_std]
 #![no_main]
@@ -11,6 +12,7 @@ mod io;
 mod lifecycle;
 mod maps;
 mod record;
+mod requests;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use probe_common::{
-    ConnKey, ConnState, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PROCESSES, EVENTS_BYTES, ExitInfo,
-    PENDING_ENTRIES, PendingIo, ProcStats, drop_reason,
+    ACCESS_BYTES, ConnKey, ConnState, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PROCESSES,
+    DEFAULT_MAX_REQUEST_SERIES, EVENTS_BYTES, ExitInfo, PENDING_ENTRIES, PendingIo, ProcStats,
+    ReqKey, ReqStats, drop_reason,
 };
 
 /// Tracked processes (TGIDs), seeded by the daemon and extended on fork. Thread ids land here
@@ -40,6 +41,15 @@ pub static PENDING_ACCEPT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(P
 /// removed when its thread-group leader exits.
 #[map]
 pub static EXITS: HashMap<u32, ExitInfo> = HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
+
+/// Completed requests by (process, method, status class, protocol), with durations.
+#[map]
+pub static REQS: PerCpuHashMap<ReqKey, ReqStats> =
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_REQUEST_SERIES, 0);
+
+/// Access-log records; written only when the daemon runs with --access-log.
+#[map]
+pub static ACCESS: RingBuf = RingBuf::with_byte_size(ACCESS_BYTES, 0);
 
 #[map]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_reason::COUNT, 0);

@@ -14,6 +14,8 @@ static SYSCALL_RET_OFFSET: Global<u32> = Global::new(16);
 #[unsafe(no_mangle)]
 static FORK_CHILD_PID_OFFSET: Global<u32> = Global::new(44);
 #[unsafe(no_mangle)]
+static ACCESS_LOG_ENABLED: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
 static SIGNAL_SIG_OFFSET: Global<u32> = Global::new(8);
 #[unsafe(no_mangle)]
 static SIGNAL_PID_OFFSET: Global<u32> = Global::new(36);
@@ -45,6 +47,11 @@ pub fn fork_child_pid(ctx: &TracePointContext) -> Result<i32, i64> {
 fn read<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i64> {
     // SAFETY: bpf_probe_read_kernel checks the address; a bad offset yields an error.
     unsafe { ctx.read_at::<T>(offset as usize) }.map_err(i64::from)
+}
+
+#[inline(always)]
+pub fn access_log_enabled() -> bool {
+    ACCESS_LOG_ENABLED.load() != 0
 }
 
 /// signal:signal_generate: (signal, target pid, result).

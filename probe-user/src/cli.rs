@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, error::ErrorKind};
-use probe_common::{DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PROCESSES};
+use probe_common::{DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PROCESSES, DEFAULT_MAX_REQUEST_SERIES};
 
 use crate::error::EXIT_USAGE;
 
@@ -32,6 +32,16 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PROCESSES,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_processes: u32,
+
+    /// Write one JSON line per request to FILE ("-": stdout). Off by default; when off the
+    /// kernel does not build the records at all.
+    #[arg(long, value_name = "FILE")]
+    pub access_log: Option<PathBuf>,
+
+    /// Label combinations (process x method x status x protocol) counted at once.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_REQUEST_SERIES,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_request_series: u32,
 
     /// The `server` label, instead of the kind detected from the root's command line.
     #[arg(long, value_name = "NAME")]

@@ -5,11 +5,14 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
+use aya::maps::{MapData, RingBuf};
+
 use crate::{
+    access_log,
     cli::Cli,
     error::StartError,
     events, http, metrics, privileges,
-    probe::{Limits, Probe},
+    probe::{Limits, Options, Probe},
     state::{Shared, State},
     tracefs,
     watched::Watched,
@@ -21,12 +24,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let listener = bind(cli.listen)?;
     tracefs::ensure_mounted(&cli.tracefs)?;
 
-    let limits = Limits {
-        max_connections: cli.max_connections,
-        max_processes: cli.max_processes,
+    let access_log = cli
+        .access_log
+        .as_deref()
+        .map(access_log::open)
+        .transpose()?;
+
+    let options = Options {
+        limits: Limits {
+            max_connections: cli.max_connections,
+            max_processes: cli.max_processes,
+            max_request_series: cli.max_request_series,
+        },
+        access_log: access_log.is_some(),
     };
-    let mut probe = Probe::load(&cli.tracefs, &limits).context("starting the eBPF probe")?;
-    let (mut maps, ring) = probe.take_maps().context("opening the probe's maps")?;
+    let mut probe = Probe::load(&cli.tracefs, &options).context("starting the eBPF probe")?;
+    let (mut maps, ring, access_ring) = probe.take_maps().context("opening the probe's maps")?;
 
     // Programs are attached, so forks from here on are tracked by the kernel. Seed the ones
     // that exist, then scan once more for any forked before their parent was seeded.
@@ -60,7 +73,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let result = runtime.block_on(serve(listener, ring, state, cli.exit_with_target));
+    let access = access_log.map(|sink| (access_ring, sink));
+    let result = runtime.block_on(serve(listener, ring, access, state, cli.exit_with_target));
     let links = probe.links;
     drop(probe);
     if result.is_ok() {
@@ -71,7 +85,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(
     listener: std::net::TcpListener,
-    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    ring: RingBuf<MapData>,
+    access: Option<(RingBuf<MapData>, access_log::Sink)>,
     state: Shared,
     exit_with_target: bool,
 ) -> anyhow::Result<()> {
@@ -80,9 +95,16 @@ async fn serve(
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let sweeper = state.clone();
+    let access_log = async move {
+        match access {
+            Some((ring, sink)) => access_log::pump(ring, sink).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = http::serve(listener, registry) => r.context("serving metrics")?,
         r = events::pump(ring, state) => r.context("reading kernel events")?,
+        r = access_log => r.context("writing the access log")?,
         () = async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {

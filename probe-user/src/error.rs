@@ -22,6 +22,12 @@ pub enum StartError {
         "cannot listen on {addr}: the address is already in use; stop what holds it or pass --listen with another port"
     )]
     ListenInUse { addr: SocketAddr },
+    #[error("cannot open the access log {path}: {source}")]
+    AccessLog {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -34,9 +40,10 @@ impl StartError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::NoSuchProcess { .. } => EXIT_USAGE,
-            Self::NotPrivileged { .. } | Self::ListenInUse { .. } | Self::Listen { .. } => {
-                EXIT_RUNTIME
-            }
+            Self::NotPrivileged { .. }
+            | Self::ListenInUse { .. }
+            | Self::Listen { .. }
+            | Self::AccessLog { .. } => EXIT_RUNTIME,
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Userspace access to the kernel's state: the target set, connections, per-process counters
-//! (summed over CPUs) and drop counters.
+//! Userspace access to the kernel's state: the target set, connections, per-process and
+//! per-label counters (summed over CPUs) and drop counters.
 
 use std::collections::BTreeMap;
 
@@ -7,7 +7,7 @@ use aya::{
     Ebpf,
     maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
 };
-use probe_common::{ConnKey, ConnState, ProcStats, drop_reason, names};
+use probe_common::{ConnKey, ConnState, ProcStats, ReqKey, ReqStats, drop_reason, names, phase};
 
 use crate::probe::{ProbeError, take};
 
@@ -15,7 +15,16 @@ pub struct KernelMaps {
     targets: HashMap<MapData, u32, u32>,
     conns: HashMap<MapData, ConnKey, ConnState>,
     stats: PerCpuHashMap<MapData, u32, ProcStats>,
+    reqs: PerCpuHashMap<MapData, ReqKey, ReqStats>,
     drops: PerCpuArray<MapData, u64>,
+}
+
+/// What is left of an exited process: its counters and its labelled requests, with the
+/// requests it was still reading counted as aborted.
+#[derive(Debug, Default)]
+pub struct Remains {
+    pub stats: ProcStats,
+    pub requests: Vec<(ReqKey, ReqStats)>,
 }
 
 impl KernelMaps {
@@ -24,6 +33,7 @@ impl KernelMaps {
             targets: take(ebpf, names::TARGETS)?,
             conns: take(ebpf, names::CONNS)?,
             stats: take(ebpf, names::STATS)?,
+            reqs: take(ebpf, names::REQS)?,
             drops: take(ebpf, names::DROPS)?,
         })
     }
@@ -38,33 +48,76 @@ impl KernelMaps {
         self.stats
             .iter()
             .filter_map(Result::ok)
-            .map(|(pid, per_cpu)| (pid, sum(per_cpu.iter())))
+            .map(|(pid, per_cpu)| {
+                let mut total = ProcStats::default();
+                per_cpu.iter().for_each(|s| total.add(s));
+                (pid, total)
+            })
             .collect()
     }
 
     /// One process's counters, summed over CPUs.
     pub fn stats_of(&self, pid: u32) -> ProcStats {
-        self.stats
-            .get(&pid, 0)
-            .map(|per_cpu| sum(per_cpu.iter()))
-            .unwrap_or_default()
+        let mut total = ProcStats::default();
+        if let Ok(per_cpu) = self.stats.get(&pid, 0) {
+            per_cpu.iter().for_each(|s| total.add(s));
+        }
+        total
     }
 
-    /// Final counters of an exited process; removes everything the kernel kept for it.
-    pub fn retire(&mut self, pid: u32) -> ProcStats {
-        let last = self.stats_of(pid);
+    /// Completed requests by labels, summed over CPUs.
+    pub fn requests(&self) -> BTreeMap<ReqKey, ReqStats> {
+        self.reqs
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, per_cpu)| {
+                let mut total = ReqStats::default();
+                per_cpu.iter().for_each(|s| total.add(s));
+                (key, total)
+            })
+            .collect()
+    }
+
+    /// Everything the kernel kept for an exited process, removed from the maps.
+    pub fn retire(&mut self, pid: u32) -> Remains {
+        let mut remains = Remains {
+            stats: self.stats_of(pid),
+            requests: self
+                .requests()
+                .into_iter()
+                .filter(|(key, _)| key.tgid == pid)
+                .collect(),
+        };
+        for (key, _) in &remains.requests {
+            let _ = self.reqs.remove(key);
+        }
         let _ = self.stats.remove(&pid);
         let _ = self.targets.remove(&pid);
-        let stale: Vec<ConnKey> = self
+        let held: Vec<(ConnKey, ConnState)> = self
             .conns
-            .keys()
+            .iter()
             .filter_map(Result::ok)
-            .filter(|key| key.tgid == pid)
+            .filter(|(key, _)| key.tgid == pid)
             .collect();
-        for key in stale {
+        for (key, state) in held {
             let _ = self.conns.remove(&key);
+            if state.phase == phase::REQUEST {
+                // The kernel closed it with the process: aborted, no status.
+                let labels = ReqKey {
+                    tgid: pid,
+                    method: state.method,
+                    status: 0,
+                    protocol: state.protocol,
+                    _pad: 0,
+                };
+                let aborted = ReqStats {
+                    count: 1,
+                    ..Default::default()
+                };
+                remains.requests.push((labels, aborted));
+            }
         }
-        last
+        remains
     }
 
     pub fn drops(&self) -> [u64; drop_reason::COUNT as usize] {
@@ -76,11 +129,4 @@ impl KernelMaps {
         }
         out
     }
-}
-
-fn sum<'a>(per_cpu: impl Iterator<Item = &'a ProcStats>) -> ProcStats {
-    per_cpu.fold(ProcStats::default(), |mut acc, s| {
-        acc.add(s);
-        acc
-    })
 }

@@ -1,5 +1,6 @@
 //! `flyprobe`: watches a server's process tree from the kernel and serves Prometheus metrics.
 
+mod access_log;
 mod cli;
 mod daemon;
 mod error;

@@ -1,11 +1,16 @@
 //! The Prometheus view: a `Collector` that asks for a fresh snapshot at every scrape, so
 //! values come straight from the kernel maps at that moment.
 
-use probe_common::drop_reason;
+use std::collections::BTreeMap;
+
+use probe_common::{
+    DURATION_BOUNDS_NS, ReqStats, drop_reason,
+    http::{METHODS, PROTOCOLS, STATUS_CLASSES},
+};
 use prometheus::{
     Encoder as _, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
     core::{Collector, Desc},
-    proto::MetricFamily,
+    proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
 
 use crate::{lifecycle::COMMON_REASONS, snapshot::Snapshot};
@@ -35,6 +40,9 @@ struct Catalog {
     accepted: IntCounterVec,
     closed: IntCounterVec,
     requests: IntCounterVec,
+    received: IntCounterVec,
+    sent: IntCounterVec,
+    duration: Desc,
     in_flight: IntGaugeVec,
     workers: IntGaugeVec,
     uptime: GaugeVec,
@@ -67,8 +75,25 @@ impl Catalog {
             )?,
             requests: counter(
                 "server_requests_total",
-                "Requests: reads on a connection after the server last wrote on it.",
+                "Requests completed or aborted; a request is a read on a connection after the \
+                 server last wrote on it. method/status are empty when not HTTP/1.x.",
+                &["server", "pid", "method", "status", "protocol"],
+            )?,
+            received: counter(
+                "server_received_bytes_total",
+                "Bytes read from accepted connections.",
                 SERVER_PID,
+            )?,
+            sent: counter(
+                "server_sent_bytes_total",
+                "Bytes written to accepted connections.",
+                SERVER_PID,
+            )?,
+            duration: Desc::new(
+                DURATION.into(),
+                DURATION_HELP.into(),
+                vec!["server".into(), "method".into(), "status".into()],
+                std::collections::HashMap::new(),
             )?,
             in_flight: gauge(
                 "server_in_flight_requests",
@@ -123,11 +148,13 @@ impl Catalog {
         })
     }
 
-    fn counters(&self) -> [&IntCounterVec; 6] {
+    fn counters(&self) -> [&IntCounterVec; 8] {
         [
             &self.accepted,
             &self.closed,
             &self.requests,
+            &self.received,
+            &self.sent,
             &self.started,
             &self.stopped,
             &self.dropped,
@@ -193,13 +220,26 @@ impl Catalog {
                     .with_label_values(&[name, &pid])
                     .set(w.uptime_seconds);
             }
+            for (key, stats) in &server.requests {
+                let pid = key.tgid.to_string();
+                self.requests
+                    .with_label_values(&[
+                        name,
+                        &pid,
+                        label(&METHODS, key.method),
+                        label(&STATUS_CLASSES, key.status),
+                        label(&PROTOCOLS, key.protocol),
+                    ])
+                    .inc_by(stats.count);
+            }
             for proc in &server.procs {
                 let pid = proc.pid.to_string();
                 let labels = [name, pid.as_str()];
                 let s = &proc.stats;
                 self.accepted.with_label_values(&labels).inc_by(s.accepted);
                 self.closed.with_label_values(&labels).inc_by(s.closed);
-                self.requests.with_label_values(&labels).inc_by(s.requests);
+                self.received.with_label_values(&labels).inc_by(s.rx_bytes);
+                self.sent.with_label_values(&labels).inc_by(s.tx_bytes);
                 self.active.with_label_values(&labels).set(int(s.active()));
                 self.in_flight
                     .with_label_values(&labels)
@@ -207,6 +247,73 @@ impl Catalog {
             }
         }
     }
+}
+
+const DURATION: &str = "server_request_duration_seconds";
+const DURATION_HELP: &str =
+    "First request byte read to first response byte written, for requests that got a response.";
+
+fn label(names: &[&'static str], index: u8) -> &'static str {
+    names.get(usize::from(index)).copied().unwrap_or("")
+}
+
+/// The duration histograms, built from the kernel's bucket counts (the prometheus crate's
+/// Histogram only takes observations, so the family is assembled here).
+fn duration_family(snap: &Snapshot) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name(DURATION.into());
+    family.set_help(DURATION_HELP.into());
+    family.set_field_type(MetricType::HISTOGRAM);
+    let mut metrics = Vec::new();
+    for server in &snap.servers {
+        let mut by_labels: BTreeMap<(u8, u8), ReqStats> = BTreeMap::new();
+        for (key, stats) in &server.requests {
+            if stats.timed > 0 {
+                by_labels
+                    .entry((key.method, key.status))
+                    .or_default()
+                    .add(stats);
+            }
+        }
+        for ((method, status), stats) in by_labels {
+            let pairs = [
+                ("method", label(&METHODS, method)),
+                ("server", server.server.as_str()),
+                ("status", label(&STATUS_CLASSES, status)),
+            ];
+            let mut metric = Metric::from_label(
+                pairs
+                    .iter()
+                    .map(|(k, v)| {
+                        let mut pair = LabelPair::default();
+                        pair.set_name((*k).into());
+                        pair.set_value((*v).into());
+                        pair
+                    })
+                    .collect(),
+            );
+            let mut histogram = Histogram::default();
+            histogram.set_sample_count(stats.timed);
+            histogram.set_sample_sum(stats.duration_sum_ns as f64 / 1e9);
+            let mut cumulative = 0;
+            let buckets = DURATION_BOUNDS_NS
+                .iter()
+                .zip(stats.buckets)
+                .map(|(bound, n)| {
+                    cumulative += n;
+                    let mut bucket = Bucket::default();
+                    bucket.set_upper_bound(*bound as f64 / 1e9);
+                    bucket.set_cumulative_count(cumulative);
+                    bucket
+                })
+                .collect();
+            histogram.set_bucket(buckets);
+            metric.set_histogram(histogram);
+            metrics.push(metric);
+        }
+    }
+    family.set_metric(metrics);
+    family
 }
 
 fn int(v: u64) -> i64 {
@@ -220,20 +327,27 @@ struct ProbeCollector<S> {
 
 impl<S: SnapshotSource> Collector for ProbeCollector<S> {
     fn desc(&self) -> Vec<&Desc> {
-        self.catalog
+        let mut descs: Vec<&Desc> = self
+            .catalog
             .collectors()
             .into_iter()
             .flat_map(|c| c.desc())
-            .collect()
+            .collect();
+        descs.push(&self.catalog.duration);
+        descs
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        self.catalog.fill(&self.source.snapshot());
-        self.catalog
+        let snap = self.source.snapshot();
+        self.catalog.fill(&snap);
+        let mut families: Vec<MetricFamily> = self
+            .catalog
             .collectors()
             .into_iter()
             .flat_map(|c| c.collect())
-            .collect()
+            .collect();
+        families.push(duration_family(&snap));
+        families
     }
 }
 
@@ -257,7 +371,7 @@ pub fn render(registry: &Registry) -> prometheus::Result<String> {
 mod tests {
     use std::collections::BTreeMap;
 
-    use probe_common::ProcStats;
+    use probe_common::{ProcStats, ReqKey};
 
     use super::*;
     use crate::{
@@ -280,6 +394,7 @@ mod tests {
             requests: 11,
             responses: 9,
             aborted: 1,
+            ..Default::default()
         };
         let mut drops = [0; drop_reason::COUNT as usize];
         drops[drop_reason::TARGET_MAP_FULL as usize] = 3;
@@ -299,6 +414,21 @@ mod tests {
                     uptime_seconds: 3.0,
                 }],
                 procs: vec![ProcView { pid: 42, stats }],
+                requests: BTreeMap::from([(
+                    ReqKey {
+                        tgid: 42,
+                        method: 1,
+                        status: 2,
+                        protocol: 1,
+                        _pad: 0,
+                    },
+                    ReqStats {
+                        count: 11,
+                        timed: 10,
+                        duration_sum_ns: 30_000_000,
+                        buckets: [0, 0, 4, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                    },
+                )]),
             }],
             drops,
         };
@@ -307,7 +437,13 @@ mod tests {
             "server_active_connections{pid=\"42\",server=\"uvicorn\"} 2",
             "server_connections_accepted_total{pid=\"42\",server=\"uvicorn\"} 7",
             "server_connections_closed_total{pid=\"42\",server=\"uvicorn\"} 5",
-            "server_requests_total{pid=\"42\",server=\"uvicorn\"} 11",
+            "server_requests_total{method=\"GET\",pid=\"42\",protocol=\"http1\",server=\"uvicorn\",status=\"2xx\"} 11",
+            "server_request_duration_seconds_bucket{method=\"GET\",server=\"uvicorn\",status=\"2xx\",le=\"0.001\"} 0",
+            "server_request_duration_seconds_bucket{method=\"GET\",server=\"uvicorn\",status=\"2xx\",le=\"0.0025\"} 4",
+            "server_request_duration_seconds_bucket{method=\"GET\",server=\"uvicorn\",status=\"2xx\",le=\"0.005\"} 10",
+            "server_request_duration_seconds_bucket{method=\"GET\",server=\"uvicorn\",status=\"2xx\",le=\"+Inf\"} 10",
+            "server_request_duration_seconds_sum{method=\"GET\",server=\"uvicorn\",status=\"2xx\"} 0.03",
+            "server_request_duration_seconds_count{method=\"GET\",server=\"uvicorn\",status=\"2xx\"} 10",
             "server_in_flight_requests{pid=\"42\",server=\"uvicorn\"} 1",
             "server_workers{server=\"uvicorn\"} 1",
             "server_uptime_seconds{server=\"uvicorn\"} 12.5",

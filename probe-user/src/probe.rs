@@ -65,23 +65,37 @@ const HOOKS: &[Hook] = &[
     Hook {
         program: "read_enter",
         category: "syscalls",
-        tracepoints: &[
-            "sys_enter_read",
-            "sys_enter_readv",
-            "sys_enter_recvfrom",
-            "sys_enter_recvmsg",
-        ],
+        tracepoints: &["sys_enter_read", "sys_enter_recvfrom"],
+    },
+    Hook {
+        program: "readv_enter",
+        category: "syscalls",
+        tracepoints: &["sys_enter_readv"],
+    },
+    Hook {
+        program: "recvmsg_enter",
+        category: "syscalls",
+        tracepoints: &["sys_enter_recvmsg"],
     },
     Hook {
         program: "write_enter",
         category: "syscalls",
-        tracepoints: &[
-            "sys_enter_write",
-            "sys_enter_writev",
-            "sys_enter_sendto",
-            "sys_enter_sendmsg",
-            "sys_enter_sendfile64",
-        ],
+        tracepoints: &["sys_enter_write", "sys_enter_sendto"],
+    },
+    Hook {
+        program: "writev_enter",
+        category: "syscalls",
+        tracepoints: &["sys_enter_writev"],
+    },
+    Hook {
+        program: "sendmsg_enter",
+        category: "syscalls",
+        tracepoints: &["sys_enter_sendmsg"],
+    },
+    Hook {
+        program: "sendfile_enter",
+        category: "syscalls",
+        tracepoints: &["sys_enter_sendfile64"],
     },
     Hook {
         program: "io_exit",
@@ -146,6 +160,13 @@ pub enum ProbeError {
 pub struct Limits {
     pub max_connections: u32,
     pub max_processes: u32,
+    pub max_request_series: u32,
+}
+
+pub struct Options {
+    pub limits: Limits,
+    /// Build access-log records in the kernel (otherwise that code path is skipped).
+    pub access_log: bool,
 }
 
 /// Offsets in tracepoint records, from tracefs.
@@ -176,35 +197,40 @@ impl Offsets {
         })
     }
 
-    /// A shared program reads arg0 (or ret) at one offset for every syscall it serves.
+    /// A shared program reads arg0 and arg1 (or ret) at one offset for every syscall it
+    /// serves.
     fn check(&self, tracefs: &Path, category: &str, name: &str) -> Result<(), ProbeError> {
         if category != "syscalls" {
             return Ok(());
         }
         let format = Format::read(tracefs, category, name)?;
-        let (field, found, expected) = if name.starts_with("sys_exit_") {
-            ("ret".to_string(), format.offset("ret")?, self.ret)
+        let checks: Vec<(String, u32, u32)> = if name.starts_with("sys_exit_") {
+            vec![("ret".to_string(), format.offset("ret")?, self.ret)]
         } else {
-            let (field, off) = format
-                .first_field()
-                .ok_or_else(|| TracefsError::MissingField {
-                    category: category.into(),
-                    name: name.into(),
-                    field: "fd".into(),
-                })?;
-            (field.to_string(), off, self.arg0)
-        };
-        if found == expected {
-            Ok(())
-        } else {
-            Err(ProbeError::LayoutMismatch {
+            let args = format.args();
+            let first = args.first().ok_or_else(|| TracefsError::MissingField {
                 category: category.into(),
                 name: name.into(),
-                field,
-                found,
-                expected,
-            })
+                field: "fd".into(),
+            })?;
+            let mut checks = vec![(first.0.to_string(), first.1, self.arg0)];
+            if let Some(second) = args.get(1) {
+                checks.push((second.0.to_string(), second.1, self.arg1));
+            }
+            checks
+        };
+        for (field, found, expected) in checks {
+            if found != expected {
+                return Err(ProbeError::LayoutMismatch {
+                    category: category.into(),
+                    name: name.into(),
+                    field,
+                    found,
+                    expected,
+                });
+            }
         }
+        Ok(())
     }
 }
 
@@ -215,7 +241,9 @@ pub struct Probe {
 }
 
 impl Probe {
-    pub fn load(tracefs: &Path, limits: &Limits) -> Result<Self, ProbeError> {
+    pub fn load(tracefs: &Path, options: &Options) -> Result<Self, ProbeError> {
+        let limits = &options.limits;
+        let access_log = u32::from(options.access_log);
         let offsets = Offsets::read(tracefs)?;
         // TARGETS also holds the thread ids of tracked processes.
         let targets = limits.max_processes.saturating_mul(4);
@@ -231,6 +259,8 @@ impl Probe {
             .map_max_entries(names::STATS, limits.max_processes)
             .map_max_entries(names::TARGETS, targets)
             .map_max_entries(names::EXITS, limits.max_processes)
+            .map_max_entries(names::REQS, limits.max_request_series)
+            .override_global(names::ACCESS_LOG_ENABLED, &access_log, true)
             .load(OBJECT)
             .map_err(|e| ProbeError::Load(Box::new(e)))?;
         let mut probe = Self { ebpf, links: 0 };
@@ -271,10 +301,15 @@ impl Probe {
         Ok(())
     }
 
-    pub fn take_maps(&mut self) -> Result<(KernelMaps, RingBuf<MapData>), ProbeError> {
+    /// The maps, the lifecycle event ring, and the access-log ring.
+    #[allow(clippy::type_complexity)]
+    pub fn take_maps(
+        &mut self,
+    ) -> Result<(KernelMaps, RingBuf<MapData>, RingBuf<MapData>), ProbeError> {
         let maps = KernelMaps::take(&mut self.ebpf)?;
         let events = take(&mut self.ebpf, names::EVENTS)?;
-        Ok((maps, events))
+        let access = take(&mut self.ebpf, names::ACCESS)?;
+        Ok((maps, events, access))
     }
 
     pub fn program_count(&self) -> usize {

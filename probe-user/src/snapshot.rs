@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use probe_common::{ProcStats, drop_reason};
+use probe_common::{ProcStats, ReqKey, ReqStats, drop_reason};
 
-use crate::watched::{Lifecycle, Watched};
+use crate::watched::{Lifecycle, Member, Watched};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
@@ -22,6 +22,8 @@ pub struct ServerView {
     pub lifecycle: Lifecycle,
     pub workers: Vec<WorkerView>,
     pub procs: Vec<ProcView>,
+    /// Completed requests by (pid, method, status class, protocol), exited ones included.
+    pub requests: BTreeMap<ReqKey, ReqStats>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -39,12 +41,14 @@ pub struct ProcView {
     pub stats: ProcStats,
 }
 
-pub fn build(
-    watched: &Watched,
-    kernel: &BTreeMap<u32, ProcStats>,
-    drops: [u64; drop_reason::COUNT as usize],
-    uptime_now: f64,
-) -> Snapshot {
+/// What the kernel maps hold at one moment.
+pub struct KernelView {
+    pub stats: BTreeMap<u32, ProcStats>,
+    pub requests: BTreeMap<ReqKey, ReqStats>,
+    pub drops: [u64; drop_reason::COUNT as usize],
+}
+
+pub fn build(watched: &Watched, kernel: &KernelView, uptime_now: f64) -> Snapshot {
     // Roots that share a label (two uvicorns) are one server.
     let mut labels: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
     for root in watched.roots() {
@@ -54,23 +58,39 @@ pub fn build(
         .into_iter()
         .map(|(label, roots)| server(watched, kernel, label, &roots, uptime_now))
         .collect();
-    Snapshot { servers, drops }
+    Snapshot {
+        servers,
+        drops: kernel.drops,
+    }
 }
 
 fn server(
     watched: &Watched,
-    kernel: &BTreeMap<u32, ProcStats>,
+    kernel: &KernelView,
     label: &str,
     roots: &[u32],
     uptime_now: f64,
 ) -> ServerView {
-    let members = watched
+    let members: BTreeMap<u32, &Member> = watched
         .members()
         .iter()
-        .filter(|(_, m)| roots.contains(&m.root));
+        .filter(|(_, m)| roots.contains(&m.root))
+        .map(|(&pid, m)| (pid, m))
+        .collect();
+    let mut requests: BTreeMap<ReqKey, ReqStats> = kernel
+        .requests
+        .iter()
+        .filter(|(key, _)| members.contains_key(&key.tgid))
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    for ((root, key), stats) in watched.retired_requests() {
+        if roots.contains(root) {
+            requests.entry(*key).or_default().add(stats);
+        }
+    }
     let mut per_pid: BTreeMap<u32, ProcStats> = BTreeMap::new();
     let mut workers = Vec::new();
-    for (&pid, member) in members {
+    for (&pid, member) in &members {
         if member.worker {
             workers.push(WorkerView {
                 pid,
@@ -79,7 +99,7 @@ fn server(
                 uptime_seconds: seconds(uptime_now - member.started),
             });
         }
-        let counters = kernel.get(&pid).copied();
+        let counters = kernel.stats.get(&pid).copied();
         if counters.is_none() && !member.ever_worker {
             continue; // a supervisor or helper that never accepted
         }
@@ -115,6 +135,7 @@ fn server(
             .into_iter()
             .map(|(pid, stats)| ProcView { pid, stats })
             .collect(),
+        requests,
     }
 }
 

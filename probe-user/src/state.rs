@@ -13,7 +13,7 @@ use crate::{
     kernel_maps::KernelMaps,
     lifecycle,
     metrics::SnapshotSource,
-    snapshot::{self, Snapshot},
+    snapshot::{self, KernelView, Snapshot},
     watched::Watched,
 };
 
@@ -90,12 +90,12 @@ impl SnapshotSource for Shared {
     fn snapshot(&self) -> Snapshot {
         let mut state = self.lock();
         state.sweep();
-        snapshot::build(
-            &state.watched,
-            &state.maps.stats(),
-            state.maps.drops(),
-            uptime(),
-        )
+        let kernel = KernelView {
+            stats: state.maps.stats(),
+            requests: state.maps.requests(),
+            drops: state.maps.drops(),
+        };
+        snapshot::build(&state.watched, &kernel, uptime())
     }
 }
 

@@ -134,12 +134,13 @@ impl Format {
             })
     }
 
-    /// The first field after the common header: a syscall event's first argument.
-    pub fn first_field(&self) -> Option<(&str, u32)> {
+    /// The fields after the common header: a syscall event's arguments, in order.
+    pub fn args(&self) -> Vec<(&str, u32)> {
         self.fields
             .iter()
-            .find(|(f, _)| !f.starts_with("common_") && f != "__syscall_nr")
+            .filter(|(f, _)| !f.starts_with("common_") && f != "__syscall_nr")
             .map(|(f, off)| (f.as_str(), *off))
+            .collect()
     }
 }
 
@@ -184,7 +185,7 @@ format:
 \tfield:unsigned int fd;\toffset:16;\tsize:8;\tsigned:0;
 ";
         let f = Format::parse("syscalls", "sys_enter_close", text);
-        assert_eq!(f.first_field(), Some(("fd", 16)));
+        assert_eq!(f.args(), vec![("fd", 16)]);
         assert!(matches!(
             f.offset("nope"),
             Err(TracefsError::MissingField { .. })

@@ -9,10 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use probe_common::ProcStats;
+use probe_common::{ProcStats, ReqKey, ReqStats};
 use procfs::process::{Process, all_processes};
 
-use crate::{error::StartError, server_kind, sockets};
+use crate::{error::StartError, kernel_maps::Remains, server_kind, sockets};
 
 /// How long an exited process's kernel state is kept before it is read one last time: long
 /// enough for its other threads to finish exiting.
@@ -61,6 +61,8 @@ pub struct Watched {
     members: BTreeMap<u32, Member>,
     /// Final counters of exited processes, by (root, pid); summed if a PID is reused.
     retired: BTreeMap<(u32, u32), ProcStats>,
+    /// Their labelled requests, by root.
+    retired_requests: BTreeMap<(u32, ReqKey), ReqStats>,
     lifecycle: BTreeMap<u32, Lifecycle>,
 }
 
@@ -133,6 +135,10 @@ impl Watched {
 
     pub fn retired(&self) -> &BTreeMap<(u32, u32), ProcStats> {
         &self.retired
+    }
+
+    pub fn retired_requests(&self) -> &BTreeMap<(u32, ReqKey), ReqStats> {
+        &self.retired_requests
     }
 
     pub fn lifecycle(&self, root: u32) -> Lifecycle {
@@ -277,12 +283,19 @@ impl Watched {
     }
 
     /// Keep an exited member's final counters and forget the member.
-    pub fn retire(&mut self, pid: u32, last: ProcStats) {
-        if let Some(member) = self.members.remove(&pid) {
-            self.retired
-                .entry((member.root, pid))
+    pub fn retire(&mut self, pid: u32, last: Remains) {
+        let Some(member) = self.members.remove(&pid) else {
+            return;
+        };
+        self.retired
+            .entry((member.root, pid))
+            .or_default()
+            .add(&last.stats.finished());
+        for (key, stats) in last.requests {
+            self.retired_requests
+                .entry((member.root, key))
                 .or_default()
-                .add(&last.finished());
+                .add(&stats);
         }
     }
 }
@@ -356,9 +369,14 @@ mod tests {
             requests: 4,
             responses: 3,
             aborted: 0,
+            ..Default::default()
         };
-        w.retire(5, last);
-        w.retire(5, last); // not a member any more: ignored
+        let remains = || Remains {
+            stats: last,
+            requests: Vec::new(),
+        };
+        w.retire(5, remains());
+        w.retire(5, remains()); // not a member any more: ignored
         let kept = w.retired()[&(1, 5)];
         assert_eq!((kept.accepted, kept.requests), (3, 4));
         assert_eq!((kept.active(), kept.in_flight()), (0, 0));

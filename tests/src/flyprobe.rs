@@ -155,12 +155,23 @@ impl Metrics {
             .collect()
     }
 
-    /// `name` by its `pid` label, for one server.
+    /// `name` summed by its `pid` label (over any other labels), for one server.
     pub fn by_pid(&self, name: &str, server: &str) -> BTreeMap<u32, u64> {
-        self.series(name, &[("server", server)])
-            .into_iter()
-            .filter_map(|(labels, v)| Some((labels.get("pid")?.parse().ok()?, v as u64)))
-            .collect()
+        let mut out = BTreeMap::new();
+        for (labels, v) in self.series(name, &[("server", server)]) {
+            if let Some(pid) = labels.get("pid").and_then(|p| p.parse().ok()) {
+                *out.entry(pid).or_default() += v as u64;
+            }
+        }
+        out
+    }
+
+    /// The sum of every series of `name` matching `labels`.
+    pub fn total(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.series(name, labels)
+            .iter()
+            .map(|(_, v)| *v as u64)
+            .sum()
     }
 
     pub fn sum(&self, name: &str, server: &str) -> u64 {

@@ -1,0 +1,126 @@
+//! Request accounting shared by the I/O and close paths: peeking at the first bytes of a
+//! turn (the only payload ever read), recording completed and aborted requests, and the
+//! optional access-log record.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
+};
+use probe_common::{
+    AccessRecord, ConnState, DURATION_BOUNDS_NS, PendingIo, ReqKey, ReqStats, buf_kind,
+    drop_reason,
+    http::{Head, PEEK, status_class},
+};
+
+use crate::{
+    maps::{ACCESS, REQS, count_drop},
+    record::access_log_enabled,
+};
+
+/// The first bytes of a syscall's data (at most `ret`, and at most the first iovec), or
+/// `None` when there is no user buffer or it cannot be read.
+#[inline(always)]
+pub fn peek(pending: &PendingIo, ret: i64) -> Option<(Head, usize)> {
+    let (ptr, cap) = match pending.kind {
+        buf_kind::PLAIN => (pending.buf, u64::MAX),
+        // struct iovec { void *iov_base; size_t iov_len; }
+        buf_kind::IOVEC => first_iovec(pending.buf)?,
+        // struct msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
+        buf_kind::MSGHDR => {
+            let iov: u64 = unsafe { bpf_probe_read_user((pending.buf + 16) as *const u64) }.ok()?;
+            first_iovec(iov)?
+        }
+        _ => return None,
+    };
+    let head: Head = unsafe { bpf_probe_read_user(ptr as *const Head) }.ok()?;
+    let mut len = PEEK as u64;
+    if (ret as u64) < len {
+        len = ret as u64;
+    }
+    if cap < len {
+        len = cap;
+    }
+    Some((head, len as usize))
+}
+
+#[inline(always)]
+fn first_iovec(iov: u64) -> Option<(u64, u64)> {
+    let [base, len]: [u64; 2] = unsafe { bpf_probe_read_user(iov as *const [u64; 2]) }.ok()?;
+    Some((base, len))
+}
+
+#[inline(always)]
+fn labels(tgid: u32, state: &ConnState, status: u8) -> ReqKey {
+    ReqKey {
+        tgid,
+        method: state.method,
+        status,
+        protocol: state.protocol,
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+fn req_stats(key: &ReqKey) -> Option<&'static mut ReqStats> {
+    if let Some(s) = REQS.get_ptr_mut(key) {
+        return Some(unsafe { &mut *s });
+    }
+    let _ = REQS.insert(key, ReqStats::default(), BPF_NOEXIST as u64);
+    match REQS.get_ptr_mut(key) {
+        Some(s) => Some(unsafe { &mut *s }),
+        None => {
+            count_drop(drop_reason::REQUEST_MAP_FULL);
+            None
+        }
+    }
+}
+
+/// A request whose response started after `state.duration_ns`.
+#[inline(always)]
+pub fn record_completed(tgid: u32, state: &ConnState) {
+    let key = labels(tgid, state, status_class(state.status));
+    let Some(stats) = req_stats(&key) else {
+        return;
+    };
+    let d = state.duration_ns;
+    stats.count += 1;
+    stats.timed += 1;
+    stats.duration_sum_ns += d;
+    let mut i = 0;
+    while i < DURATION_BOUNDS_NS.len() {
+        if d <= DURATION_BOUNDS_NS[i] {
+            stats.buckets[i] += 1;
+            break;
+        }
+        i += 1;
+    }
+}
+
+/// A request that ended with its connection, before any response.
+#[inline(always)]
+pub fn record_aborted(tgid: u32, state: &ConnState) {
+    if let Some(stats) = req_stats(&labels(tgid, state, 0)) {
+        stats.count += 1;
+    }
+}
+
+/// The access-log record of a finished turn, when the log is on.
+#[inline(always)]
+pub fn log_access(tgid: u32, state: &ConnState) {
+    if !access_log_enabled() {
+        return;
+    }
+    let record = AccessRecord {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        duration_ns: state.duration_ns,
+        rx: state.rx,
+        tx: state.tx,
+        tgid,
+        status: state.status,
+        method: state.method,
+        protocol: state.protocol,
+    };
+    if ACCESS.output::<AccessRecord>(&record, 0).is_err() {
+        count_drop(drop_reason::ACCESS_RING_FULL);
+    }
+}
