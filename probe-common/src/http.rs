@@ -201,3 +201,46 @@ mod tests {
         assert_eq!(proto(b""), "other");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! The parsers run in the kernel on arbitrary client and server bytes: whatever the input
+    //! and length, they return a valid index or code and never panic.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn arb_head() -> impl Strategy<Value = (Head, usize)> {
+        // Mostly printable bytes, so request and status lines are actually reached.
+        let byte = prop_oneof![
+            any::<u8>(),
+            b'A'..=b'Z',
+            Just(b' '),
+            Just(b'/'),
+            b'0'..=b'9'
+        ];
+        (proptest::array::uniform16(byte), 0usize..64)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200_000))]
+
+        #[test]
+        fn parsers_are_total((head, len) in arb_head()) {
+            let m = parse_method(&head, len);
+            prop_assert!((m as usize) < METHODS.len());
+            prop_assert!((detect_protocol(&head, len) as usize) < PROTOCOLS.len());
+            let code = parse_status(&head, len);
+            prop_assert!(code <= 999);
+            prop_assert!((status_class(code) as usize) < STATUS_CLASSES.len());
+        }
+
+        #[test]
+        fn a_method_needs_a_space_inside_the_peeked_length((head, len) in arb_head()) {
+            if parse_method(&head, len) != METHOD_NONE {
+                let seen = &head[..len.min(PEEK)];
+                prop_assert!(seen.contains(&b' '));
+            }
+        }
+    }
+}

@@ -41,6 +41,9 @@ pub struct ConnState {
     pub _pad2: u16,
     /// When the request's first byte was read (bpf_ktime_get_ns).
     pub start_ns: u64,
+    /// When the connection was last read from: where a request whose start was not seen
+    /// (pipelined, or begun in the same read as the previous body's tail) began.
+    pub last_read_ns: u64,
     /// First request byte read to first response byte written.
     pub duration_ns: u64,
     /// Bytes read and written in this turn.
@@ -304,7 +307,7 @@ mod pod {
 
 // No implicit padding anywhere: the sizes are the sums of the fields.
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 8);
-const _: () = assert!(core::mem::size_of::<ConnState>() == 40);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 48);
 const _: () = assert!(core::mem::size_of::<ProcStats>() == 56);
 const _: () = assert!(core::mem::size_of::<PendingIo>() == 24);
 const _: () = assert!(core::mem::size_of::<ReqKey>() == 8);

@@ -1,10 +1,12 @@
 //! The request/response turn. A request starts with the first successful read on a
 //! connection after the server last wrote on it (or the first read at all); its response
 //! starts with the first successful write after that. For HTTP/1.x the first bytes of the
-//! turn give the method and the status code; an interim status (100 Continue) does not end
-//! the request, and a further status line written without a read in between is a
-//! pipelined request. Each enter program serves the syscalls whose buffer has one shape;
-//! the exit program serves them all.
+//! turn give the method and the status code, and the turn follows the protocol: an interim
+//! status (100 Continue) does not end the request, a read after the response that does not
+//! begin with a request line is the tail of the previous body (a server may answer before
+//! reading it all), and every further final status line is one more request (pipelined, or
+//! begun in a read that also held the previous body's tail). Each enter program serves the
+//! syscalls whose buffer has one shape; the exit program serves them all.
 
 use aya_ebpf::{
     bindings::BPF_ANY, helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext,
@@ -12,7 +14,7 @@ use aya_ebpf::{
 use probe_common::{
     ConnKey, ConnState, PendingIo, buf_kind, dir, drop_reason,
     http::{
-        METHOD_NONE, PROTO_HTTP1, PROTO_UNKNOWN, detect_protocol, is_interim, parse_method,
+        Head, METHOD_NONE, PROTO_HTTP1, PROTO_UNKNOWN, detect_protocol, is_interim, parse_method,
         parse_status,
     },
     phase,
@@ -136,13 +138,20 @@ fn try_io_exit(ctx: &TracePointContext) -> Result<(), i64> {
     if pending.dir == dir::READ {
         stats.rx_bytes += ret as u64;
         if state.phase != phase::REQUEST {
-            if state.phase == phase::RESPONSE {
-                log_access(tgid, state);
+            let head = peek(&pending, ret);
+            let body_tail = state.phase == phase::RESPONSE
+                && state.protocol == PROTO_HTTP1
+                && head.is_none_or(|(bytes, len)| parse_method(&bytes, len) == METHOD_NONE);
+            if !body_tail {
+                if state.phase == phase::RESPONSE {
+                    log_access(tgid, state);
+                }
+                start_request(state, head, now);
+                stats.requests += 1;
             }
-            start_request(state, &pending, ret, now);
-            stats.requests += 1;
         }
         state.rx += ret as u64;
+        state.last_read_ns = now;
         return Ok(());
     }
 
@@ -158,11 +167,12 @@ fn try_io_exit(ctx: &TracePointContext) -> Result<(), i64> {
             record_completed(tgid, state);
         }
     } else if state.phase == phase::RESPONSE && http {
-        // A second status line with no read in between answers a pipelined request.
+        // Another final status line: one more request, whose start was not seen.
         let status = status_of(&pending, ret);
         if status != 0 && !is_interim(status) {
             log_access(tgid, state);
             state.status = status;
+            state.start_ns = state.last_read_ns;
             state.duration_ns = now - state.start_ns;
             state.rx = 0;
             state.tx = 0;
@@ -176,8 +186,7 @@ fn try_io_exit(ctx: &TracePointContext) -> Result<(), i64> {
 }
 
 #[inline(always)]
-fn start_request(state: &mut ConnState, pending: &PendingIo, ret: i64, now: u64) {
-    let head = peek(pending, ret);
+fn start_request(state: &mut ConnState, head: Option<(Head, usize)>, now: u64) {
     if state.protocol == PROTO_UNKNOWN {
         state.protocol = match &head {
             Some((bytes, len)) => detect_protocol(bytes, *len),

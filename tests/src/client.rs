@@ -1,5 +1,6 @@
 //! A minimal HTTP/1.1 client over one TCP connection, so tests control exactly how many
-//! connections and requests the server sees. Responses are parsed with httparse.
+//! connections and requests the server sees, and count every byte each way. Responses are
+//! parsed with httparse (heads and chunk sizes).
 
 use std::{
     io::{self, Read, Write},
@@ -12,12 +13,21 @@ pub struct Response {
     pub status: u16,
     /// The `x-worker-pid` header the test servers set: which process served the request.
     pub worker_pid: Option<u32>,
+    /// The server said `Connection: close`.
+    pub close: bool,
     pub body: Vec<u8>,
 }
 
 pub struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
+    /// Bytes written to and read from the server on this connection.
+    pub sent: u64,
+    pub received: u64,
+}
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
 impl Conn {
@@ -28,6 +38,8 @@ impl Conn {
         Ok(Self {
             stream,
             buf: Vec::new(),
+            sent: 0,
+            received: 0,
         })
     }
 
@@ -35,55 +47,142 @@ impl Conn {
         self.send("GET", path, &[])
     }
 
-    /// Send one request and read its whole response (Content-Length framed).
+    /// Send one request and read its whole response.
     pub fn send(&mut self, method: &str, path: &str, body: &[u8]) -> io::Result<Response> {
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        self.stream.write_all(head.as_bytes())?;
-        self.stream.write_all(body)?;
-        self.read_response()
+        self.write(head(method, path, body.len(), "").as_bytes())?;
+        self.write(body)?;
+        self.read_response(method == "HEAD")
     }
 
-    fn read_response(&mut self) -> io::Result<Response> {
-        loop {
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)?;
+        self.sent += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// `Expect: 100-continue`: send the head, wait for the interim response (up to 2 s, as
+    /// clients do), then the body. Returns the interim status, if any, and the response.
+    pub fn expect_continue(
+        &mut self,
+        path: &str,
+        body: &[u8],
+    ) -> io::Result<(Option<u16>, Response)> {
+        let head = head("POST", path, body.len(), "Expect: 100-continue\r\n");
+        self.write(head.as_bytes())?;
+        self.stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let interim = match self.read_response(false) {
+            Ok(r) if r.status == 100 => Some(100),
+            Ok(r) => return Ok((None, r)), // answered without asking for the body
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
+            {
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(30)))?;
+        self.write(body)?;
+        Ok((interim, self.read_response(false)?))
+    }
+
+    /// Several GETs in one write (HTTP/1.1 pipelining), then their responses in order.
+    pub fn pipeline(&mut self, paths: &[&str]) -> io::Result<Vec<Response>> {
+        let batch: String = paths.iter().map(|p| head("GET", p, 0, "")).collect();
+        self.write(batch.as_bytes())?;
+        paths.iter().map(|_| self.read_response(false)).collect()
+    }
+
+    /// An HTTP/1.0 request without keep-alive: the server closes after answering.
+    pub fn http10(&mut self, path: &str) -> io::Result<Response> {
+        self.write(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())?;
+        let resp = self.read_response(false)?;
+        let mut rest = Vec::new();
+        self.received += self.stream.read_to_end(&mut rest)? as u64;
+        Ok(resp)
+    }
+
+    /// Read one response (interim ones too). `head_request`: no body follows.
+    pub fn read_response(&mut self, head_request: bool) -> io::Result<Response> {
+        let (status, worker_pid, close, head_len, framing) = loop {
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut parsed = httparse::Response::new(&mut headers);
-            match parsed.parse(&self.buf) {
-                Ok(httparse::Status::Complete(head_len)) => {
-                    let status = parsed.code.unwrap_or(0);
+            match parsed.parse(&self.buf).map_err(invalid)? {
+                httparse::Status::Complete(head_len) => {
                     let header = |name: &str| {
                         parsed
                             .headers
                             .iter()
                             .find(|h| h.name.eq_ignore_ascii_case(name))
                             .and_then(|h| std::str::from_utf8(h.value).ok())
-                            .map(|v| v.trim().to_string())
+                            .map(|v| v.trim().to_ascii_lowercase())
                     };
-                    let worker_pid = header("x-worker-pid").and_then(|v| v.parse().ok());
-                    let len: usize = header("content-length")
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                    while self.buf.len() < head_len + len {
-                        self.fill()?;
-                    }
-                    let body = self.buf[head_len..head_len + len].to_vec();
-                    self.buf.drain(..head_len + len);
-                    return Ok(Response {
-                        status,
-                        worker_pid,
-                        body,
-                    });
+                    let status = parsed.code.unwrap_or(0);
+                    let pid = header("x-worker-pid").and_then(|v| v.parse().ok());
+                    let close = header("connection").is_some_and(|v| v == "close");
+                    let framing = if head_request
+                        || (100..200).contains(&status)
+                        || status == 204
+                        || status == 304
+                    {
+                        Framing::Length(0)
+                    } else if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+                        Framing::Chunked
+                    } else {
+                        Framing::Length(
+                            header("content-length")
+                                .and_then(|v| v.parse().ok())
+                                .unwrap_or(0),
+                        )
+                    };
+                    break (status, pid, close, head_len, framing);
                 }
-                Ok(httparse::Status::Partial) => self.fill()?,
-                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+                httparse::Status::Partial => self.fill()?,
+            }
+        };
+        self.buf.drain(..head_len);
+        let body = match framing {
+            Framing::Length(len) => self.take(len)?,
+            Framing::Chunked => self.chunked()?,
+        };
+        Ok(Response {
+            status,
+            worker_pid,
+            close,
+            body,
+        })
+    }
+
+    fn take(&mut self, len: usize) -> io::Result<Vec<u8>> {
+        while self.buf.len() < len {
+            self.fill()?;
+        }
+        Ok(self.buf.drain(..len).collect())
+    }
+
+    fn chunked(&mut self) -> io::Result<Vec<u8>> {
+        let mut body = Vec::new();
+        loop {
+            let (used, size) = loop {
+                match httparse::parse_chunk_size(&self.buf)
+                    .map_err(|_| invalid("bad chunk size"))?
+                {
+                    httparse::Status::Complete(v) => break v,
+                    httparse::Status::Partial => self.fill()?,
+                }
+            };
+            self.buf.drain(..used);
+            let size = size as usize;
+            let chunk = self.take(size + 2)?; // data + CRLF (or the final CRLF)
+            body.extend_from_slice(&chunk[..size]);
+            if size == 0 {
+                return Ok(body);
             }
         }
     }
 
     fn fill(&mut self) -> io::Result<()> {
-        let mut chunk = [0u8; 8192];
+        let mut chunk = [0u8; 65536];
         let n = self.stream.read(&mut chunk)?;
         if n == 0 {
             return Err(io::Error::new(
@@ -91,14 +190,42 @@ impl Conn {
                 "server closed the connection mid-response",
             ));
         }
+        self.received += n as u64;
         self.buf.extend_from_slice(&chunk[..n]);
         Ok(())
     }
 
-    /// Close our side and wait for the server to close its side.
-    pub fn close(mut self) {
-        let _ = self.stream.shutdown(Shutdown::Write);
-        let mut sink = [0u8; 1024];
-        while matches!(self.stream.read(&mut sink), Ok(n) if n > 0) {}
+    /// Take whatever has arrived (waiting for at least one byte); returns how many bytes.
+    pub fn read_some(&mut self) -> io::Result<usize> {
+        if self.buf.is_empty() {
+            self.fill()?;
+        }
+        let n = self.buf.len();
+        self.buf.clear();
+        Ok(n)
     }
+
+    /// Close our side and wait for the server to close its side; returns the byte counts.
+    pub fn close(mut self) -> (u64, u64) {
+        let _ = self.stream.shutdown(Shutdown::Write);
+        let mut sink = [0u8; 4096];
+        while let Ok(n) = self.stream.read(&mut sink) {
+            if n == 0 {
+                break;
+            }
+            self.received += n as u64;
+        }
+        (self.sent, self.received)
+    }
+}
+
+enum Framing {
+    Length(usize),
+    Chunked,
+}
+
+fn head(method: &str, path: &str, body_len: usize, extra: &str) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {body_len}\r\n{extra}\r\n"
+    )
 }

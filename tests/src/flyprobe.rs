@@ -166,6 +166,21 @@ impl Metrics {
         out
     }
 
+    /// The cumulative count of histogram `name`'s bucket `le`, summed over the series
+    /// matching `labels`.
+    pub fn bucket(&self, name: &str, labels: &[(&str, &str)], le: f64) -> u64 {
+        self.samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .filter_map(|s| match &s.value {
+                Value::Histogram(buckets) => buckets.iter().find(|b| b.less_than == le),
+                _ => None,
+            })
+            .map(|b| b.count as u64)
+            .sum()
+    }
+
     /// The sum of every series of `name` matching `labels`.
     pub fn total(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
         self.series(name, labels)

@@ -9,6 +9,16 @@ use crate::{artifact, client::Conn, eventually, free_port, procs::Guard, workspa
 pub struct Server {
     pub guard: Guard,
     pub port: u16,
+    /// A scratch directory removed with the server.
+    scratch: Option<PathBuf>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(dir) = self.scratch.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 impl Server {
@@ -30,6 +40,11 @@ pub fn apps_dir() -> PathBuf {
 
 /// `uvicorn app:app --workers N` on a free loopback port, answering before this returns.
 pub fn uvicorn(workers: u32) -> Server {
+    uvicorn_with(workers, &[])
+}
+
+/// uvicorn with extra options (`--loop uvloop --http httptools`).
+pub fn uvicorn_with(workers: u32, extra: &[&str]) -> Server {
     let port = free_port();
     let guard = Guard::spawn(
         "uvicorn",
@@ -37,7 +52,8 @@ pub fn uvicorn(workers: u32) -> Server {
             .args(["-m", "uvicorn", "app:app", "--app-dir"])
             .arg(apps_dir())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--workers", &workers.to_string(), "--log-level", "warning"]),
+            .args(["--workers", &workers.to_string(), "--log-level", "warning"])
+            .args(extra),
     );
     let server = ready(guard, port);
     // Workers are spawned (fork + exec of `spawn_main`) beside a resource tracker.
@@ -87,6 +103,125 @@ fn all_forked(server: &Server, n: u32, marker: &str) {
     );
 }
 
+/// `granian --interface asgi --workers N` (Rust server, Python workers).
+pub fn granian(workers: u32) -> Server {
+    let port = free_port();
+    let guard = Guard::spawn(
+        "granian",
+        Command::new(python())
+            .args([
+                "-m",
+                "granian",
+                "--interface",
+                "asgi",
+                "--host",
+                "127.0.0.1",
+            ])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--workers",
+                &workers.to_string(),
+            ])
+            .args(["--log-level", "warning", "app:app"])
+            .current_dir(apps_dir()),
+    );
+    ready(guard, port)
+}
+
+/// `hypercorn --workers N`.
+pub fn hypercorn(workers: u32) -> Server {
+    let port = free_port();
+    let guard = Guard::spawn(
+        "hypercorn",
+        Command::new(python())
+            .args(["-m", "hypercorn", "--workers", &workers.to_string()])
+            .args(["--bind", &format!("127.0.0.1:{port}"), "app:app"])
+            .current_dir(apps_dir()),
+    );
+    ready(guard, port)
+}
+
+/// nginx (Debian package) with 2 worker processes, configured like the apps: `return` for
+/// the fixed routes, a 1 MiB static file served with sendfile, and /slow proxied to
+/// `upstream` (the axum server, which is not watched).
+pub fn nginx(upstream: u16) -> Server {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("flyprobe-nginx-{port}"));
+    std::fs::create_dir_all(dir.join("static")).expect("nginx dir");
+    std::fs::write(dir.join("static/big.bin"), vec![b'x'; 1 << 20]).expect("static file");
+    let d = dir.display();
+    let conf = format!(
+        "user root;
+worker_processes 2;
+daemon off;
+master_process on;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  sendfile on;
+  keepalive_requests 100000;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    add_header x-worker-pid $pid always;
+    location = / {{ return 200 'ok'; }}
+    location = /echo {{ return 200 'received'; }}
+    location = /redirect {{ return 302 /; }}
+    location = /error {{ return 500; }}
+    location = /slow {{ proxy_pass http://127.0.0.1:{upstream}; }}
+    location = /big {{ proxy_pass http://127.0.0.1:{upstream}; }}
+    location /static/ {{ root {d}; }}
+  }}
+}}
+"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("nginx is not installed: run `cargo xtask setup`");
+    let guard = Guard::spawn(
+        "nginx",
+        Command::new(nginx)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-p")
+            .arg(&dir),
+    );
+    let mut server = ready(guard, port);
+    server.scratch = Some(dir);
+    all_forked(&server, 2, "");
+    server
+}
+
+/// The plain TCP echo server built from tests/src/bin.
+pub fn echo_server() -> Server {
+    let port = free_port();
+    let bin = artifact(
+        "FLYPROBE_ECHO_SERVER",
+        workspace().join("target/release/flyprobe-echo-server"),
+    );
+    let guard = Guard::spawn(
+        "flyprobe-echo-server",
+        Command::new(bin).args(["--port", &port.to_string()]),
+    );
+    eventually("the echo server to listen", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())
+    });
+    Server {
+        guard,
+        port,
+        scratch: None,
+    }
+}
+
 /// The direct children of `pid`, from /proc.
 pub fn children(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
@@ -123,5 +258,9 @@ fn ready(guard: Guard, port: u16) -> Server {
                 .ok_or(resp.status.to_string())
         },
     );
-    Server { guard, port }
+    Server {
+        guard,
+        port,
+        scratch: None,
+    }
 }

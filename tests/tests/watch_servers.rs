@@ -141,7 +141,9 @@ fn exercise(server: &Server, label: &str, workers: u64) {
         5,
         "active stays exact while held"
     );
-    held.into_iter().for_each(Conn::close);
+    held.into_iter().for_each(|c| {
+        c.close();
+    });
     settled(&fp, label, 0, 0);
 
     // Concurrent slow requests are in flight while the server waits, and not after.

@@ -18,7 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what the build and tests need: rust-src, bpf-linker, the Python test servers.
+    /// Install what the build and tests need: rust-src, bpf-linker, nginx and wrk, the Python
+    /// test servers.
     Setup,
     /// Set up, build, then watch a 2-worker uvicorn app with flyprobe, send traffic and print a scrape.
     Demo(demo::DemoArgs),
@@ -41,5 +42,6 @@ fn main() {
 
 fn setup_all() -> Result<()> {
     setup::rust_toolchain()?;
+    setup::debian_packages()?;
     setup::python_servers()
 }

@@ -93,6 +93,36 @@ fn bpf_linker(sysroot: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Programs from Debian packages the tests and benchmarks run: (binary, package).
+const DEBIAN: &[(&str, &str)] = &[("nginx", "nginx"), ("wrk", "wrk")];
+
+pub fn debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN
+        .iter()
+        .filter(|(bin, _)| which::which(bin).is_err() && !Path::new("/usr/sbin").join(bin).exists())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        eprintln!(
+            "ok: {} installed",
+            DEBIAN
+                .iter()
+                .map(|(b, _)| *b)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return Ok(());
+    }
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        // Only the binaries are wanted: do not start the distribution's nginx service.
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("RUNLEVEL", "1"))?;
+    Ok(())
+}
+
 /// The venv the tests and the demo run servers from.
 pub fn venv_python() -> PathBuf {
     workspace_root().join("target/venv/bin/python")

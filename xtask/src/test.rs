@@ -35,6 +35,7 @@ pub fn run_all(args: &TestArgs) -> Result<()> {
         .arg("--test-threads=1")
         .env("FLYPROBE_BIN", artifact("flyprobe"))
         .env("FLYPROBE_TEST_SERVER", artifact("flyprobe-test-server"))
+        .env("FLYPROBE_ECHO_SERVER", artifact("flyprobe-echo-server"))
         .env("FLYPROBE_PYTHON", setup::venv_python());
     if let Some(filter) = &args.filter {
         e2e.arg(filter);

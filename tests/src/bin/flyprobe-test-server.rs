@@ -1,16 +1,28 @@
-//! A Rust (tokio + axum/hyper) server for the end-to-end tests: `GET /` answers at once,
-//! `GET /slow?ms=N` after N ms; every response names the serving process in `x-worker-pid`.
+//! A Rust (tokio + axum/hyper) server for the end-to-end tests, with the same routes as
+//! tests/apps/app.py: any method on `/`, `/redirect` (302), `/error` (500), `POST /echo`,
+//! `/slow?ms=N`, `/big?kb=N`, 404 otherwise. Every response names the serving process in
+//! `x-worker-pid`.
 
 use std::time::Duration;
 
 use axum::{
-    Router, extract::Query, http::HeaderValue, middleware::map_response, response::Response,
-    routing::get,
+    Router,
+    body::{Body, Bytes},
+    extract::Query,
+    http::{HeaderValue, StatusCode, header},
+    middleware::map_response,
+    response::{IntoResponse, Response},
+    routing::{any, get, post},
 };
 
 #[derive(serde::Deserialize)]
 struct Slow {
     ms: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct Big {
+    kb: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,12 +41,40 @@ fn main() -> anyhow::Result<()> {
 async fn serve(port: u16) -> anyhow::Result<()> {
     let pid = HeaderValue::from(std::process::id());
     let app = Router::new()
-        .route("/", get(|| async { "ok" }))
+        .route("/", any(|| async { "ok" }))
+        .route(
+            "/redirect",
+            get(|| async { (StatusCode::FOUND, [(header::LOCATION, "/")]) }),
+        )
+        .route(
+            "/error",
+            get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "error") }),
+        )
+        .route(
+            "/echo",
+            post(|body: Bytes| async move { format!("received {}", body.len()) }),
+        )
         .route(
             "/slow",
             get(|Query(q): Query<Slow>| async move {
                 tokio::time::sleep(Duration::from_millis(q.ms)).await;
                 "slow ok"
+            }),
+        )
+        .route(
+            "/big",
+            get(|Query(q): Query<Big>| async move {
+                // Many frames, so the response spans many writes.
+                let chunks = (0..q.kb.div_ceil(64)).map(move |i| {
+                    let n = (q.kb * 1024 - i * 65536).min(65536);
+                    Ok::<_, std::io::Error>(Bytes::from(vec![b'x'; n]))
+                });
+                let len = q.kb * 1024;
+                (
+                    [(header::CONTENT_LENGTH, len.to_string())],
+                    Body::from_stream(futures_util::stream::iter(chunks)),
+                )
+                    .into_response()
             }),
         )
         .layer(map_response(move |mut resp: Response| {
