@@ -206,6 +206,8 @@ mod tests {
 mod fuzz {
     //! The parsers run in the kernel on arbitrary client and server bytes: whatever the input
     //! and length, they return a valid index or code and never panic.
+    extern crate std;
+
     use proptest::prelude::*;
 
     use super::*;
@@ -222,8 +224,16 @@ mod fuzz {
         (proptest::array::uniform16(byte), 0usize..64)
     }
 
+    /// 200,000 cases by default; `cargo xtask test` asks for 1,000,000.
+    fn cases() -> u32 {
+        std::env::var("FLYPROBE_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200_000)
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(200_000))]
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
 
         #[test]
         fn parsers_are_total((head, len) in arb_head()) {

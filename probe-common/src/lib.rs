@@ -101,6 +101,8 @@ impl ProcStats {
 pub mod dir {
     pub const READ: u32 = 0;
     pub const WRITE: u32 = 1;
+    /// The slot holds no syscall in progress.
+    pub const NONE: u32 = 2;
 }
 
 /// Where a syscall's data is: the shape of its second argument.
@@ -271,19 +273,29 @@ pub mod names {
     pub const ACCESS_LOG_ENABLED: &str = "ACCESS_LOG_ENABLED";
 
     /// Offsets into tracepoint records, read from tracefs format files at load time.
-    pub const SYSCALL_ARG0_OFFSET: &str = "SYSCALL_ARG0_OFFSET";
-    pub const SYSCALL_ARG1_OFFSET: &str = "SYSCALL_ARG1_OFFSET";
-    pub const SYSCALL_RET_OFFSET: &str = "SYSCALL_RET_OFFSET";
     pub const FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
     pub const SIGNAL_SIG_OFFSET: &str = "SIGNAL_SIG_OFFSET";
     pub const SIGNAL_PID_OFFSET: &str = "SIGNAL_PID_OFFSET";
     pub const SIGNAL_RESULT_OFFSET: &str = "SIGNAL_RESULT_OFFSET";
 }
 
+/// Where syscall tracepoint records keep their arguments and return value (a stable ABI:
+/// the daemon checks each attached syscall's format file against it).
+pub mod syscall_layout {
+    pub const ARG0: usize = 16;
+    pub const ARG1: usize = 24;
+    pub const RET: usize = 16;
+}
+
+/// Slots of the PID-indexed target set: the daemon sizes it to the kernel's pid_max.
+pub const DEFAULT_PID_SLOTS: u32 = 32_768;
+/// PID_MAX_LIMIT on 64-bit kernels: the target set is never larger.
+pub const MAX_PID_SLOTS: u32 = 4 * 1024 * 1024;
+
 /// Default map sizes; userspace may override them at load time.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
 pub const DEFAULT_MAX_PROCESSES: u32 = 16_384;
-/// Syscalls in progress on tracked connections, one per thread at most.
+/// Threads of tracked processes doing socket I/O, one pending-syscall slot each.
 pub const PENDING_ENTRIES: u32 = 16_384;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 pub const ACCESS_BYTES: u32 = 1024 * 1024;

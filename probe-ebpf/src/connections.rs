@@ -49,6 +49,9 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
 
 fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let (id, tgid, _) = current();
+    if !is_target(tgid) {
+        return Ok(());
+    }
     let Some(sockaddr) = PENDING_ACCEPT.get_ptr(id).map(|p| unsafe { *p }) else {
         return Ok(());
     };
@@ -102,6 +105,9 @@ pub fn close_enter(ctx: TracePointContext) -> u32 {
 
 fn try_close_enter(ctx: &TracePointContext) -> Result<(), i64> {
     let (_, tgid, _) = current();
+    if !is_target(tgid) {
+        return Ok(());
+    }
     let fd = syscall_arg0(ctx)?;
     let key = ConnKey {
         tgid,

@@ -21,7 +21,7 @@ use probe_common::{
 };
 
 use crate::{
-    maps::{CONNS, PENDING_IO, count_drop, stats_mut},
+    maps::{CONNS, PENDING_IO, count_drop, is_target, stats_mut},
     record::{current, syscall_arg0, syscall_arg1, syscall_ret},
     requests::{log_access, peek, record_completed},
 };
@@ -78,9 +78,12 @@ pub fn sendfile_enter(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn try_io_enter(ctx: &TracePointContext, direction: u32, kind: u32) -> Result<(), i64> {
     let (id, tgid, _) = current();
+    // Untracked processes leave after one array load.
+    if !is_target(tgid) {
+        return Ok(());
+    }
     // Every family's first argument is the socket fd (sendfile's is out_fd).
     let fd = syscall_arg0(ctx)? as u32;
-    // Untracked processes and non-connection fds leave after this one lookup.
     if CONNS.get_ptr(ConnKey { tgid, fd }).is_none() {
         return Ok(());
     }
@@ -96,7 +99,11 @@ fn try_io_enter(ctx: &TracePointContext, direction: u32, kind: u32) -> Result<()
         kind,
         _pad: 0,
     };
-    if PENDING_IO.insert(id, pending, BPF_ANY as u64).is_err() {
+    // Reuse this thread's slot in place: a map update would allocate and swap an element.
+    if let Some(slot) = PENDING_IO.get_ptr_mut(id) {
+        // SAFETY: this thread's own slot; only this thread writes it.
+        unsafe { *slot = pending };
+    } else if PENDING_IO.insert(id, pending, BPF_ANY as u64).is_err() {
         count_drop(drop_reason::PENDING_MAP_FULL);
     }
     Ok(())
@@ -111,10 +118,19 @@ pub fn io_exit(ctx: TracePointContext) -> u32 {
 
 fn try_io_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let (id, tgid, _) = current();
-    let Some(pending) = PENDING_IO.get_ptr(id).map(|p| unsafe { *p }) else {
+    if !is_target(tgid) {
+        return Ok(());
+    }
+    let Some(slot) = PENDING_IO.get_ptr_mut(id) else {
         return Ok(());
     };
-    let _ = PENDING_IO.remove(id);
+    // SAFETY: this thread's own slot; only this thread writes it.
+    let slot = unsafe { &mut *slot };
+    if slot.dir == dir::NONE {
+        return Ok(());
+    }
+    let pending = *slot;
+    slot.dir = dir::NONE;
     // Errors (EAGAIN) and EOF (0) move no data and do not turn the connection.
     let ret = syscall_ret(ctx)?;
     if ret <= 0 {

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use probe_common::{ExitInfo, ProcEvent, drop_reason, event_kind, exit_flags};
 
 use crate::{
-    maps::{EVENTS, EXITS, TARGETS, count_drop, is_target},
+    maps::{EVENTS, EXITS, PENDING_IO, count_drop, is_target, set_target},
     record::{current, fork_child_pid, signal_generated, syscall_arg0},
 };
 
@@ -26,7 +26,7 @@ fn try_process_fork(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let child = fork_child_pid(ctx)? as u32;
-    if TARGETS.insert(child, 1, BPF_ANY as u64).is_err() {
+    if !set_target(child, true) {
         count_drop(drop_reason::TARGET_MAP_FULL);
         return Ok(());
     }
@@ -102,10 +102,16 @@ fn update_exit(tgid: u32, f: impl FnOnce(&mut ExitInfo)) {
 #[tracepoint]
 pub fn process_exit(ctx: TracePointContext) -> u32 {
     let _ = ctx;
-    let (_, tgid, tid) = current();
-    if TARGETS.remove(tid).is_err() {
+    let (id, tgid, tid) = current();
+    if !is_target(tgid) {
         return 0;
     }
+    // The thread's pending-syscall slot, if it did socket I/O.
+    let _ = PENDING_IO.remove(id);
+    if !is_target(tid) {
+        return 0; // a thread that was there before flyprobe: not in the set
+    }
+    set_target(tid, false);
     let exit = EXITS.get_ptr(tid).map(|p| unsafe { *p });
     if exit.is_some() {
         // A signal aimed at a thread leaves an entry under its id: gone with the thread.

@@ -14,6 +14,14 @@ mod maps;
 mod record;
 mod requests;
 
+/// Does nothing: `cargo xtask bench` attaches it beside the real programs (hidden flag
+/// `--calibration-probe`) to measure what an empty program costs on this machine, the floor
+/// under every per-hook figure.
+#[aya_ebpf::macros::tracepoint]
+pub fn calibration(_ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

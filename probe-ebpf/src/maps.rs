@@ -3,19 +3,21 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use probe_common::{
     ACCESS_BYTES, ConnKey, ConnState, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PROCESSES,
-    DEFAULT_MAX_REQUEST_SERIES, EVENTS_BYTES, ExitInfo, PENDING_ENTRIES, PendingIo, ProcStats,
-    ReqKey, ReqStats, drop_reason,
+    DEFAULT_MAX_REQUEST_SERIES, DEFAULT_PID_SLOTS, EVENTS_BYTES, ExitInfo, PENDING_ENTRIES,
+    PendingIo, ProcStats, ReqKey, ReqStats, drop_reason,
 };
 
-/// Tracked processes (TGIDs), seeded by the daemon and extended on fork. Thread ids land here
-/// too (fork cannot tell a thread from a process without BTF); they are removed when the
-/// thread exits and never match a TGID lookup.
+/// The target set: `TARGETS[pid] != 0` when `pid` is tracked. An array indexed by PID (sized
+/// to the kernel's pid_max at load), so the test every syscall event starts with is one
+/// inlined load, not a hash lookup: untracked processes pay almost nothing. Seeded by the
+/// daemon, set on fork for children of tracked processes (threads too: fork cannot tell
+/// them apart without BTF, and their ids never match a TGID test), cleared on exit.
 #[map]
-pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
+pub static TARGETS: Array<u8> = Array::with_max_entries(DEFAULT_PID_SLOTS, 0);
 
 /// Accepted connections. A plain hash, not LRU: an evicted entry would leave a connection
 /// active forever, so a full map refuses and counts the drop instead.
@@ -27,11 +29,11 @@ pub static CONNS: HashMap<ConnKey, ConnState> =
 pub static STATS: PerCpuHashMap<u32, ProcStats> =
     PerCpuHashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
 
-/// Syscall arguments between sys_enter and sys_exit, per thread (key: pid_tgid). LRU because
-/// a thread killed inside a syscall never reaches its exit.
+/// Syscall arguments between sys_enter and sys_exit, one slot per thread (key: pid_tgid).
+/// The exit marks the slot consumed instead of deleting it (a delete costs a bucket lock on
+/// every syscall); the slot goes when the thread exits.
 #[map]
-pub static PENDING_IO: LruHashMap<u64, PendingIo> =
-    LruHashMap::with_max_entries(PENDING_ENTRIES, 0);
+pub static PENDING_IO: HashMap<u64, PendingIo> = HashMap::with_max_entries(PENDING_ENTRIES, 0);
 
 /// The user `sockaddr *` passed to accept, per thread, to read the family on return.
 #[map]
@@ -65,25 +67,47 @@ pub fn count_drop(reason: u32) {
     }
 }
 
+/// This CPU's value for `key` in a per-CPU hash, created (zeroed) on first use; a full map
+/// counts `full` as a drop.
+#[inline(always)]
+pub fn per_cpu_entry<K, V: Default>(
+    map: &PerCpuHashMap<K, V>,
+    key: &K,
+    full: u32,
+) -> Option<*mut V> {
+    if let Some(value) = map.get_ptr_mut(key) {
+        return Some(value);
+    }
+    // EEXIST means another CPU created it first; the lookup below finds it either way.
+    let _ = map.insert(key, V::default(), BPF_NOEXIST as u64);
+    let value = map.get_ptr_mut(key);
+    if value.is_none() {
+        count_drop(full);
+    }
+    value
+}
+
 /// This CPU's counters for `tgid`, created on first use.
 #[inline(always)]
 pub fn stats_mut(tgid: u32) -> Option<&'static mut ProcStats> {
-    if let Some(stats) = STATS.get_ptr_mut(tgid) {
-        // SAFETY: per-CPU value, only this CPU writes it while the program runs.
-        return Some(unsafe { &mut *stats });
-    }
-    // EEXIST means another CPU created it first; the lookup below finds it either way.
-    let _ = STATS.insert(tgid, ProcStats::default(), BPF_NOEXIST as u64);
-    match STATS.get_ptr_mut(tgid) {
-        Some(stats) => Some(unsafe { &mut *stats }),
-        None => {
-            count_drop(drop_reason::STATS_MAP_FULL);
-            None
-        }
-    }
+    // SAFETY: per-CPU value, only this CPU writes it while the program runs.
+    per_cpu_entry(&STATS, &tgid, drop_reason::STATS_MAP_FULL).map(|p| unsafe { &mut *p })
 }
 
 #[inline(always)]
-pub fn is_target(tgid: u32) -> bool {
-    TARGETS.get_ptr(tgid).is_some()
+pub fn is_target(pid: u32) -> bool {
+    TARGETS.get(pid).is_some_and(|t| *t != 0)
+}
+
+/// Add or remove `pid`; false when it is beyond the array (pid_max was raised after load).
+#[inline(always)]
+pub fn set_target(pid: u32, tracked: bool) -> bool {
+    match TARGETS.get_ptr_mut(pid) {
+        Some(slot) => {
+            // SAFETY: one byte per PID; its writers (fork of it, exit of it) do not race.
+            unsafe { *slot = u8::from(tracked) };
+            true
+        }
+        None => false,
+    }
 }

@@ -1,16 +1,15 @@
-//! Reading tracepoint records. Offsets come from the tracefs format files: the daemon reads
-//! them at load time and writes them into these globals, so a kernel that lays a record out
-//! differently (sched_process_fork changed in 6.x) still reads the right field. The symbol
-//! names are the ones in `probe_common::names`.
+//! Reading tracepoint records. Syscall records are a stable ABI (`__syscall_nr`, then the
+//! arguments, 8 bytes each, from offset 16; `ret` at 16), so the hot path reads them with
+//! plain loads at constant offsets; the daemon checks every attached syscall's format file
+//! against these offsets before it attaches. Other records are not stable (sched_process_fork
+//! changed in 6.x): their offsets come from the format files through load-time globals,
+//! named as in `probe_common::names`.
 
-use aya_ebpf::{Global, helpers::bpf_get_current_pid_tgid, programs::TracePointContext};
+use aya_ebpf::{
+    EbpfContext as _, Global, helpers::bpf_get_current_pid_tgid, programs::TracePointContext,
+};
+use probe_common::syscall_layout;
 
-#[unsafe(no_mangle)]
-static SYSCALL_ARG0_OFFSET: Global<u32> = Global::new(16);
-#[unsafe(no_mangle)]
-static SYSCALL_ARG1_OFFSET: Global<u32> = Global::new(24);
-#[unsafe(no_mangle)]
-static SYSCALL_RET_OFFSET: Global<u32> = Global::new(16);
 #[unsafe(no_mangle)]
 static FORK_CHILD_PID_OFFSET: Global<u32> = Global::new(44);
 #[unsafe(no_mangle)]
@@ -25,17 +24,24 @@ static SIGNAL_RESULT_OFFSET: Global<u32> = Global::new(44);
 /// Syscall arguments are `unsigned long`; the return value is `long`.
 #[inline(always)]
 pub fn syscall_arg0(ctx: &TracePointContext) -> Result<u64, i64> {
-    read(ctx, SYSCALL_ARG0_OFFSET.load())
+    Ok(load(ctx, syscall_layout::ARG0))
 }
 
 #[inline(always)]
 pub fn syscall_arg1(ctx: &TracePointContext) -> Result<u64, i64> {
-    read(ctx, SYSCALL_ARG1_OFFSET.load())
+    Ok(load(ctx, syscall_layout::ARG1))
 }
 
 #[inline(always)]
 pub fn syscall_ret(ctx: &TracePointContext) -> Result<i64, i64> {
-    read(ctx, SYSCALL_RET_OFFSET.load())
+    Ok(load::<i64>(ctx, syscall_layout::RET))
+}
+
+/// A direct context load: the verifier checks the constant offset against the record size.
+#[inline(always)]
+fn load<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    // SAFETY: offset is a constant inside every syscall record (checked at attach).
+    unsafe { *(ctx.as_ptr() as *const u8).add(offset).cast::<T>() }
 }
 
 #[inline(always)]

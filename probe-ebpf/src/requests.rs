@@ -2,10 +2,7 @@
 //! turn (the only payload ever read), recording completed and aborted requests, and the
 //! optional access-log record.
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
-};
+use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_user};
 use probe_common::{
     AccessRecord, ConnState, DURATION_BOUNDS_NS, PendingIo, ReqKey, ReqStats, buf_kind,
     drop_reason,
@@ -13,7 +10,7 @@ use probe_common::{
 };
 
 use crate::{
-    maps::{ACCESS, REQS, count_drop},
+    maps::{ACCESS, REQS, count_drop, per_cpu_entry},
     record::access_log_enabled,
 };
 
@@ -62,17 +59,8 @@ fn labels(tgid: u32, state: &ConnState, status: u8) -> ReqKey {
 
 #[inline(always)]
 fn req_stats(key: &ReqKey) -> Option<&'static mut ReqStats> {
-    if let Some(s) = REQS.get_ptr_mut(key) {
-        return Some(unsafe { &mut *s });
-    }
-    let _ = REQS.insert(key, ReqStats::default(), BPF_NOEXIST as u64);
-    match REQS.get_ptr_mut(key) {
-        Some(s) => Some(unsafe { &mut *s }),
-        None => {
-            count_drop(drop_reason::REQUEST_MAP_FULL);
-            None
-        }
-    }
+    // SAFETY: per-CPU value, only this CPU writes it while the program runs.
+    per_cpu_entry(&REQS, key, drop_reason::REQUEST_MAP_FULL).map(|p| unsafe { &mut *p })
 }
 
 /// A request whose response started after `state.duration_ns`.

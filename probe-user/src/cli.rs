@@ -51,6 +51,14 @@ pub struct Cli {
     #[arg(long)]
     pub exit_with_target: bool,
 
+    /// Also attach an empty program to sys_enter_read (the benchmark's cost floor).
+    #[arg(long, hide = true)]
+    pub calibration_probe: bool,
+
+    /// Fail unless this tracepoint exists (CATEGORY:NAME; tests simulate an old kernel).
+    #[arg(long, value_name = "TRACEPOINT", hide = true)]
+    pub require_tracepoint: Vec<String>,
+
     /// Where tracefs is (mounted there when missing).
     #[arg(
         long,

@@ -37,6 +37,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             max_request_series: cli.max_request_series,
         },
         access_log: access_log.is_some(),
+        calibration: cli.calibration_probe,
+        required: cli.require_tracepoint.clone(),
     };
     let mut probe = Probe::load(&cli.tracefs, &options).context("starting the eBPF probe")?;
     let (mut maps, ring, access_ring) = probe.take_maps().context("opening the probe's maps")?;
@@ -66,7 +68,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         cli.listen
     );
 
-    let mut state = State { maps, watched };
+    let mut state = State {
+        maps,
+        watched,
+        map_entries: Vec::new(),
+    };
     state.sweep(); // classify workers before the first scrape
     let state = Shared::new(state);
     let runtime = tokio::runtime::Builder::new_current_thread()

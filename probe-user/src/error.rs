@@ -14,6 +14,10 @@ pub enum StartError {
     #[error("no process with PID {pid}: pass the PID of a running server to --pid-tree")]
     NoSuchProcess { pid: u32 },
     #[error(
+        "PID {pid} is a kernel thread ({comm}), not a server: pass the server's PID to --pid-tree"
+    )]
+    KernelThread { pid: u32, comm: String },
+    #[error(
         "flyprobe needs root, or the capabilities CAP_BPF and CAP_PERFMON, to load eBPF \
          programs (it has neither: {detail}); run it with sudo"
     )]
@@ -39,7 +43,7 @@ pub enum StartError {
 impl StartError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::NoSuchProcess { .. } => EXIT_USAGE,
+            Self::NoSuchProcess { .. } | Self::KernelThread { .. } => EXIT_USAGE,
             Self::NotPrivileged { .. }
             | Self::ListenInUse { .. }
             | Self::Listen { .. }

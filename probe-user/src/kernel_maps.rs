@@ -4,15 +4,15 @@
 use std::collections::BTreeMap;
 
 use aya::{
-    Ebpf,
-    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    Ebpf, Pod,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
 };
 use probe_common::{ConnKey, ConnState, ProcStats, ReqKey, ReqStats, drop_reason, names, phase};
 
 use crate::probe::{ProbeError, take};
 
 pub struct KernelMaps {
-    targets: HashMap<MapData, u32, u32>,
+    targets: Array<MapData, u8>,
     conns: HashMap<MapData, ConnKey, ConnState>,
     stats: PerCpuHashMap<MapData, u32, ProcStats>,
     reqs: PerCpuHashMap<MapData, ReqKey, ReqStats>,
@@ -40,20 +40,19 @@ impl KernelMaps {
 
     /// Add a process to the kernel's target set.
     pub fn track(&mut self, pid: u32) -> Result<(), MapError> {
-        self.targets.insert(pid, 1, 0)
+        self.targets.set(pid, 1, 0)
+    }
+
+    /// Take a process out of the target set: only for one whose exit the kernel did not see
+    /// (it exited before it was seeded); otherwise the kernel clears it at exit, and clearing
+    /// here could untrack a new process that reused the PID.
+    pub fn untrack(&mut self, pid: u32) {
+        let _ = self.targets.set(pid, 0, 0);
     }
 
     /// Counters of every process the kernel has seen accept, summed over CPUs.
     pub fn stats(&self) -> BTreeMap<u32, ProcStats> {
-        self.stats
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(pid, per_cpu)| {
-                let mut total = ProcStats::default();
-                per_cpu.iter().for_each(|s| total.add(s));
-                (pid, total)
-            })
-            .collect()
+        summed(&self.stats, ProcStats::add)
     }
 
     /// One process's counters, summed over CPUs.
@@ -67,15 +66,7 @@ impl KernelMaps {
 
     /// Completed requests by labels, summed over CPUs.
     pub fn requests(&self) -> BTreeMap<ReqKey, ReqStats> {
-        self.reqs
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(key, per_cpu)| {
-                let mut total = ReqStats::default();
-                per_cpu.iter().for_each(|s| total.add(s));
-                (key, total)
-            })
-            .collect()
+        summed(&self.reqs, ReqStats::add)
     }
 
     /// Everything the kernel kept for an exited process, removed from the maps.
@@ -92,7 +83,6 @@ impl KernelMaps {
             let _ = self.reqs.remove(key);
         }
         let _ = self.stats.remove(&pid);
-        let _ = self.targets.remove(&pid);
         let held: Vec<(ConnKey, ConnState)> = self
             .conns
             .iter()
@@ -120,6 +110,16 @@ impl KernelMaps {
         remains
     }
 
+    /// Entries in the bounded maps, by `flyprobe_map_entries` label. Walks the keys, so it
+    /// runs in the 1 s sweep, not at scrape time.
+    pub fn entries(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("connections", self.conns.keys().count() as u64),
+            ("processes", self.stats.keys().count() as u64),
+            ("request_series", self.reqs.keys().count() as u64),
+        ]
+    }
+
     pub fn drops(&self) -> [u64; drop_reason::COUNT as usize] {
         let mut out = [0; drop_reason::COUNT as usize];
         for (reason, slot) in out.iter_mut().enumerate() {
@@ -129,4 +129,19 @@ impl KernelMaps {
         }
         out
     }
+}
+
+/// Every entry of a per-CPU hash, its CPUs' values added up with `add`.
+fn summed<K: Pod + Ord, V: Pod + Default>(
+    map: &PerCpuHashMap<MapData, K, V>,
+    add: fn(&mut V, &V),
+) -> BTreeMap<K, V> {
+    map.iter()
+        .filter_map(Result::ok)
+        .map(|(key, per_cpu)| {
+            let mut total = V::default();
+            per_cpu.iter().for_each(|v| add(&mut total, v));
+            (key, total)
+        })
+        .collect()
 }

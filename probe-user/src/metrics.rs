@@ -53,6 +53,7 @@ struct Catalog {
     stopped: IntCounterVec,
     build_info: IntGaugeVec,
     dropped: IntCounterVec,
+    map_entries: IntGaugeVec,
 }
 
 impl Catalog {
@@ -145,6 +146,11 @@ impl Catalog {
                 "Kernel events flyprobe could not record, by reason.",
                 &["reason"],
             )?,
+            map_entries: gauge(
+                "flyprobe_map_entries",
+                "Entries in flyprobe's bounded kernel maps (as of the last 1 s sweep).",
+                &["map"],
+            )?,
         })
     }
 
@@ -161,8 +167,9 @@ impl Catalog {
         ]
     }
 
-    fn gauges(&self) -> [&IntGaugeVec; 6] {
+    fn gauges(&self) -> [&IntGaugeVec; 7] {
         [
+            &self.map_entries,
             &self.active,
             &self.in_flight,
             &self.workers,
@@ -190,6 +197,9 @@ impl Catalog {
         self.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        for (map, n) in &snap.map_entries {
+            self.map_entries.with_label_values(&[*map]).set(int(*n));
+        }
         for (reason, count) in drop_reason::NAMES.iter().zip(snap.drops) {
             self.dropped.with_label_values(&[*reason]).inc_by(count);
         }
@@ -431,6 +441,7 @@ mod tests {
                 )]),
             }],
             drops,
+            map_entries: vec![("connections", 3)],
         };
         let text = render(&registry(Fixed(snap)).unwrap()).unwrap();
         for line in [

@@ -8,7 +8,7 @@ use aya::{
     maps::{MapData, MapError, RingBuf},
     programs::{ProgramError, TracePoint},
 };
-use probe_common::names;
+use probe_common::{names, syscall_layout};
 use thiserror::Error;
 
 use crate::{
@@ -25,6 +25,12 @@ struct Hook {
     category: &'static str,
     tracepoints: &'static [&'static str],
 }
+
+const CALIBRATION: Hook = Hook {
+    program: "calibration",
+    category: "syscalls",
+    tracepoints: &["sys_enter_read"],
+};
 
 const HOOKS: &[Hook] = &[
     Hook {
@@ -165,6 +171,10 @@ pub struct Limits {
 
 pub struct Options {
     pub limits: Limits,
+    /// Extra tracepoints that must exist, as `category:name`.
+    pub required: Vec<String>,
+    /// Attach the empty `calibration` program too (benchmarks only).
+    pub calibration: bool,
     /// Build access-log records in the kernel (otherwise that code path is skipped).
     pub access_log: bool,
 }
@@ -186,10 +196,13 @@ impl Offsets {
         let exit = Format::read(tracefs, "syscalls", "sys_exit_accept4")?;
         let fork = Format::read(tracefs, "sched", "sched_process_fork")?;
         let signal = Format::read(tracefs, "signal", "signal_generate")?;
+        // The kernel programs read syscall records at fixed offsets (a stable ABI); each
+        // attached syscall's format is checked against them in `check`.
+        let _ = (enter.offset("fd")?, exit.offset("ret")?);
         Ok(Self {
-            arg0: enter.offset("fd")?,
-            arg1: enter.offset("upeer_sockaddr")?,
-            ret: exit.offset("ret")?,
+            arg0: syscall_layout::ARG0 as u32,
+            arg1: syscall_layout::ARG1 as u32,
+            ret: syscall_layout::RET as u32,
             fork_child_pid: fork.offset("child_pid")?,
             signal_sig: signal.offset("sig")?,
             signal_pid: signal.offset("pid")?,
@@ -244,13 +257,18 @@ impl Probe {
     pub fn load(tracefs: &Path, options: &Options) -> Result<Self, ProbeError> {
         let limits = &options.limits;
         let access_log = u32::from(options.access_log);
+        for tp in &options.required {
+            let (category, name) = tp.split_once(':').unwrap_or(("", tp));
+            Format::read(tracefs, category, name)?;
+        }
         let offsets = Offsets::read(tracefs)?;
-        // TARGETS also holds the thread ids of tracked processes.
-        let targets = limits.max_processes.saturating_mul(4);
+        // The target set is indexed by PID: as many slots as PIDs can be.
+        let targets = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(probe_common::MAX_PID_SLOTS)
+            .clamp(probe_common::DEFAULT_PID_SLOTS, probe_common::MAX_PID_SLOTS);
         let ebpf = EbpfLoader::new()
-            .override_global(names::SYSCALL_ARG0_OFFSET, &offsets.arg0, true)
-            .override_global(names::SYSCALL_ARG1_OFFSET, &offsets.arg1, true)
-            .override_global(names::SYSCALL_RET_OFFSET, &offsets.ret, true)
             .override_global(names::FORK_CHILD_PID_OFFSET, &offsets.fork_child_pid, true)
             .override_global(names::SIGNAL_SIG_OFFSET, &offsets.signal_sig, true)
             .override_global(names::SIGNAL_PID_OFFSET, &offsets.signal_pid, true)
@@ -266,6 +284,9 @@ impl Probe {
         let mut probe = Self { ebpf, links: 0 };
         for hook in HOOKS {
             probe.attach(tracefs, &offsets, hook)?;
+        }
+        if options.calibration {
+            probe.attach(tracefs, &offsets, &CALIBRATION)?;
         }
         Ok(probe)
     }

@@ -11,6 +11,7 @@ use crate::watched::{Lifecycle, Member, Watched};
 pub struct Snapshot {
     pub servers: Vec<ServerView>,
     pub drops: [u64; drop_reason::COUNT as usize],
+    pub map_entries: Vec<(&'static str, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +47,7 @@ pub struct KernelView {
     pub stats: BTreeMap<u32, ProcStats>,
     pub requests: BTreeMap<ReqKey, ReqStats>,
     pub drops: [u64; drop_reason::COUNT as usize],
+    pub map_entries: Vec<(&'static str, u64)>,
 }
 
 pub fn build(watched: &Watched, kernel: &KernelView, uptime_now: f64) -> Snapshot {
@@ -61,6 +63,7 @@ pub fn build(watched: &Watched, kernel: &KernelView, uptime_now: f64) -> Snapsho
     Snapshot {
         servers,
         drops: kernel.drops,
+        map_entries: kernel.map_entries.clone(),
     }
 }
 

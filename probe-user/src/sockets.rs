@@ -1,12 +1,13 @@
 //! Which processes hold a listening TCP socket, from /proc: the basis of "worker".
 //! /proc/<pid>/net/tcp{,6} is read once per network namespace per call.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-
-use procfs::{
-    net::TcpState,
-    process::{FDTarget, Process},
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fs::File,
+    io::{BufRead as _, BufReader},
 };
+
+use procfs::process::{FDTarget, Process};
 
 /// Listening-socket inodes each of `pids` holds (processes holding none are left out).
 pub fn listening(pids: impl IntoIterator<Item = u32>) -> BTreeMap<u32, BTreeSet<u64>> {
@@ -44,14 +45,30 @@ fn netns_of(process: &Process) -> Option<u64> {
     ns.0.get(std::ffi::OsStr::new("net")).map(|n| n.identifier)
 }
 
+/// Inodes of the listening TCP sockets in `process`'s network namespace. The kernel lists
+/// listening sockets first in /proc/net/tcp{,6} (it walks the listening hash before the
+/// established one), so reading stops at the first line in another state: a busy node's
+/// tens of thousands of connections and TIME_WAITs are never formatted, which a full parse
+/// (procfs's `tcp()`) would pay for at every sweep.
 fn listening_inodes(process: &Process) -> BTreeSet<u64> {
-    let v4 = process.tcp().unwrap_or_default();
-    let v6 = process.tcp6().unwrap_or_default();
-    v4.into_iter()
-        .chain(v6)
-        .filter(|e| e.state == TcpState::Listen)
-        .map(|e| e.inode)
-        .collect()
+    const LISTEN: &str = "0A";
+    let mut inodes = BTreeSet::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(file) = File::open(format!("/proc/{}/net/{table}", process.pid)) else {
+            continue;
+        };
+        // "sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode"
+        for line in BufReader::new(file).lines().skip(1).map_while(Result::ok) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.get(3) != Some(&LISTEN) {
+                break;
+            }
+            if let Some(inode) = cols.get(9).and_then(|i| i.parse().ok()) {
+                inodes.insert(inode);
+            }
+        }
+    }
+    inodes
 }
 
 /// Holders of listening sockets split into supervisors and workers: a holder with a

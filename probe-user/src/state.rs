@@ -20,6 +20,8 @@ use crate::{
 pub struct State {
     pub maps: KernelMaps,
     pub watched: Watched,
+    /// Map sizes as of the last sweep.
+    pub map_entries: Vec<(&'static str, u64)>,
 }
 
 #[derive(Clone)]
@@ -70,15 +72,23 @@ impl Shared {
 }
 
 impl State {
+    /// Once a second (and at start): reads /proc, so it stays off the scrape path.
     pub fn sweep(&mut self) {
         let now = Instant::now();
         for pid in self.watched.vanished() {
             log::debug!("process {pid} is gone (no exit event seen)");
+            self.maps.untrack(pid);
             let accepted = self.maps.stats_of(pid).accepted > 0;
             self.watched
                 .on_exit(pid, "unknown", accepted, now, uptime());
         }
         self.watched.classify(&self.maps.stats());
+        self.retire_due(now);
+        self.map_entries = self.maps.entries();
+    }
+
+    /// Free the kernel state of processes whose grace has passed.
+    fn retire_due(&mut self, now: Instant) {
         for pid in self.watched.due(now) {
             let last = self.maps.retire(pid);
             self.watched.retire(pid, last);
@@ -89,11 +99,12 @@ impl State {
 impl SnapshotSource for Shared {
     fn snapshot(&self) -> Snapshot {
         let mut state = self.lock();
-        state.sweep();
+        state.retire_due(Instant::now());
         let kernel = KernelView {
             stats: state.maps.stats(),
             requests: state.maps.requests(),
             drops: state.maps.drops(),
+            map_entries: state.map_entries.clone(),
         };
         snapshot::build(&state.watched, &kernel, uptime())
     }

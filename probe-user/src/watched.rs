@@ -14,6 +14,9 @@ use procfs::process::{Process, all_processes};
 
 use crate::{error::StartError, kernel_maps::Remains, server_kind, sockets};
 
+/// task_struct flag of kernel threads (include/linux/sched.h).
+const PF_KTHREAD: u32 = 0x0020_0000;
+
 /// How long an exited process's kernel state is kept before it is read one last time: long
 /// enough for its other threads to finish exiting.
 pub const RETIRE_GRACE: Duration = Duration::from_millis(300);
@@ -84,6 +87,12 @@ impl Watched {
             let stat = process
                 .stat()
                 .map_err(|_| StartError::NoSuchProcess { pid })?;
+            if stat.flags & PF_KTHREAD != 0 {
+                return Err(StartError::KernelThread {
+                    pid,
+                    comm: stat.comm,
+                });
+            }
             let cmdline = process.cmdline().unwrap_or_default();
             let server = server_name
                 .map_or_else(|| server_kind::detect(&cmdline, &stat.comm), str::to_string);

@@ -205,6 +205,30 @@ impl Conn {
         Ok(n)
     }
 
+    /// Half-close: no more requests from us.
+    pub fn shutdown_write(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Write);
+    }
+
+    /// Abort with a reset (SO_LINGER 0, then close) instead of a FIN.
+    pub fn reset(self) {
+        use std::os::fd::AsRawFd as _;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on our own open socket with a valid struct and its size.
+        unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+    }
+
     /// Close our side and wait for the server to close its side; returns the byte counts.
     pub fn close(mut self) -> (u64, u64) {
         let _ = self.stream.shutdown(Shutdown::Write);

@@ -45,15 +45,21 @@ pub fn uvicorn(workers: u32) -> Server {
 
 /// uvicorn with extra options (`--loop uvloop --http httptools`).
 pub fn uvicorn_with(workers: u32, extra: &[&str]) -> Server {
+    uvicorn_app(workers, "app:app", &[], extra)
+}
+
+/// uvicorn serving `app` (a module in tests/apps) with environment `env`.
+pub fn uvicorn_app(workers: u32, app: &str, env: &[(&str, &str)], extra: &[&str]) -> Server {
     let port = free_port();
     let guard = Guard::spawn(
         "uvicorn",
         Command::new(python())
-            .args(["-m", "uvicorn", "app:app", "--app-dir"])
+            .args(["-m", "uvicorn", app, "--app-dir"])
             .arg(apps_dir())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--workers", &workers.to_string(), "--log-level", "warning"])
-            .args(extra),
+            .args(extra)
+            .envs(env.iter().copied()),
     );
     let server = ready(guard, port);
     // Workers are spawned (fork + exec of `spawn_main`) beside a resource tracker.

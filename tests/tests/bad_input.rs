@@ -108,23 +108,47 @@ fn listen_address_in_use() {
 }
 
 #[test]
-fn tracefs_that_cannot_be_mounted() {
+fn pid_of_a_kernel_thread() {
+    // PID 2 is kthreadd on Linux.
+    assert_fails(
+        &run(&["--pid-tree", "2"], |_| {}),
+        USAGE,
+        "PID 2 is a kernel thread (kthreadd)",
+    );
+}
+
+/// As root, watching this test process, on a free port, with `extra` arguments.
+fn run_as_root(extra: &[&str]) -> Output {
     require_root();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let pid = own_pid();
+    let mut args = vec!["--pid-tree", &pid, "--listen", &listen];
+    args.extend_from_slice(extra);
+    run(&args, |_| {})
+}
+
+#[test]
+fn kernel_without_a_needed_tracepoint() {
+    let out = run_as_root(&["--require-tracepoint", "bogus:nothing"]);
+    assert_fails(&out, RUNTIME, "this kernel has no tracepoint bogus:nothing");
+}
+
+#[test]
+fn access_log_that_cannot_be_opened() {
+    let out = run_as_root(&["--access-log", "/nonexistent/dir/access.log"]);
+    assert_fails(
+        &out,
+        RUNTIME,
+        "cannot open the access log /nonexistent/dir/access.log",
+    );
+}
+
+#[test]
+fn tracefs_that_cannot_be_mounted() {
     // A regular file is no mount point: mount(2) fails with ENOTDIR.
     let not_a_dir = flyprobe::log_path("not-a-dir");
     std::fs::write(&not_a_dir, "").unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let out = run(
-        &[
-            "--pid-tree",
-            &own_pid(),
-            "--listen",
-            &listen,
-            "--tracefs",
-            not_a_dir.to_str().unwrap(),
-        ],
-        |_| {},
-    );
+    let out = run_as_root(&["--tracefs", not_a_dir.to_str().unwrap()]);
     assert_fails(&out, RUNTIME, "mounting it failed");
     let _ = std::fs::remove_file(not_a_dir);
 }

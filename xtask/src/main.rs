@@ -1,5 +1,6 @@
 //! Orchestration for flyprobe: setup, demo, test. The plain build is `cargo build`.
 
+mod bench;
 mod build;
 mod cmd;
 mod demo;
@@ -25,6 +26,8 @@ enum Task {
     Demo(demo::DemoArgs),
     /// Set up, build, then run every test: unit tests and end-to-end tests against the real kernel.
     Test(test::TestArgs),
+    /// Set up, build, then measure flyprobe's overhead side by side (see README, Benchmarks).
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -33,6 +36,7 @@ fn main() {
         Task::Setup => setup_all(),
         Task::Demo(args) => setup_all().and_then(|()| demo::run(&args)),
         Task::Test(args) => setup_all().and_then(|()| test::run_all(&args)),
+        Task::Bench(args) => setup_all().and_then(|()| bench::run(&args)),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

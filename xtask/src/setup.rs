@@ -94,7 +94,7 @@ fn bpf_linker(sysroot: &Path) -> Result<()> {
 }
 
 /// Programs from Debian packages the tests and benchmarks run: (binary, package).
-const DEBIAN: &[(&str, &str)] = &[("nginx", "nginx"), ("wrk", "wrk")];
+const DEBIAN: &[(&str, &str)] = &[("nginx", "nginx"), ("wrk", "wrk"), ("bpftool", "bpftool")];
 
 pub fn debian_packages() -> Result<()> {
     let missing: Vec<&str> = DEBIAN

@@ -20,23 +20,26 @@ pub struct TestArgs {
 pub fn run_all(args: &TestArgs) -> Result<()> {
     build::require_root("test")?;
     build::release(&["probe-user", "flyprobe-tests"])?;
-    run(Command::new("cargo").args([
+    run(Command::new("cargo")
+        .args(["test", "--release", "--workspace"])
+        .args(["--exclude", "probe-ebpf", "--exclude", "flyprobe-tests"])
+        // The shared HTTP parsers run in the kernel: a million random inputs each.
+        .env("FLYPROBE_FUZZ_CASES", "1000000"))?;
+    let mut e2e = Command::new("cargo");
+    e2e.args([
         "test",
         "--release",
-        "--workspace",
-        "--exclude",
-        "probe-ebpf",
-        "--exclude",
+        "--no-fail-fast",
+        "--package",
         "flyprobe-tests",
-    ]))?;
-    let mut e2e = Command::new("cargo");
-    e2e.args(["test", "--release", "--package", "flyprobe-tests", "--"])
-        // One at a time: the tests assert exact in-flight and active gauges under timing.
-        .arg("--test-threads=1")
-        .env("FLYPROBE_BIN", artifact("flyprobe"))
-        .env("FLYPROBE_TEST_SERVER", artifact("flyprobe-test-server"))
-        .env("FLYPROBE_ECHO_SERVER", artifact("flyprobe-echo-server"))
-        .env("FLYPROBE_PYTHON", setup::venv_python());
+        "--",
+    ])
+    // One at a time: the tests assert exact in-flight and active gauges under timing.
+    .arg("--test-threads=1")
+    .env("FLYPROBE_BIN", artifact("flyprobe"))
+    .env("FLYPROBE_TEST_SERVER", artifact("flyprobe-test-server"))
+    .env("FLYPROBE_ECHO_SERVER", artifact("flyprobe-echo-server"))
+    .env("FLYPROBE_PYTHON", setup::venv_python());
     if let Some(filter) = &args.filter {
         e2e.arg(filter);
     }

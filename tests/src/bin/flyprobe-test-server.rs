@@ -31,6 +31,7 @@ fn main() -> anyhow::Result<()> {
         (Some("--port"), Some(p)) => p.parse()?,
         _ => anyhow::bail!("usage: flyprobe-test-server --port PORT"),
     };
+    raise_fd_limit();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -38,10 +39,27 @@ fn main() -> anyhow::Result<()> {
         .block_on(serve(port))
 }
 
+/// The benchmark holds 10,000 idle connections: allow as many fds as the hard limit.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on our own process with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 async fn serve(port: u16) -> anyhow::Result<()> {
     let pid = HeaderValue::from(std::process::id());
     let app = Router::new()
-        .route("/", any(|| async { "ok" }))
+        // Read the body even when unused: hyper closes a keep-alive connection whose
+        // request body the handler left unread, which would make counts timing-dependent.
+        .route("/", any(|_body: Bytes| async { "ok" }))
         .route(
             "/redirect",
             get(|| async { (StatusCode::FOUND, [(header::LOCATION, "/")]) }),
