@@ -44,12 +44,18 @@ fn starts(head: &Head, len: usize, pat: &[u8]) -> bool {
 /// The protocol a connection speaks, from its first bytes from the client.
 #[inline(always)]
 pub fn detect_protocol(head: &Head, len: usize) -> u8 {
+    protocol_of(head, len, parse_method(head, len))
+}
+
+/// `detect_protocol` for a caller that already parsed the method (the kernel parses once).
+#[inline(always)]
+pub fn protocol_of(head: &Head, len: usize, method: u8) -> u8 {
     if starts(head, len, b"PRI * HTTP/2") {
         PROTO_H2
     } else if len >= 3 && head[0] == 0x16 && head[1] == 0x03 && head[2] <= 0x04 {
         // A TLS handshake record, version 3.x.
         PROTO_TLS
-    } else if parse_method(head, len) != METHOD_NONE {
+    } else if method != METHOD_NONE {
         PROTO_HTTP1
     } else {
         PROTO_OTHER

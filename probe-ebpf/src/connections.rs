@@ -117,7 +117,10 @@ fn try_close_enter(ctx: &TracePointContext) -> Result<(), i64> {
     let Some(state) = CONNS.get_ptr(key).map(|p| unsafe { *p }) else {
         return Ok(());
     };
-    let _ = CONNS.remove(key);
+    // Two threads closing the same fd at once: only the one that removes it counts.
+    if CONNS.remove(key).is_err() {
+        return Ok(());
+    }
     if let Some(stats) = stats_mut(tgid) {
         end_connection(tgid, stats, &state);
     }

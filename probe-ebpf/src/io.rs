@@ -14,8 +14,8 @@ use aya_ebpf::{
 use probe_common::{
     ConnKey, ConnState, PendingIo, buf_kind, dir, drop_reason,
     http::{
-        Head, METHOD_NONE, PROTO_HTTP1, PROTO_UNKNOWN, detect_protocol, is_interim, parse_method,
-        parse_status,
+        Head, METHOD_NONE, METHOD_OTHER, PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN, is_interim,
+        parse_method, parse_status, protocol_of,
     },
     phase,
 };
@@ -151,72 +151,82 @@ fn try_io_exit(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     };
     let now = unsafe { bpf_ktime_get_ns() };
+    // The turn this event finishes, if any: logged once, at the end (one call site keeps
+    // the program small enough for the verifier when the access log is on).
+    let mut finished: Option<ConnState> = None;
     if pending.dir == dir::READ {
         stats.rx_bytes += ret as u64;
         if state.phase != phase::REQUEST {
             let head = peek(&pending, ret);
+            let method = match &head {
+                Some((bytes, len)) => parse_method(bytes, *len),
+                None => METHOD_NONE,
+            };
             let body_tail = state.phase == phase::RESPONSE
                 && state.protocol == PROTO_HTTP1
-                && head.is_none_or(|(bytes, len)| parse_method(&bytes, len) == METHOD_NONE);
+                && method == METHOD_NONE;
             if !body_tail {
                 if state.phase == phase::RESPONSE {
-                    log_access(tgid, state);
+                    finished = Some(*state);
                 }
-                start_request(state, head, now);
+                start_request(state, &head, method, now);
                 stats.requests += 1;
             }
         }
         state.rx += ret as u64;
         state.last_read_ns = now;
-        return Ok(());
-    }
-
-    stats.tx_bytes += ret as u64;
-    let http = state.protocol == PROTO_HTTP1;
-    if state.phase == phase::REQUEST {
-        let status = if http { status_of(&pending, ret) } else { 0 };
-        if !is_interim(status) {
-            state.phase = phase::RESPONSE;
-            state.status = status;
-            state.duration_ns = now - state.start_ns;
-            stats.responses += 1;
-            record_completed(tgid, state);
+    } else {
+        stats.tx_bytes += ret as u64;
+        let http = state.protocol == PROTO_HTTP1;
+        if state.phase == phase::REQUEST {
+            let status = if http { status_of(&pending, ret) } else { 0 };
+            if !is_interim(status) {
+                state.phase = phase::RESPONSE;
+                state.status = status;
+                // Saturating: a server that reads and writes one connection from two threads
+                // (HTTP/2) can move start_ns past this event's `now`.
+                state.duration_ns = now.saturating_sub(state.start_ns);
+                stats.responses += 1;
+                record_completed(tgid, state);
+            }
+        } else if state.phase == phase::RESPONSE && http {
+            // Another final status line: one more request, whose start was not seen.
+            let status = status_of(&pending, ret);
+            if status != 0 && !is_interim(status) {
+                finished = Some(*state);
+                state.status = status;
+                state.start_ns = state.last_read_ns;
+                state.duration_ns = now.saturating_sub(state.start_ns);
+                state.rx = 0;
+                state.tx = 0;
+                stats.requests += 1;
+                stats.responses += 1;
+                record_completed(tgid, state);
+            }
         }
-    } else if state.phase == phase::RESPONSE && http {
-        // Another final status line: one more request, whose start was not seen.
-        let status = status_of(&pending, ret);
-        if status != 0 && !is_interim(status) {
-            log_access(tgid, state);
-            state.status = status;
-            state.start_ns = state.last_read_ns;
-            state.duration_ns = now - state.start_ns;
-            state.rx = 0;
-            state.tx = 0;
-            stats.requests += 1;
-            stats.responses += 1;
-            record_completed(tgid, state);
-        }
+        state.tx += ret as u64;
     }
-    state.tx += ret as u64;
+    if let Some(turn) = finished {
+        log_access(tgid, &turn);
+    }
     Ok(())
 }
 
 #[inline(always)]
-fn start_request(state: &mut ConnState, head: Option<(Head, usize)>, now: u64) {
+fn start_request(state: &mut ConnState, head: &Option<(Head, usize)>, method: u8, now: u64) {
     if state.protocol == PROTO_UNKNOWN {
-        state.protocol = match &head {
-            Some((bytes, len)) => detect_protocol(bytes, *len),
-            None => probe_common::http::PROTO_OTHER,
+        state.protocol = match head {
+            Some((bytes, len)) => protocol_of(bytes, *len, method),
+            None => PROTO_OTHER,
         };
     }
-    state.method = match (&head, state.protocol == PROTO_HTTP1) {
-        (Some((bytes, len)), true) => match parse_method(bytes, *len) {
-            // Not a request line where one should start: still a request, method unknown.
-            METHOD_NONE => probe_common::http::METHOD_OTHER,
-            m => m,
-        },
-        (None, true) => probe_common::http::METHOD_OTHER,
-        _ => METHOD_NONE,
+    state.method = if state.protocol != PROTO_HTTP1 {
+        METHOD_NONE
+    } else if method == METHOD_NONE {
+        // Not a request line where one should start: still a request, method unknown.
+        METHOD_OTHER
+    } else {
+        method
     };
     state.phase = phase::REQUEST;
     state.status = 0;

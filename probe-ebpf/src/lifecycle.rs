@@ -70,7 +70,14 @@ const ALREADY_PENDING: i32 = 2;
 
 fn try_signal_generate(ctx: &TracePointContext) -> Result<(), i64> {
     let (sig, target, result) = signal_generated(ctx)?;
-    let target = target as u32;
+    // A fault (SIGSEGV, SIGBUS) or abort() targets the faulting thread, which is current:
+    // record it for the whole process.
+    let (_, cur_tgid, cur_tid) = current();
+    let target = if target as u32 == cur_tid {
+        cur_tgid
+    } else {
+        target as u32
+    };
     if (result != DELIVERED && result != ALREADY_PENDING)
         || HARMLESS.contains(&sig)
         || !is_target(target)
@@ -103,12 +110,15 @@ fn update_exit(tgid: u32, f: impl FnOnce(&mut ExitInfo)) {
 pub fn process_exit(ctx: TracePointContext) -> u32 {
     let _ = ctx;
     let (id, tgid, tid) = current();
-    if !is_target(tgid) {
+    // The leader often exits before the other threads of a dying process: a thread must be
+    // cleaned up even when its process is no longer in the set.
+    let thread_tracked = is_target(tid);
+    if !thread_tracked && !is_target(tgid) {
         return 0;
     }
     // The thread's pending-syscall slot, if it did socket I/O.
     let _ = PENDING_IO.remove(id);
-    if !is_target(tid) {
+    if !thread_tracked {
         return 0; // a thread that was there before flyprobe: not in the set
     }
     set_target(tid, false);

@@ -31,9 +31,11 @@ pub static STATS: PerCpuHashMap<u32, ProcStats> =
 
 /// Syscall arguments between sys_enter and sys_exit, one slot per thread (key: pid_tgid).
 /// The exit marks the slot consumed instead of deleting it (a delete costs a bucket lock on
-/// every syscall); the slot goes when the thread exits.
+/// every syscall); the slot goes when the thread exits. LRU, so that a slot whose exit was
+/// never seen cannot fill the map.
 #[map]
-pub static PENDING_IO: HashMap<u64, PendingIo> = HashMap::with_max_entries(PENDING_ENTRIES, 0);
+pub static PENDING_IO: LruHashMap<u64, PendingIo> =
+    LruHashMap::with_max_entries(PENDING_ENTRIES, 0);
 
 /// The user `sockaddr *` passed to accept, per thread, to read the family on return.
 #[map]

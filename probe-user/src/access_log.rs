@@ -42,18 +42,34 @@ pub async fn pump(ring: RingBuf<MapData>, mut sink: Sink) -> io::Result<()> {
     // SAFETY: the RingBuf owns its map fd and keeps it open until the AsyncFd drops it.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE)? };
     let clock = Clock::new();
+    // A failing log (disk full, a closed pipe) must not take the metrics down: records are
+    // dropped, and that is said once, until writing works again.
+    let mut failing = false;
     loop {
         let mut guard = ring.readable_mut().await?;
         let ring = guard.get_inner_mut();
+        let mut result = Ok(());
         while let Some(item) = ring.next() {
-            if item.len() >= size_of::<AccessRecord>() {
+            if item.len() >= size_of::<AccessRecord>() && result.is_ok() {
                 // SAFETY: plain old data, length checked, alignment not needed.
                 let record = unsafe { ptr::read_unaligned(item.as_ptr().cast::<AccessRecord>()) };
-                writeln!(sink, "{}", line(&record, clock.wall(record.ts_ns)))?;
+                result = writeln!(sink, "{}", line(&record, clock.wall(record.ts_ns)));
             }
         }
-        sink.flush()?;
         guard.clear_ready();
+        match result.and_then(|()| sink.flush()) {
+            Err(err) if !failing => {
+                log::warn!(
+                    "access log write failed ({err}); dropping records until it works again"
+                );
+                failing = true;
+            }
+            Ok(()) if failing => {
+                log::info!("access log writes work again");
+                failing = false;
+            }
+            _ => {}
+        }
     }
 }
 

@@ -17,6 +17,8 @@ pub enum StartError {
         "PID {pid} is a kernel thread ({comm}), not a server: pass the server's PID to --pid-tree"
     )]
     KernelThread { pid: u32, comm: String },
+    #[error("PID {pid} is a thread of process {tgid}: pass --pid-tree {tgid}")]
+    Thread { pid: u32, tgid: u32 },
     #[error(
         "flyprobe needs root, or the capabilities CAP_BPF and CAP_PERFMON, to load eBPF \
          programs (it has neither: {detail}); run it with sudo"
@@ -43,7 +45,9 @@ pub enum StartError {
 impl StartError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::NoSuchProcess { .. } | Self::KernelThread { .. } => EXIT_USAGE,
+            Self::NoSuchProcess { .. } | Self::KernelThread { .. } | Self::Thread { .. } => {
+                EXIT_USAGE
+            }
             Self::NotPrivileged { .. }
             | Self::ListenInUse { .. }
             | Self::Listen { .. }

@@ -90,7 +90,10 @@ impl KernelMaps {
             .filter(|(key, _)| key.tgid == pid)
             .collect();
         for (key, state) in held {
-            let _ = self.conns.remove(&key);
+            // A key can be listed twice when other keys are deleted mid-walk; count it once.
+            if self.conns.remove(&key).is_err() {
+                continue;
+            }
             if state.phase == phase::REQUEST {
                 // The kernel closed it with the process: aborted, no status.
                 let labels = ReqKey {

@@ -43,6 +43,12 @@ impl Shared {
         let mut state = self.lock();
         match event.kind {
             event_kind::FORK => {
+                // The PID was reused before the old process was retired: retire it first,
+                // or its final counters would become the new process's.
+                if state.watched.exited_member(event.pid) {
+                    let last = state.maps.retire(event.pid);
+                    state.watched.retire(event.pid, last);
+                }
                 if state.watched.on_fork(event.pid, event.ppid) {
                     log::debug!("process {} forked by {}", event.pid, event.ppid);
                 }
@@ -82,7 +88,16 @@ impl State {
             self.watched
                 .on_exit(pid, "unknown", accepted, now, uptime());
         }
-        self.watched.classify(&self.maps.stats());
+        let stats = self.maps.stats();
+        for pid in stats.keys() {
+            if !self.watched.members().contains_key(pid) && !self.watched.adopt(*pid) {
+                // Counted by the kernel, unknown here and not adoptable (gone, or not under
+                // a root): free its entries.
+                log::debug!("freeing kernel state of unknown process {pid}");
+                let _ = self.maps.retire(*pid);
+            }
+        }
+        self.watched.classify(&stats);
         self.retire_due(now);
         self.map_entries = self.maps.entries();
     }

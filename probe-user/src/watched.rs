@@ -67,6 +67,8 @@ pub struct Watched {
     /// Their labelled requests, by root.
     retired_requests: BTreeMap<(u32, ReqKey), ReqStats>,
     lifecycle: BTreeMap<u32, Lifecycle>,
+    /// Members found gone by the last sweep, confirmed by the next.
+    suspects: BTreeSet<u32>,
 }
 
 /// What /proc says about a process: (comm, start in seconds after boot, ppid).
@@ -82,11 +84,22 @@ impl Watched {
     pub fn discover(roots: &[u32], server_name: Option<&str>) -> Result<Self, StartError> {
         let mut watched = Self::default();
         for &pid in roots {
+            if watched.roots.iter().any(|r| r.pid == pid) {
+                continue; // named twice
+            }
             let process =
                 Process::new(pid as i32).map_err(|_| StartError::NoSuchProcess { pid })?;
             let stat = process
                 .stat()
                 .map_err(|_| StartError::NoSuchProcess { pid })?;
+            if let Ok(status) = process.status()
+                && status.tgid as u32 != pid
+            {
+                return Err(StartError::Thread {
+                    pid,
+                    tgid: status.tgid as u32,
+                });
+            }
             if stat.flags & PF_KTHREAD != 0 {
                 return Err(StartError::KernelThread {
                     pid,
@@ -160,6 +173,9 @@ impl Watched {
 
     /// A tracked process forked `child`, which may be a thread: only processes join.
     pub fn on_fork(&mut self, child: u32, parent: u32) -> bool {
+        if self.members.get(&child).is_some_and(|m| m.exited.is_none()) {
+            return false; // already adopted by a sweep
+        }
         let Some(root) = self.members.get(&parent).map(|m| m.root) else {
             return false;
         };
@@ -270,13 +286,40 @@ impl Watched {
     }
 
     /// Live members whose process is gone without an exit event (it exited before it was
-    /// tracked, or the event ring overflowed).
-    pub fn vanished(&self) -> Vec<u32> {
-        self.members
+    /// tracked, or the event ring overflowed). Gone on two sweeps in a row: on the first, its
+    /// exit event (which carries the reason) may still be in the ring.
+    pub fn vanished(&mut self) -> Vec<u32> {
+        let missing: BTreeSet<u32> = self
+            .members
             .iter()
             .filter(|(pid, m)| m.exited.is_none() && !alive(**pid))
             .map(|(pid, _)| *pid)
-            .collect()
+            .collect();
+        let gone = missing.intersection(&self.suspects).copied().collect();
+        self.suspects = missing;
+        gone
+    }
+
+    /// A process the kernel counts that userspace does not know: its fork event was lost,
+    /// or it was reaped before the event was read. It joins if its parent is a member.
+    pub fn adopt(&mut self, pid: u32) -> bool {
+        let is_process = Process::new(pid as i32)
+            .and_then(|p| p.status())
+            .is_ok_and(|s| s.tgid == pid as i32);
+        let Some((comm, started, ppid)) = proc_facts(pid).filter(|_| is_process) else {
+            return false;
+        };
+        let Some(root) = self.members.get(&ppid).map(|m| m.root) else {
+            return false;
+        };
+        self.members
+            .insert(pid, Member::new(ppid, root, comm, started, true));
+        true
+    }
+
+    /// Whether `pid` is a member that has exited but is not retired yet.
+    pub fn exited_member(&self, pid: u32) -> bool {
+        self.members.get(&pid).is_some_and(|m| m.exited.is_some())
     }
 
     /// Exited members whose grace has passed.

@@ -108,6 +108,23 @@ fn listen_address_in_use() {
 }
 
 #[test]
+fn pid_of_a_thread() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tx.send(unsafe { libc::gettid() }).unwrap();
+        let _ = done_rx.recv();
+    });
+    let tid = rx.recv().unwrap().to_string();
+    let out = run(&["--pid-tree", &tid], |_| {});
+    done_tx.send(()).unwrap();
+    thread.join().unwrap();
+    let want = format!("PID {tid} is a thread of process {}", own_pid());
+    assert_fails(&out, USAGE, &want);
+}
+
+#[test]
 fn pid_of_a_kernel_thread() {
     // PID 2 is kthreadd on Linux.
     assert_fails(

@@ -30,7 +30,9 @@ fn stopped_sum(m: &Metrics, server: &str) -> u64 {
 }
 
 fn gauge(m: &Metrics, name: &str, server: &str) -> u64 {
-    m.get(name, &[("server", server)]).unwrap_or(-1.0) as u64
+    // A missing series is a failure, not a zero.
+    let v = m.get(name, &[("server", server)]);
+    v.unwrap_or_else(|| panic!("no single {name}{{server={server}}} in\n{}", m.text)) as u64
 }
 
 fn worker_pids(m: &Metrics, server: &str) -> BTreeSet<u32> {

@@ -86,6 +86,11 @@ fn stop_detaches_everything_and_a_killed_daemon_leaves_the_app_serving() {
         "our programs are loaded while running"
     );
     fp.stop();
+    // Teardown after the last fd closes is deferred in the kernel: give it a moment.
+    eventually("SIGTERM to detach and unload every program", SETTLE, || {
+        let left = loaded_programs();
+        if left.is_empty() { Ok(()) } else { Err(left) }
+    });
     assert!(
         loaded_programs().is_empty(),
         "SIGTERM detached and unloaded every program"
