@@ -267,6 +267,7 @@ pub mod names {
     pub const DROPS: &str = "DROPS";
     pub const EVENTS: &str = "EVENTS";
     pub const EXITS: &str = "EXITS";
+    pub const PENDING_IO: &str = "PENDING_IO";
     pub const REQS: &str = "REQS";
     pub const ACCESS: &str = "ACCESS";
     /// Non-zero when --access-log is on; records are only built then.

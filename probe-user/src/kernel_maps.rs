@@ -7,13 +7,16 @@ use aya::{
     Ebpf, Pod,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
 };
-use probe_common::{ConnKey, ConnState, ProcStats, ReqKey, ReqStats, drop_reason, names, phase};
+use probe_common::{
+    ConnKey, ConnState, PendingIo, ProcStats, ReqKey, ReqStats, drop_reason, names, phase,
+};
 
 use crate::probe::{ProbeError, take};
 
 pub struct KernelMaps {
     targets: Array<MapData, u8>,
     conns: HashMap<MapData, ConnKey, ConnState>,
+    pending: HashMap<MapData, u64, PendingIo>,
     stats: PerCpuHashMap<MapData, u32, ProcStats>,
     reqs: PerCpuHashMap<MapData, ReqKey, ReqStats>,
     drops: PerCpuArray<MapData, u64>,
@@ -32,6 +35,7 @@ impl KernelMaps {
         Ok(Self {
             targets: take(ebpf, names::TARGETS)?,
             conns: take(ebpf, names::CONNS)?,
+            pending: take(ebpf, names::PENDING_IO)?,
             stats: take(ebpf, names::STATS)?,
             reqs: take(ebpf, names::REQS)?,
             drops: take(ebpf, names::DROPS)?,
@@ -83,6 +87,16 @@ impl KernelMaps {
             let _ = self.reqs.remove(key);
         }
         let _ = self.stats.remove(&pid);
+        // Pending-syscall slots of its threads (keyed by pid_tgid) that outlived the process.
+        let slots: Vec<u64> = self
+            .pending
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| (id >> 32) as u32 == pid)
+            .collect();
+        for id in slots {
+            let _ = self.pending.remove(&id);
+        }
         let held: Vec<(ConnKey, ConnState)> = self
             .conns
             .iter()
