@@ -26,6 +26,14 @@ pub const PROTOCOLS: [&str; 5] = ["unknown", "http1", "tls", "h2", "other"];
 /// Status classes (`STATUS_CLASSES` names them); 0 when there is no HTTP status.
 pub const STATUS_CLASSES: [&str; 6] = ["", "1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// The name of `index` in one of the tables above (`""` when out of range).
+pub fn name_of(names: &[&'static str], index: u8) -> &'static str {
+    match names.get(index as usize) {
+        Some(name) => name,
+        None => "",
+    }
+}
+
 #[inline(always)]
 fn starts(head: &Head, len: usize, pat: &[u8]) -> bool {
     if len < pat.len() || pat.len() > PEEK {

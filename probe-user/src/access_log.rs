@@ -4,9 +4,7 @@
 use std::{
     fs::OpenOptions,
     io::{self, BufWriter, Write},
-    mem::size_of,
     path::Path,
-    ptr,
     time::{Duration, SystemTime},
 };
 
@@ -14,11 +12,11 @@ use aya::maps::{MapData, RingBuf};
 use nix::time::{ClockId, clock_gettime};
 use probe_common::{
     AccessRecord,
-    http::{METHODS, PROTOCOLS},
+    http::{METHODS, PROTOCOLS, name_of},
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
-use crate::error::StartError;
+use crate::{error::StartError, events::decode};
 
 pub type Sink = Box<dyn Write + Send>;
 
@@ -50,9 +48,9 @@ pub async fn pump(ring: RingBuf<MapData>, mut sink: Sink) -> io::Result<()> {
         let ring = guard.get_inner_mut();
         let mut result = Ok(());
         while let Some(item) = ring.next() {
-            if item.len() >= size_of::<AccessRecord>() && result.is_ok() {
-                // SAFETY: plain old data, length checked, alignment not needed.
-                let record = unsafe { ptr::read_unaligned(item.as_ptr().cast::<AccessRecord>()) };
+            if let Some(record) = decode::<AccessRecord>(&item)
+                && result.is_ok()
+            {
                 result = writeln!(sink, "{}", line(&record, clock.wall(record.ts_ns)));
             }
         }
@@ -73,17 +71,13 @@ pub async fn pump(ring: RingBuf<MapData>, mut sink: Sink) -> io::Result<()> {
     }
 }
 
-fn label(names: &[&'static str], i: u8) -> &'static str {
-    names.get(usize::from(i)).copied().unwrap_or("")
-}
-
 fn line(r: &AccessRecord, ts: SystemTime) -> String {
     serde_json::json!({
         "ts": humantime::format_rfc3339_micros(ts).to_string(),
         "pid": r.tgid,
-        "method": label(&METHODS, r.method),
+        "method": name_of(&METHODS, r.method),
         "status": r.status,
-        "protocol": label(&PROTOCOLS, r.protocol),
+        "protocol": name_of(&PROTOCOLS, r.protocol),
         "duration_us": r.duration_ns / 1_000,
         "bytes_in": r.rx,
         "bytes_out": r.tx,

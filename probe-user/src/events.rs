@@ -15,7 +15,7 @@ pub async fn pump(ring: RingBuf<MapData>, state: Shared) -> std::io::Result<()> 
         let mut guard = ring.readable_mut().await?;
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
-            if let Some(event) = decode(&item) {
+            if let Some(event) = decode::<ProcEvent>(&item) {
                 state.on_event(event);
             }
         }
@@ -23,8 +23,9 @@ pub async fn pump(ring: RingBuf<MapData>, state: Shared) -> std::io::Result<()> 
     }
 }
 
-fn decode(bytes: &[u8]) -> Option<ProcEvent> {
-    // SAFETY: ProcEvent is plain old data; the length is checked, alignment is not needed.
-    (bytes.len() >= size_of::<ProcEvent>())
-        .then(|| unsafe { ptr::read_unaligned(bytes.as_ptr().cast::<ProcEvent>()) })
+/// A record from a kernel ring buffer, if it is long enough.
+pub fn decode<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    // SAFETY: T is plain old data; the length is checked, alignment is not needed.
+    (bytes.len() >= size_of::<T>())
+        .then(|| unsafe { ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }

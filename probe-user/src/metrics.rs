@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use probe_common::{
     DURATION_BOUNDS_NS, ReqStats, drop_reason,
-    http::{METHODS, PROTOCOLS, STATUS_CLASSES},
+    http::{METHODS, PROTOCOLS, STATUS_CLASSES, name_of},
 };
 use prometheus::{
     Encoder as _, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -236,9 +236,9 @@ impl Catalog {
                     .with_label_values(&[
                         name,
                         &pid,
-                        label(&METHODS, key.method),
-                        label(&STATUS_CLASSES, key.status),
-                        label(&PROTOCOLS, key.protocol),
+                        name_of(&METHODS, key.method),
+                        name_of(&STATUS_CLASSES, key.status),
+                        name_of(&PROTOCOLS, key.protocol),
                     ])
                     .inc_by(stats.count);
             }
@@ -263,10 +263,6 @@ const DURATION: &str = "server_request_duration_seconds";
 const DURATION_HELP: &str =
     "First request byte read to first response byte written, for requests that got a response.";
 
-fn label(names: &[&'static str], index: u8) -> &'static str {
-    names.get(usize::from(index)).copied().unwrap_or("")
-}
-
 /// The duration histograms, built from the kernel's bucket counts (the prometheus crate's
 /// Histogram only takes observations, so the family is assembled here).
 fn duration_family(snap: &Snapshot) -> MetricFamily {
@@ -287,9 +283,9 @@ fn duration_family(snap: &Snapshot) -> MetricFamily {
         }
         for ((method, status), stats) in by_labels {
             let pairs = [
-                ("method", label(&METHODS, method)),
+                ("method", name_of(&METHODS, method)),
                 ("server", server.server.as_str()),
-                ("status", label(&STATUS_CLASSES, status)),
+                ("status", name_of(&STATUS_CLASSES, status)),
             ];
             let mut metric = Metric::from_label(
                 pairs

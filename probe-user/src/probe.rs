@@ -181,9 +181,6 @@ pub struct Options {
 
 /// Offsets in tracepoint records, from tracefs.
 struct Offsets {
-    arg0: u32,
-    arg1: u32,
-    ret: u32,
     fork_child_pid: u32,
     signal_sig: u32,
     signal_pid: u32,
@@ -192,17 +189,9 @@ struct Offsets {
 
 impl Offsets {
     fn read(tracefs: &Path) -> Result<Self, ProbeError> {
-        let enter = Format::read(tracefs, "syscalls", "sys_enter_accept4")?;
-        let exit = Format::read(tracefs, "syscalls", "sys_exit_accept4")?;
         let fork = Format::read(tracefs, "sched", "sched_process_fork")?;
         let signal = Format::read(tracefs, "signal", "signal_generate")?;
-        // The kernel programs read syscall records at fixed offsets (a stable ABI); each
-        // attached syscall's format is checked against them in `check`.
-        let _ = (enter.offset("fd")?, exit.offset("ret")?);
         Ok(Self {
-            arg0: syscall_layout::ARG0 as u32,
-            arg1: syscall_layout::ARG1 as u32,
-            ret: syscall_layout::RET as u32,
             fork_child_pid: fork.offset("child_pid")?,
             signal_sig: signal.offset("sig")?,
             signal_pid: signal.offset("pid")?,
@@ -210,15 +199,19 @@ impl Offsets {
         })
     }
 
-    /// A shared program reads arg0 and arg1 (or ret) at one offset for every syscall it
-    /// serves.
-    fn check(&self, tracefs: &Path, category: &str, name: &str) -> Result<(), ProbeError> {
+    /// The kernel programs read syscall records at the fixed offsets of `syscall_layout` (a
+    /// stable ABI): check that this syscall keeps arg0 and arg1 (or ret) there.
+    fn check(tracefs: &Path, category: &str, name: &str) -> Result<(), ProbeError> {
         if category != "syscalls" {
             return Ok(());
         }
         let format = Format::read(tracefs, category, name)?;
-        let checks: Vec<(String, u32, u32)> = if name.starts_with("sys_exit_") {
-            vec![("ret".to_string(), format.offset("ret")?, self.ret)]
+        let checks: Vec<(String, u32, usize)> = if name.starts_with("sys_exit_") {
+            vec![(
+                "ret".to_string(),
+                format.offset("ret")?,
+                syscall_layout::RET,
+            )]
         } else {
             let args = format.args();
             let first = args.first().ok_or_else(|| TracefsError::MissingField {
@@ -226,20 +219,20 @@ impl Offsets {
                 name: name.into(),
                 field: "fd".into(),
             })?;
-            let mut checks = vec![(first.0.to_string(), first.1, self.arg0)];
+            let mut checks = vec![(first.0.to_string(), first.1, syscall_layout::ARG0)];
             if let Some(second) = args.get(1) {
-                checks.push((second.0.to_string(), second.1, self.arg1));
+                checks.push((second.0.to_string(), second.1, syscall_layout::ARG1));
             }
             checks
         };
         for (field, found, expected) in checks {
-            if found != expected {
+            if found as usize != expected {
                 return Err(ProbeError::LayoutMismatch {
                     category: category.into(),
                     name: name.into(),
                     field,
                     found,
-                    expected,
+                    expected: expected as u32,
                 });
             }
         }
@@ -283,15 +276,15 @@ impl Probe {
             .map_err(|e| ProbeError::Load(Box::new(e)))?;
         let mut probe = Self { ebpf, links: 0 };
         for hook in HOOKS {
-            probe.attach(tracefs, &offsets, hook)?;
+            probe.attach(tracefs, hook)?;
         }
         if options.calibration {
-            probe.attach(tracefs, &offsets, &CALIBRATION)?;
+            probe.attach(tracefs, &CALIBRATION)?;
         }
         Ok(probe)
     }
 
-    fn attach(&mut self, tracefs: &Path, offsets: &Offsets, hook: &Hook) -> Result<(), ProbeError> {
+    fn attach(&mut self, tracefs: &Path, hook: &Hook) -> Result<(), ProbeError> {
         let name = hook.program;
         let program: &mut TracePoint = self
             .ebpf
@@ -307,7 +300,7 @@ impl Probe {
             source: Box::new(e),
         })?;
         for &tp in hook.tracepoints {
-            offsets.check(tracefs, hook.category, tp)?;
+            Offsets::check(tracefs, hook.category, tp)?;
             program
                 .attach(hook.category, tp)
                 .map_err(|e| ProbeError::Attach {

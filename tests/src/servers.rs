@@ -209,15 +209,7 @@ http {{
 
 /// The plain TCP echo server built from tests/src/bin.
 pub fn echo_server() -> Server {
-    let port = free_port();
-    let bin = artifact(
-        "FLYPROBE_ECHO_SERVER",
-        workspace().join("target/release/flyprobe-echo-server"),
-    );
-    let guard = Guard::spawn(
-        "flyprobe-echo-server",
-        Command::new(bin).args(["--port", &port.to_string()]),
-    );
+    let (guard, port) = workspace_bin("FLYPROBE_ECHO_SERVER", "flyprobe-echo-server");
     eventually("the echo server to listen", Duration::from_secs(30), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())
     });
@@ -239,16 +231,16 @@ pub fn children(pid: u32) -> Vec<u32> {
 
 /// The axum server built from tests/src/bin (tokio, 2 threads, one process).
 pub fn rust_server() -> Server {
-    let port = free_port();
-    let bin = artifact(
-        "FLYPROBE_TEST_SERVER",
-        workspace().join("target/release/flyprobe-test-server"),
-    );
-    let guard = Guard::spawn(
-        "flyprobe-test-server",
-        Command::new(bin).args(["--port", &port.to_string()]),
-    );
+    let (guard, port) = workspace_bin("FLYPROBE_TEST_SERVER", "flyprobe-test-server");
     ready(guard, port)
+}
+
+/// A server binary built from tests/src/bin (path from `var`), on a free port.
+fn workspace_bin(var: &str, name: &str) -> (Guard, u16) {
+    let port = free_port();
+    let bin = artifact(var, workspace().join("target/release").join(name));
+    let guard = Guard::spawn(name, Command::new(bin).args(["--port", &port.to_string()]));
+    (guard, port)
 }
 
 fn ready(guard: Guard, port: u16) -> Server {
