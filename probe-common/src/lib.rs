@@ -204,6 +204,8 @@ pub mod event_kind {
     pub const FORK: u32 = 1;
     /// A tracked process (its thread-group leader) exited.
     pub const EXIT: u32 = 2;
+    /// An untracked process exec'd or started listening: node-wide selectors may want it.
+    pub const DISCOVER: u32 = 3;
 }
 
 #[repr(C)]

@@ -3,11 +3,13 @@
 //! - `connections`: accept/accept4 exit starts a connection, close ends it;
 //! - `io`: the read and write syscall families drive the request/response turn;
 //! - `requests`: what a turn records (labelled counts, durations, the access log);
-//! - `lifecycle`: fork extends the target set in the kernel, exit ends a process.
+//! - `lifecycle`: fork extends the target set in the kernel, exit ends a process;
+//! - `discovery`: exec and listen of untracked processes, for node-wide selectors.
 #![no_std]
 #![no_main]
 
 mod connections;
+mod discovery;
 mod io;
 mod lifecycle;
 mod maps;

@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
-use clap::{Parser, error::ErrorKind};
+use clap::{ArgGroup, Parser, error::ErrorKind};
 use probe_common::{DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PROCESSES, DEFAULT_MAX_REQUEST_SERIES};
 
 use crate::error::EXIT_USAGE;
@@ -12,12 +12,32 @@ use crate::error::EXIT_USAGE;
     name = "flyprobe",
     version,
     about = "Kernel-level server probe: per-worker connections and requests from eBPF \
-             tracepoints, served as Prometheus metrics. Needs root (or CAP_BPF + CAP_PERFMON)."
+             tracepoints, served as Prometheus metrics. Needs root (or CAP_BPF + CAP_PERFMON).",
+    group(ArgGroup::new("selector").required(true).multiple(true)
+        .args(["pid_tree", "port", "comm", "cgroup", "all_listeners"]))
 )]
 pub struct Cli {
     /// Watch this process and all its descendants, present and future (repeatable).
-    #[arg(long = "pid-tree", value_name = "PID", required = true, value_parser = parse_pid)]
+    #[arg(long = "pid-tree", value_name = "PID", value_parser = parse_pid)]
     pub pid_tree: Vec<u32>,
+
+    /// Watch every process listening on this TCP port, and its tree (repeatable; found
+    /// within a second of its listen()).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Vec<u16>,
+
+    /// Watch every process with this name (comm or argv[0]), and its tree (repeatable).
+    #[arg(long, value_name = "NAME")]
+    pub comm: Vec<String>,
+
+    /// Watch every process in this cgroup v2 subtree, e.g. /sys/fs/cgroup/kubepods.slice
+    /// (repeatable).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Vec<PathBuf>,
+
+    /// Watch every process that listens on a TCP port (node-wide mode).
+    #[arg(long)]
+    pub all_listeners: bool,
 
     /// Address to serve /metrics on. Loopback by default: expose it on purpose.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
@@ -47,9 +67,15 @@ pub struct Cli {
     #[arg(long, value_name = "NAME")]
     pub server_name: Option<String>,
 
-    /// Exit (status 0) once every watched root has exited, instead of serving final metrics.
-    #[arg(long)]
+    /// Exit (status 0) once every --pid-tree root has exited, instead of serving final metrics.
+    #[arg(long, requires = "pid_tree")]
     pub exit_with_target: bool,
+
+    /// TLS and authentication for the HTTP endpoint, from a YAML file in the format of
+    /// Prometheus exporters' web config (tls_server_config, basic_auth_users), plus
+    /// bearer_tokens.
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config: Option<PathBuf>,
 
     /// Also attach an empty program to sys_enter_read (the benchmark's cost floor).
     #[arg(long, hide = true)]
@@ -121,5 +147,29 @@ mod tests {
         assert_eq!(cli.listen.to_string(), "127.0.0.1:9464");
         assert_eq!(cli.pid_tree, vec![7]);
         assert_eq!(cli.max_connections, DEFAULT_MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn some_selector_is_required_and_they_combine() {
+        assert!(Cli::try_parse_from(["flyprobe"]).is_err());
+        let cli = Cli::try_parse_from([
+            "flyprobe",
+            "--port",
+            "8000",
+            "--comm",
+            "nginx",
+            "--cgroup",
+            "/sys/fs/cgroup/kubepods.slice",
+            "--all-listeners",
+        ])
+        .unwrap();
+        assert_eq!(
+            (cli.port, cli.comm.len(), cli.all_listeners),
+            (vec![8000], 1, true)
+        );
+        assert!(Cli::try_parse_from(["flyprobe", "--port", "0"]).is_err());
+        assert!(
+            Cli::try_parse_from(["flyprobe", "--all-listeners", "--exit-with-target"]).is_err()
+        );
     }
 }

@@ -13,14 +13,21 @@ use crate::{
     error::StartError,
     events, http, metrics, privileges,
     probe::{Limits, Options, Probe},
+    selectors::Selectors,
     state::{Shared, State},
     tracefs,
     watched::Watched,
+    web_config::WebConfig,
 };
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let mut watched = Watched::discover(&cli.pid_tree, cli.server_name.as_deref())?;
+    let selectors = Selectors::new(&cli.port, &cli.comm, &cli.cgroup, cli.all_listeners);
     privileges::check()?;
+    let web = match &cli.web_config {
+        Some(path) => WebConfig::load(path)?,
+        None => WebConfig::none(),
+    };
     let listener = bind(cli.listen)?;
     tracefs::ensure_mounted(&cli.tracefs)?;
 
@@ -39,6 +46,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         access_log: access_log.is_some(),
         calibration: cli.calibration_probe,
         required: cli.require_tracepoint.clone(),
+        exec_events: selectors.wants_exec_events(),
+        listen_events: selectors.wants_listen_events(),
     };
     let mut probe = Probe::load(&cli.tracefs, &options).context("starting the eBPF probe")?;
     let (mut maps, ring, access_ring) = probe.take_maps().context("opening the probe's maps")?;
@@ -62,17 +71,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     log::info!(
-        "attached {} programs to {} tracepoints; tracking {seeded} processes; metrics at http://{}/metrics",
+        "attached {} programs to {} tracepoints; tracking {seeded} processes",
         probe.program_count(),
         probe.links,
-        cli.listen
     );
 
     let mut state = State {
         maps,
         watched,
         map_entries: Vec::new(),
+        selectors,
+        server_name: cli.server_name.clone(),
+        since_scan: 0,
     };
+    if !state.selectors.is_empty() {
+        // Discovery events flow from here on; catch what runs already.
+        let found = state.scan();
+        log::info!("node-wide selectors matched {found} running servers");
+    }
     state.sweep(); // classify workers before the first scrape
     let state = Shared::new(state);
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -80,7 +96,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let access = access_log.map(|sink| (access_ring, sink));
-    let result = runtime.block_on(serve(listener, ring, access, state, cli.exit_with_target));
+    let scheme = if web.tls.is_some() { "https" } else { "http" };
+    log::info!(
+        "serving {scheme}://{}/ (dashboard), /metrics, /api/v1/snapshot{}",
+        cli.listen,
+        if web.auth.is_some() {
+            "; authentication required"
+        } else {
+            ""
+        }
+    );
+    let result = runtime.block_on(serve(
+        listener,
+        web,
+        ring,
+        access,
+        state,
+        cli.exit_with_target,
+    ));
     let links = probe.links;
     drop(probe);
     if result.is_ok() {
@@ -91,6 +124,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(
     listener: std::net::TcpListener,
+    web: WebConfig,
     ring: RingBuf<MapData>,
     access: Option<(RingBuf<MapData>, access_log::Sink)>,
     state: Shared,
@@ -98,6 +132,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener).context("listening socket")?;
     let registry = metrics::registry(state.clone()).context("building the metrics registry")?;
+    let router = http::router(registry, state.clone(), web.auth.clone());
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let sweeper = state.clone();
@@ -108,7 +143,7 @@ async fn serve(
         }
     };
     tokio::select! {
-        r = http::serve(listener, registry) => r.context("serving metrics")?,
+        r = http::serve(listener, router, web) => r.context("serving metrics")?,
         r = events::pump(ring, state) => r.context("reading kernel events")?,
         r = access_log => r.context("writing the access log")?,
         () = async move {

@@ -4,7 +4,7 @@ use std::{io, net::SocketAddr};
 
 use thiserror::Error;
 
-/// Bad arguments: the command line, or a PID that names no process.
+/// Bad arguments: the command line, a PID that names no process, an unusable web config.
 pub const EXIT_USAGE: u8 = 2;
 /// Everything else that stops flyprobe: privileges, the port, tracefs, the kernel.
 pub const EXIT_RUNTIME: u8 = 1;
@@ -57,6 +57,12 @@ impl StartError {
 }
 
 pub fn exit_code(err: &anyhow::Error) -> u8 {
+    if err
+        .downcast_ref::<crate::web_config::WebConfigError>()
+        .is_some()
+    {
+        return EXIT_USAGE; // the operator's file: bad input, like a bad flag
+    }
     err.downcast_ref::<StartError>()
         .map_or(EXIT_RUNTIME, StartError::exit_code)
 }

@@ -1,7 +1,9 @@
 //! `flyprobe`: watches a server's process tree from the kernel and serves Prometheus metrics.
 
 mod access_log;
+mod api;
 mod cli;
+mod containers;
 mod daemon;
 mod error;
 mod events;
@@ -9,14 +11,17 @@ mod http;
 mod kernel_maps;
 mod lifecycle;
 mod metrics;
+mod openmetrics;
 mod privileges;
 mod probe;
+mod selectors;
 mod server_kind;
 mod snapshot;
 mod sockets;
 mod state;
 mod tracefs;
 mod watched;
+mod web_config;
 
 use std::process::ExitCode;
 

@@ -13,15 +13,17 @@ use prometheus::{
     proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
 
-use crate::{lifecycle::COMMON_REASONS, snapshot::Snapshot};
+use crate::{containers, lifecycle::COMMON_REASONS, snapshot::Snapshot};
 
 /// Where snapshots come from (the daemon's shared state; a fixed one in tests).
 pub trait SnapshotSource: Send + Sync {
     fn snapshot(&self) -> Snapshot;
 }
 
-const SERVER_PID: &[&str] = &["server", "pid"];
-const SERVER: &[&str] = &["server"];
+// Every server_* series also carries where the server runs (`containers::NAMES`); the ones
+// that are unknown are dropped from the exposition.
+const SERVER_PID: &[&str] = &["server", "pid", "container_id", "pod_uid", "unit", "netns"];
+const SERVER: &[&str] = &["server", "container_id", "pod_uid", "unit", "netns"];
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
     IntCounterVec::new(Opts::new(name, help), labels)
@@ -78,7 +80,17 @@ impl Catalog {
                 "server_requests_total",
                 "Requests completed or aborted; a request is a read on a connection after the \
                  server last wrote on it. method/status are empty when not HTTP/1.x.",
-                &["server", "pid", "method", "status", "protocol"],
+                &[
+                    "server",
+                    "pid",
+                    "method",
+                    "status",
+                    "protocol",
+                    "container_id",
+                    "pod_uid",
+                    "unit",
+                    "netns",
+                ],
             )?,
             received: counter(
                 "server_received_bytes_total",
@@ -119,7 +131,16 @@ impl Catalog {
             worker_info: gauge(
                 "server_worker_info",
                 "1 per live worker process.",
-                &["server", "pid", "ppid", "comm"],
+                &[
+                    "server",
+                    "pid",
+                    "ppid",
+                    "comm",
+                    "container_id",
+                    "pod_uid",
+                    "unit",
+                    "netns",
+                ],
             )?,
             worker_uptime: float_gauge(
                 "server_worker_uptime_seconds",
@@ -134,7 +155,14 @@ impl Catalog {
             stopped: counter(
                 "server_stopped_total",
                 "Workers stopped, by reason: exit_0, exit_nonzero, signal_<NAME>, unknown.",
-                &["server", "reason"],
+                &[
+                    "server",
+                    "reason",
+                    "container_id",
+                    "pod_uid",
+                    "unit",
+                    "netns",
+                ],
             )?,
             build_info: gauge(
                 "flyprobe_build_info",
@@ -205,55 +233,69 @@ impl Catalog {
         }
         for server in &snap.servers {
             let name = server.server.as_str();
-            self.workers
-                .with_label_values(&[name])
-                .set(int(server.workers.len() as u64));
-            self.uptime
-                .with_label_values(&[name])
-                .set(server.uptime_seconds);
-            self.up.with_label_values(&[name]).set(i64::from(server.up));
-            self.started
-                .with_label_values(&[name])
-                .inc_by(server.lifecycle.started);
+            let place = server.labels.values();
+            // The server's own labels, then the place it runs.
+            let with = |first: &[&str]| -> Vec<String> {
+                first
+                    .iter()
+                    .chain(place.iter())
+                    .map(|s| s.to_string())
+                    .collect()
+            };
+            let set = |vec: &IntGaugeVec, first: &[&str], v: i64| {
+                let values = with(first);
+                let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+                vec.with_label_values(&refs).set(v);
+            };
+            let add = |vec: &IntCounterVec, first: &[&str], v: u64| {
+                let values = with(first);
+                let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+                vec.with_label_values(&refs).inc_by(v);
+            };
+            let setf = |vec: &GaugeVec, first: &[&str], v: f64| {
+                let values = with(first);
+                let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+                vec.with_label_values(&refs).set(v);
+            };
+            set(&self.workers, &[name], int(server.workers.len() as u64));
+            setf(&self.uptime, &[name], server.uptime_seconds);
+            set(&self.up, &[name], i64::from(server.up));
+            add(&self.started, &[name], server.lifecycle.started);
             for reason in COMMON_REASONS {
-                self.stopped.with_label_values(&[name, reason]);
+                add(&self.stopped, &[name, reason], 0);
             }
             for (reason, n) in &server.lifecycle.stopped {
-                self.stopped.with_label_values(&[name, reason]).inc_by(*n);
+                add(&self.stopped, &[name, reason], *n);
             }
             for w in &server.workers {
                 let (pid, ppid) = (w.pid.to_string(), w.ppid.to_string());
-                self.worker_info
-                    .with_label_values(&[name, &pid, &ppid, &w.comm])
-                    .set(1);
-                self.worker_uptime
-                    .with_label_values(&[name, &pid])
-                    .set(w.uptime_seconds);
+                set(&self.worker_info, &[name, &pid, &ppid, &w.comm], 1);
+                setf(&self.worker_uptime, &[name, &pid], w.uptime_seconds);
             }
             for (key, stats) in &server.requests {
                 let pid = key.tgid.to_string();
-                self.requests
-                    .with_label_values(&[
+                add(
+                    &self.requests,
+                    &[
                         name,
                         &pid,
                         name_of(&METHODS, key.method),
                         name_of(&STATUS_CLASSES, key.status),
                         name_of(&PROTOCOLS, key.protocol),
-                    ])
-                    .inc_by(stats.count);
+                    ],
+                    stats.count,
+                );
             }
             for proc in &server.procs {
                 let pid = proc.pid.to_string();
                 let labels = [name, pid.as_str()];
                 let s = &proc.stats;
-                self.accepted.with_label_values(&labels).inc_by(s.accepted);
-                self.closed.with_label_values(&labels).inc_by(s.closed);
-                self.received.with_label_values(&labels).inc_by(s.rx_bytes);
-                self.sent.with_label_values(&labels).inc_by(s.tx_bytes);
-                self.active.with_label_values(&labels).set(int(s.active()));
-                self.in_flight
-                    .with_label_values(&labels)
-                    .set(int(s.in_flight()));
+                add(&self.accepted, &labels, s.accepted);
+                add(&self.closed, &labels, s.closed);
+                add(&self.received, &labels, s.rx_bytes);
+                add(&self.sent, &labels, s.tx_bytes);
+                set(&self.active, &labels, int(s.active()));
+                set(&self.in_flight, &labels, int(s.in_flight()));
             }
         }
     }
@@ -282,11 +324,13 @@ fn duration_family(snap: &Snapshot) -> MetricFamily {
             }
         }
         for ((method, status), stats) in by_labels {
-            let pairs = [
+            let mut pairs = vec![
                 ("method", name_of(&METHODS, method)),
                 ("server", server.server.as_str()),
                 ("status", name_of(&STATUS_CLASSES, status)),
             ];
+            pairs.extend(server.labels.pairs());
+            pairs.sort_unstable();
             let mut metric = Metric::from_label(
                 pairs
                     .iter()
@@ -353,6 +397,16 @@ impl<S: SnapshotSource> Collector for ProbeCollector<S> {
             .flat_map(|c| c.collect())
             .collect();
         families.push(duration_family(&snap));
+        for family in &mut families {
+            for metric in family.mut_metric() {
+                let kept: Vec<LabelPair> = metric
+                    .take_label()
+                    .into_iter()
+                    .filter(|l| !(l.value().is_empty() && containers::NAMES.contains(&l.name())))
+                    .collect();
+                metric.set_label(kept);
+            }
+        }
         families
     }
 }

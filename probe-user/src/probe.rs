@@ -32,6 +32,19 @@ const CALIBRATION: Hook = Hook {
     tracepoints: &["sys_enter_read"],
 };
 
+/// Node-wide discovery: attached only for the selectors that need them.
+const EXEC_DISCOVER: Hook = Hook {
+    program: "exec_discover",
+    category: "sched",
+    tracepoints: &["sched_process_exec"],
+};
+
+const LISTEN_DISCOVER: Hook = Hook {
+    program: "listen_discover",
+    category: "syscalls",
+    tracepoints: &["sys_exit_listen"],
+};
+
 const HOOKS: &[Hook] = &[
     Hook {
         program: "process_fork",
@@ -177,6 +190,10 @@ pub struct Options {
     pub calibration: bool,
     /// Build access-log records in the kernel (otherwise that code path is skipped).
     pub access_log: bool,
+    /// Announce exec of untracked processes (for --comm, --cgroup).
+    pub exec_events: bool,
+    /// Announce listen() of untracked processes (for --port, --all-listeners).
+    pub listen_events: bool,
 }
 
 /// Offsets in tracepoint records, from tracefs.
@@ -280,6 +297,12 @@ impl Probe {
         }
         if options.calibration {
             probe.attach(tracefs, &CALIBRATION)?;
+        }
+        if options.exec_events {
+            probe.attach(tracefs, &EXEC_DISCOVER)?;
+        }
+        if options.listen_events {
+            probe.attach(tracefs, &LISTEN_DISCOVER)?;
         }
         Ok(probe)
     }

@@ -5,18 +5,35 @@ use std::collections::BTreeMap;
 
 use probe_common::{ProcStats, ReqKey, ReqStats, drop_reason};
 
-use crate::watched::{Lifecycle, Member, Watched};
+use crate::{
+    containers::Labels,
+    watched::{Lifecycle, Member, Watched},
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     pub servers: Vec<ServerView>,
     pub drops: [u64; drop_reason::COUNT as usize],
     pub map_entries: Vec<(&'static str, u64)>,
+    /// Recent worker starts and stops, oldest first.
+    pub events: Vec<EventView>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventView {
+    /// Unix seconds.
+    pub time: f64,
+    pub server: String,
+    pub pid: u32,
+    /// `None` for a start, else the stop reason.
+    pub stopped: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerView {
     pub server: String,
+    /// Container, pod, unit, network namespace.
+    pub labels: Labels,
     /// Whether a root of this server is alive.
     pub up: bool,
     pub uptime_seconds: f64,
@@ -51,26 +68,49 @@ pub struct KernelView {
 }
 
 pub fn build(watched: &Watched, kernel: &KernelView, uptime_now: f64) -> Snapshot {
-    // Roots that share a label (two uvicorns) are one server.
-    let mut labels: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+    // Roots that share their labels (two uvicorns on a laptop) are one server.
+    let mut groups: BTreeMap<(&str, &Labels), Vec<u32>> = BTreeMap::new();
     for root in watched.roots() {
-        labels.entry(&root.server).or_default().push(root.pid);
+        groups
+            .entry((&root.server, &root.labels))
+            .or_default()
+            .push(root.pid);
     }
-    let servers = labels
+    let servers = groups
         .into_iter()
-        .map(|(label, roots)| server(watched, kernel, label, &roots, uptime_now))
+        .map(|((label, labels), roots)| {
+            server(watched, kernel, (label, labels), &roots, uptime_now)
+        })
         .collect();
+    let server_of = |root: u32| {
+        watched
+            .roots()
+            .iter()
+            .find(|r| r.pid == root)
+            .map(|r| r.server.clone())
+            .unwrap_or_default()
+    };
     Snapshot {
         servers,
         drops: kernel.drops,
         map_entries: kernel.map_entries.clone(),
+        events: watched
+            .events()
+            .iter()
+            .map(|e| EventView {
+                time: e.time,
+                server: server_of(e.root),
+                pid: e.pid,
+                stopped: e.stopped.clone(),
+            })
+            .collect(),
     }
 }
 
 fn server(
     watched: &Watched,
     kernel: &KernelView,
-    label: &str,
+    (label, labels): (&str, &Labels),
     roots: &[u32],
     uptime_now: f64,
 ) -> ServerView {
@@ -128,6 +168,7 @@ fn server(
     }
     ServerView {
         server: label.to_string(),
+        labels: labels.clone(),
         up: mine().any(|r| r.exited.is_none()),
         uptime_seconds: mine()
             .map(|r| seconds(r.exited.unwrap_or(uptime_now) - r.started))

@@ -22,7 +22,7 @@ pub fn listening(pids: impl IntoIterator<Item = u32>) -> BTreeMap<u32, BTreeSet<
         };
         let listeners = by_netns
             .entry(netns)
-            .or_insert_with(|| listening_inodes(&process));
+            .or_insert_with(|| listening_inodes(process.pid).into_keys().collect());
         let Ok(fds) = process.fd() else {
             continue;
         };
@@ -45,16 +45,36 @@ fn netns_of(process: &Process) -> Option<u64> {
     ns.0.get(std::ffi::OsStr::new("net")).map(|n| n.identifier)
 }
 
-/// Inodes of the listening TCP sockets in `process`'s network namespace. The kernel lists
+/// Local ports of the listening TCP sockets `pid` holds (in its own network namespace).
+pub fn listening_ports(pid: u32) -> BTreeSet<u16> {
+    let Ok(process) = Process::new(pid as i32) else {
+        return BTreeSet::new();
+    };
+    let listeners = listening_inodes(process.pid);
+    if listeners.is_empty() {
+        return BTreeSet::new();
+    }
+    let Ok(fds) = process.fd() else {
+        return BTreeSet::new();
+    };
+    fds.filter_map(Result::ok)
+        .filter_map(|fd| match fd.target {
+            FDTarget::Socket(inode) => listeners.get(&inode).copied(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The listening TCP sockets in `pid`'s network namespace: inode to local port. The kernel lists
 /// listening sockets first in /proc/net/tcp{,6} (it walks the listening hash before the
 /// established one), so reading stops at the first line in another state: a busy node's
 /// tens of thousands of connections and TIME_WAITs are never formatted, which a full parse
 /// (procfs's `tcp()`) would pay for at every sweep.
-fn listening_inodes(process: &Process) -> BTreeSet<u64> {
+fn listening_inodes(pid: i32) -> BTreeMap<u64, u16> {
     const LISTEN: &str = "0A";
-    let mut inodes = BTreeSet::new();
+    let mut inodes = BTreeMap::new();
     for table in ["tcp", "tcp6"] {
-        let Ok(file) = File::open(format!("/proc/{}/net/{table}", process.pid)) else {
+        let Ok(file) = File::open(format!("/proc/{pid}/net/{table}")) else {
             continue;
         };
         // "sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode"
@@ -63,8 +83,13 @@ fn listening_inodes(process: &Process) -> BTreeSet<u64> {
             if cols.get(3) != Some(&LISTEN) {
                 break;
             }
-            if let Some(inode) = cols.get(9).and_then(|i| i.parse().ok()) {
-                inodes.insert(inode);
+            // local_address is "0100007F:1F90" (address:port in hex).
+            let port = cols
+                .get(1)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if let (Some(inode), Some(port)) = (cols.get(9).and_then(|i| i.parse().ok()), port) {
+                inodes.insert(inode, port);
             }
         }
     }

@@ -13,15 +13,28 @@ use crate::{
     kernel_maps::KernelMaps,
     lifecycle,
     metrics::SnapshotSource,
+    selectors::Selectors,
     snapshot::{self, KernelView, Snapshot},
     watched::Watched,
 };
+
+/// Sweeps between full /proc scans for the node-wide selectors: events find new servers at
+/// once; the scan is the backstop for what no event announces.
+const SCAN_EVERY_SWEEPS: u32 = 30;
+
+/// How long a discovered server that exited stays in the metrics (seconds).
+const FORGET_AFTER: f64 = 300.0;
 
 pub struct State {
     pub maps: KernelMaps,
     pub watched: Watched,
     /// Map sizes as of the last sweep.
     pub map_entries: Vec<(&'static str, u64)>,
+    pub selectors: Selectors,
+    /// --server-name, for discovered roots too.
+    pub server_name: Option<String>,
+    /// Sweeps since the last full selector scan.
+    pub since_scan: u32,
 }
 
 #[derive(Clone)]
@@ -62,6 +75,11 @@ impl Shared {
                     log::warn!("watched root {} exited ({reason})", event.pid);
                 }
             }
+            event_kind::DISCOVER => {
+                if !state.watched.is_member(event.pid) && state.selectors.matches(event.pid) {
+                    state.add_root(event.pid);
+                }
+            }
             other => log::debug!("unknown kernel event kind {other}"),
         }
     }
@@ -78,9 +96,60 @@ impl Shared {
 }
 
 impl State {
+    /// Watch every process the selectors match that is not watched yet (a full /proc scan).
+    pub fn scan(&mut self) -> usize {
+        self.since_scan = 0;
+        let watched = &self.watched;
+        let found = self.selectors.scan(|pid| watched.is_member(pid));
+        found.into_iter().filter(|&pid| self.add_root(pid)).count()
+    }
+
+    /// Make `pid` a root and track it and its descendants.
+    fn add_root(&mut self, pid: u32) -> bool {
+        match self
+            .watched
+            .add_root(pid, self.server_name.as_deref(), true)
+        {
+            Ok(true) => {}
+            Ok(false) => return false,
+            Err(err) => {
+                log::debug!("not watching {pid}: {err}");
+                return false;
+            }
+        }
+        for member in self.watched.rescan() {
+            if let Err(err) = self.maps.track(member) {
+                log::warn!("cannot track process {member}: {err}");
+            }
+        }
+        if let Some(root) = self.watched.roots().iter().find(|r| r.pid == pid) {
+            let labels: Vec<String> = root
+                .labels
+                .pairs()
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            log::info!(
+                "found {} (pid {pid}{}{}): watching it and its descendants",
+                root.server,
+                if labels.is_empty() { "" } else { ", " },
+                labels.join(", ")
+            );
+        }
+        true
+    }
+
     /// Once a second (and at start): reads /proc, so it stays off the scrape path.
     pub fn sweep(&mut self) {
         let now = Instant::now();
+        self.since_scan += 1;
+        if !self.selectors.is_empty() && self.since_scan >= SCAN_EVERY_SWEEPS {
+            self.scan();
+        }
+        let forgotten = self.watched.forget_exited(uptime(), FORGET_AFTER);
+        if forgotten > 0 {
+            log::info!("forgot {forgotten} servers that exited over {FORGET_AFTER} s ago");
+        }
         for pid in self.watched.vanished() {
             log::debug!("process {pid} is gone (no exit event seen)");
             self.maps.untrack(pid);

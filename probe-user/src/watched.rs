@@ -5,14 +5,14 @@
 //! their kernel entries are freed.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::{Duration, Instant},
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use probe_common::{ProcStats, ReqKey, ReqStats};
 use procfs::process::{Process, all_processes};
 
-use crate::{error::StartError, kernel_maps::Remains, server_kind, sockets};
+use crate::{containers::Labels, error::StartError, kernel_maps::Remains, server_kind, sockets};
 
 /// task_struct flag of kernel threads (include/linux/sched.h).
 const PF_KTHREAD: u32 = 0x0020_0000;
@@ -29,6 +29,24 @@ pub struct Root {
     pub started: f64,
     /// Seconds after boot it exited, once it has.
     pub exited: Option<f64>,
+    /// Container, pod, unit and network namespace, where known.
+    pub labels: Labels,
+    /// Found by a node-wide selector (not named by --pid-tree).
+    pub found: bool,
+}
+
+/// Worker starts and stops kept for the dashboard's feed.
+pub const EVENT_LOG_LEN: usize = 100;
+
+/// One worker start or stop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LifecycleEvent {
+    /// Unix seconds.
+    pub time: f64,
+    pub root: u32,
+    pub pid: u32,
+    /// `None` for a start, the stop reason for a stop.
+    pub stopped: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +87,8 @@ pub struct Watched {
     lifecycle: BTreeMap<u32, Lifecycle>,
     /// Members found gone by the last sweep, confirmed by the next.
     suspects: BTreeSet<u32>,
+    /// The last `EVENT_LOG_LEN` worker starts and stops, oldest first.
+    events: VecDeque<LifecycleEvent>,
 }
 
 /// What /proc says about a process: (comm, start in seconds after boot, ppid).
@@ -84,41 +104,83 @@ impl Watched {
     pub fn discover(roots: &[u32], server_name: Option<&str>) -> Result<Self, StartError> {
         let mut watched = Self::default();
         for &pid in roots {
-            if watched.roots.iter().any(|r| r.pid == pid) {
-                continue; // named twice
-            }
-            let process =
-                Process::new(pid as i32).map_err(|_| StartError::NoSuchProcess { pid })?;
-            let stat = process
-                .stat()
-                .map_err(|_| StartError::NoSuchProcess { pid })?;
-            if let Ok(status) = process.status()
-                && status.tgid as u32 != pid
-            {
-                return Err(StartError::Thread {
-                    pid,
-                    tgid: status.tgid as u32,
-                });
-            }
-            if stat.flags & PF_KTHREAD != 0 {
-                return Err(StartError::KernelThread {
-                    pid,
-                    comm: stat.comm,
-                });
-            }
-            let cmdline = process.cmdline().unwrap_or_default();
-            let server = server_name
-                .map_or_else(|| server_kind::detect(&cmdline, &stat.comm), str::to_string);
-            watched.roots.push(Root {
-                pid,
-                server,
-                started: stat.starttime as f64 / procfs::ticks_per_second() as f64,
-                exited: None,
-            });
-            watched.lifecycle.insert(pid, Lifecycle::default());
+            watched.add_root(pid, server_name, false)?;
         }
         watched.rescan();
         Ok(watched)
+    }
+
+    /// Watch `pid` and its descendants from the next `rescan` on. `found`: discovered by a
+    /// selector (forgotten some time after it exits) rather than named by --pid-tree.
+    /// Returns false if it is a root already.
+    pub fn add_root(
+        &mut self,
+        pid: u32,
+        server_name: Option<&str>,
+        found: bool,
+    ) -> Result<bool, StartError> {
+        if self.roots.iter().any(|r| r.pid == pid) {
+            return Ok(false); // named twice
+        }
+        let process = Process::new(pid as i32).map_err(|_| StartError::NoSuchProcess { pid })?;
+        let stat = process
+            .stat()
+            .map_err(|_| StartError::NoSuchProcess { pid })?;
+        if let Ok(status) = process.status()
+            && status.tgid as u32 != pid
+        {
+            return Err(StartError::Thread {
+                pid,
+                tgid: status.tgid as u32,
+            });
+        }
+        if stat.flags & PF_KTHREAD != 0 {
+            return Err(StartError::KernelThread {
+                pid,
+                comm: stat.comm,
+            });
+        }
+        let cmdline = process.cmdline().unwrap_or_default();
+        let server =
+            server_name.map_or_else(|| server_kind::detect(&cmdline, &stat.comm), str::to_string);
+        self.roots.push(Root {
+            pid,
+            server,
+            started: stat.starttime as f64 / procfs::ticks_per_second() as f64,
+            exited: None,
+            labels: Labels::of(pid),
+            found,
+        });
+        self.lifecycle.insert(pid, Lifecycle::default());
+        Ok(true)
+    }
+
+    /// Whether `pid` is a live member of a watched tree.
+    pub fn is_member(&self, pid: u32) -> bool {
+        self.members.get(&pid).is_some_and(|m| m.exited.is_none())
+    }
+
+    /// Forget discovered roots that exited more than `after` seconds ago (uptime clock), with
+    /// everything kept for them: on a node, servers come and go for good. Returns how many.
+    pub fn forget_exited(&mut self, now: f64, after: f64) -> usize {
+        let gone: BTreeSet<u32> = self
+            .roots
+            .iter()
+            .filter(|r| r.found && r.exited.is_some_and(|t| now - t > after))
+            .map(|r| r.pid)
+            .collect();
+        let busy: BTreeSet<u32> = self.members.values().map(|m| m.root).collect();
+        let gone: BTreeSet<u32> = gone.difference(&busy).copied().collect();
+        if gone.is_empty() {
+            return 0;
+        }
+        self.roots.retain(|r| !gone.contains(&r.pid));
+        self.retired.retain(|(root, _), _| !gone.contains(root));
+        self.retired_requests
+            .retain(|(root, _), _| !gone.contains(root));
+        self.lifecycle.retain(|root, _| !gone.contains(root));
+        self.events.retain(|e| !gone.contains(&e.root));
+        gone.len()
     }
 
     /// Add descendants that appeared since the last scan; returns their PIDs.
@@ -163,12 +225,35 @@ impl Watched {
         &self.retired_requests
     }
 
+    pub fn events(&self) -> &VecDeque<LifecycleEvent> {
+        &self.events
+    }
+
+    fn log_event(&mut self, root: u32, pid: u32, stopped: Option<String>) {
+        if self.events.len() == EVENT_LOG_LEN {
+            self.events.pop_front();
+        }
+        let time = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.events.push_back(LifecycleEvent {
+            time,
+            root,
+            pid,
+            stopped,
+        });
+    }
+
     pub fn lifecycle(&self, root: u32) -> Lifecycle {
         self.lifecycle.get(&root).cloned().unwrap_or_default()
     }
 
+    /// Every root named by --pid-tree has exited (discovered ones come and go).
     pub fn all_roots_exited(&self) -> bool {
-        self.roots.iter().all(|r| r.exited.is_some())
+        self.roots
+            .iter()
+            .filter(|r| !r.found)
+            .all(|r| r.exited.is_some())
     }
 
     /// A tracked process forked `child`, which may be a thread: only processes join.
@@ -238,8 +323,10 @@ impl Watched {
         if is_worker && !m.ever_worker {
             m.ever_worker = true;
             if m.forked_here {
-                self.lifecycle.entry(m.root).or_default().started += 1;
+                let root = m.root;
+                self.lifecycle.entry(root).or_default().started += 1;
                 log::info!("worker {pid} ({}) started", m.comm);
+                self.log_event(root, pid, None);
             }
         }
     }
@@ -273,13 +360,15 @@ impl Watched {
         member.worker = false;
         if member.ever_worker {
             log::info!("worker {pid} ({}) stopped: {reason}", member.comm);
+            let root = member.root;
             *self
                 .lifecycle
-                .entry(member.root)
+                .entry(root)
                 .or_default()
                 .stopped
                 .entry(reason.to_string())
                 .or_default() += 1;
+            self.log_event(root, pid, Some(reason.to_string()));
         } else {
             log::debug!("process {pid} exited: {reason}");
         }

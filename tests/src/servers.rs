@@ -235,6 +235,23 @@ pub fn rust_server() -> Server {
     ready(guard, port)
 }
 
+/// The axum server on `port`, with `prepare` applied to its command (a cgroup, a netns), not
+/// probed for readiness: a node-wide test must not send requests it does not count.
+pub fn rust_server_unprobed(port: u16, prepare: impl FnOnce(&mut Command)) -> Server {
+    let bin = artifact(
+        "FLYPROBE_TEST_SERVER",
+        workspace().join("target/release/flyprobe-test-server"),
+    );
+    let mut cmd = Command::new(bin);
+    cmd.args(["--port", &port.to_string()]);
+    prepare(&mut cmd);
+    Server {
+        guard: Guard::spawn("flyprobe-test-server", &mut cmd),
+        port,
+        scratch: None,
+    }
+}
+
 /// A server binary built from tests/src/bin (path from `var`), on a free port.
 fn workspace_bin(var: &str, name: &str) -> (Guard, u16) {
     let port = free_port();

@@ -94,13 +94,25 @@ fn bpf_linker(sysroot: &Path) -> Result<()> {
 }
 
 /// Programs from Debian packages the tests and benchmarks run: (binary, package).
-const DEBIAN: &[(&str, &str)] = &[("nginx", "nginx"), ("wrk", "wrk"), ("bpftool", "bpftool")];
+const DEBIAN: &[(&str, &str)] = &[
+    ("nginx", "nginx"),
+    ("wrk", "wrk"),
+    ("bpftool", "bpftool"),
+    // A real Prometheus scrapes flyprobe in the tests; promtool checks the exposition.
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
+    // The dashboard's browser test.
+    ("chromium", "chromium"),
+    ("chromedriver", "chromium-driver"),
+];
 
 pub fn debian_packages() -> Result<()> {
     let missing: Vec<&str> = DEBIAN
         .iter()
         .filter(|(bin, _)| which::which(bin).is_err() && !Path::new("/usr/sbin").join(bin).exists())
         .map(|(_, pkg)| *pkg)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
         .collect();
     if missing.is_empty() {
         eprintln!(

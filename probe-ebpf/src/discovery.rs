@@ -1,0 +1,37 @@
+//! Node-wide discovery: tell the daemon when an untracked process exec's or starts listening,
+//! so a selector (--comm, --cgroup, --port, --all-listeners) can pick it up at once instead of
+//! rescanning /proc. Attached only when such a selector is given; both events are rare.
+
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use probe_common::{ExitInfo, event_kind};
+
+use crate::{
+    lifecycle::emit,
+    maps::is_target,
+    record::{current, syscall_ret},
+};
+
+/// sched:sched_process_exec: the current task has a new program.
+#[tracepoint]
+pub fn exec_discover(ctx: TracePointContext) -> u32 {
+    let _ = ctx;
+    announce();
+    0
+}
+
+/// syscalls:sys_exit_listen.
+#[tracepoint]
+pub fn listen_discover(ctx: TracePointContext) -> u32 {
+    if syscall_ret(&ctx).is_ok_and(|ret| ret == 0) {
+        announce();
+    }
+    0
+}
+
+#[inline(always)]
+fn announce() {
+    let (_, tgid, _) = current();
+    if !is_target(tgid) {
+        emit(event_kind::DISCOVER, tgid, 0, ExitInfo::default());
+    }
+}

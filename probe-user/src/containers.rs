@@ -1,0 +1,200 @@
+//! Where a process runs, as labels: its container and pod (from the cgroup v2 path, as
+//! containerd, CRI-O, docker and the kubelet name cgroups), its systemd unit, and its network
+//! namespace when that is not the host's.
+
+use std::{fs, path::Path};
+
+/// Label names, in the order `Labels::values` returns them.
+pub const NAMES: [&str; 4] = ["container_id", "pod_uid", "unit", "netns"];
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Labels {
+    pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
+    pub unit: Option<String>,
+    /// The network namespace's inode, when it differs from flyprobe's own (the host's, for
+    /// a DaemonSet with hostNetwork).
+    pub netns: Option<String>,
+}
+
+impl Labels {
+    /// What /proc says about `pid`. Unreadable parts stay unknown.
+    pub fn of(pid: u32) -> Self {
+        let mut labels = cgroup_of(pid)
+            .map(|path| Self::from_cgroup_path(&path))
+            .unwrap_or_default();
+        let host = netns_of(Path::new("/proc/self/ns/net"));
+        let own = netns_of(&Path::new("/proc").join(pid.to_string()).join("ns/net"));
+        if own.is_some() && own != host {
+            labels.netns = own;
+        }
+        labels
+    }
+
+    /// Labels from a cgroup v2 path such as
+    /// `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c…slice/cri-containerd-<id>.scope`,
+    /// `/kubepods/besteffort/pod<uid>/<id>`, `/docker/<id>`, `/system.slice/nginx.service`.
+    /// Paths seen from inside a cgroup namespace (`/../../kubepods…`) work too.
+    pub fn from_cgroup_path(path: &str) -> Self {
+        let parts: Vec<&str> = path
+            .split('/')
+            .filter(|p| !p.is_empty() && *p != "..")
+            .collect();
+        let mut labels = Self::default();
+        for part in &parts {
+            if let Some(uid) = pod_uid(part) {
+                labels.pod_uid = Some(uid);
+            }
+            if let Some(id) = container_id(part) {
+                labels.container_id = Some(id);
+            }
+        }
+        if labels.container_id.is_none() {
+            labels.unit = parts
+                .iter()
+                .rev()
+                .find(|p| p.ends_with(".service") || p.ends_with(".scope"))
+                .map(|p| p.to_string());
+        }
+        labels
+    }
+
+    /// Values in `NAMES` order; "" where unknown (Prometheus treats that as no label).
+    pub fn values(&self) -> [&str; 4] {
+        [
+            self.container_id.as_deref().unwrap_or(""),
+            self.pod_uid.as_deref().unwrap_or(""),
+            self.unit.as_deref().unwrap_or(""),
+            self.netns.as_deref().unwrap_or(""),
+        ]
+    }
+
+    /// The known labels as (name, value).
+    pub fn pairs(&self) -> Vec<(&'static str, &str)> {
+        NAMES
+            .into_iter()
+            .zip(self.values())
+            .filter(|(_, v)| !v.is_empty())
+            .collect()
+    }
+}
+
+/// The cgroup v2 path of `pid` (the `0::` line of /proc/<pid>/cgroup).
+pub fn cgroup_of(pid: u32) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+}
+
+fn netns_of(link: &Path) -> Option<String> {
+    let target = fs::read_link(link).ok()?;
+    let target = target.to_string_lossy();
+    // "net:[4026531840]"
+    target
+        .strip_prefix("net:[")
+        .and_then(|s| s.strip_suffix(']'))
+        .map(str::to_string)
+}
+
+/// `pod<uid>` (cgroupfs driver) or `kubepods-<qos>-pod<uid_with_underscores>.slice` (systemd).
+fn pod_uid(part: &str) -> Option<String> {
+    let rest = if let Some(rest) = part.strip_prefix("pod") {
+        rest
+    } else if part.starts_with("kubepods") {
+        let at = part.find("-pod")?;
+        part[at + 4..].strip_suffix(".slice")?
+    } else {
+        return None;
+    };
+    let uid = rest.replace('_', "-");
+    let is_uid = uid.len() == 36
+        && uid.chars().enumerate().all(|(i, c)| {
+            matches!(i, 8 | 13 | 18 | 23) == (c == '-') && (c == '-' || c.is_ascii_hexdigit())
+        });
+    is_uid.then_some(uid)
+}
+
+/// A 64-hex container id, bare (cgroupfs) or as `<runtime>-<id>.scope` (systemd):
+/// `cri-containerd-`, `crio-`, `docker-`, `libpod-`. CRI-O's `crio-conmon-` monitor is not a
+/// container.
+fn container_id(part: &str) -> Option<String> {
+    let id = match part.strip_suffix(".scope") {
+        Some(scope) if !scope.starts_with("crio-conmon-") => scope.rsplit('-').next()?,
+        Some(_) => return None,
+        None => part,
+    };
+    let is_id = id.len() == 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
+    is_id.then(|| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "3f2a9c1b7e4d5a6b8c9d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d";
+    const UID: &str = "1b2c3d4e-5f60-4718-9a0b-c1d2e3f4a5b6";
+
+    #[test]
+    fn kubelet_systemd_driver_with_containerd_crio_and_docker() {
+        let uid_ = UID.replace('-', "_");
+        for runtime in ["cri-containerd", "crio", "docker"] {
+            let path = format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/{runtime}-{ID}.scope"
+            );
+            let l = Labels::from_cgroup_path(&path);
+            assert_eq!(l.container_id.as_deref(), Some(ID), "{path}");
+            assert_eq!(l.pod_uid.as_deref(), Some(UID), "{path}");
+            assert_eq!(l.unit, None);
+        }
+        // Guaranteed QoS pods sit right under kubepods.slice.
+        let l = Labels::from_cgroup_path(&format!(
+            "/kubepods.slice/kubepods-pod{uid_}.slice/cri-containerd-{ID}.scope"
+        ));
+        assert_eq!(l.pod_uid.as_deref(), Some(UID));
+    }
+
+    #[test]
+    fn kubelet_cgroupfs_driver_and_cgroup_namespaces() {
+        let l = Labels::from_cgroup_path(&format!("/kubepods/besteffort/pod{UID}/{ID}"));
+        assert_eq!(
+            (l.container_id.as_deref(), l.pod_uid.as_deref()),
+            (Some(ID), Some(UID))
+        );
+        let l = Labels::from_cgroup_path(&format!("/../../kubepods/pod{UID}/{ID}"));
+        assert_eq!(
+            (l.container_id.as_deref(), l.pod_uid.as_deref()),
+            (Some(ID), Some(UID))
+        );
+    }
+
+    #[test]
+    fn plain_docker_and_systemd_units() {
+        let l = Labels::from_cgroup_path(&format!("/docker/{ID}"));
+        assert_eq!(l.container_id.as_deref(), Some(ID));
+        assert_eq!(l.pod_uid, None);
+        let l = Labels::from_cgroup_path(&format!("/system.slice/docker-{ID}.scope"));
+        assert_eq!(l.container_id.as_deref(), Some(ID));
+        let l = Labels::from_cgroup_path("/system.slice/nginx.service");
+        assert_eq!(l.unit.as_deref(), Some("nginx.service"));
+        assert_eq!(l.container_id, None);
+        assert_eq!(Labels::from_cgroup_path("/"), Labels::default());
+        assert_eq!(
+            Labels::from_cgroup_path(&format!("/system.slice/crio-conmon-{ID}.scope")).container_id,
+            None
+        );
+    }
+
+    #[test]
+    fn lookalikes_are_not_ids() {
+        assert_eq!(pod_uid("podcast"), None);
+        assert_eq!(container_id(&ID.to_uppercase()), None);
+        assert_eq!(container_id(&ID[..63]), None);
+        let l = Labels::from_cgroup_path("/user.slice/user-0.slice/session-3.scope");
+        assert_eq!(l.unit.as_deref(), Some("session-3.scope"));
+        assert_eq!(l.pairs(), vec![("unit", "session-3.scope")]);
+    }
+}
