@@ -309,12 +309,16 @@ pub fn quantile(q: f64, bounds: &[f64], cumulative: &[u64], count: u64) -> Optio
 mod tests {
     use super::*;
 
+    fn near(got: Option<f64>, want: f64) -> bool {
+        got.is_some_and(|g| (g - want).abs() < 1e-9)
+    }
+
     #[test]
     fn quantiles_interpolate_like_histogram_quantile() {
         let bounds = [0.1, 0.2, 0.4];
         // 10 requests: 0 ≤ 0.1, 10 in (0.1, 0.2].
-        assert_eq!(quantile(0.5, &bounds, &[0, 10, 10], 10), Some(0.15));
-        assert_eq!(quantile(0.5, &bounds, &[10, 10, 10], 10), Some(0.05));
+        assert!(near(quantile(0.5, &bounds, &[0, 10, 10], 10), 0.15));
+        assert!(near(quantile(0.5, &bounds, &[10, 10, 10], 10), 0.05));
         // Past the last finite bound: that bound.
         assert_eq!(quantile(0.99, &bounds, &[0, 0, 0], 10), Some(0.4));
         assert_eq!(quantile(0.5, &bounds, &[0, 0, 0], 0), None);
@@ -363,7 +367,7 @@ mod tests {
         let r = second.servers[0].rates.unwrap();
         assert_eq!((r.interval_seconds, r.requests_per_second), (2.0, 10.0));
         assert_eq!(r.error_rate, 0.25);
-        assert_eq!(r.p50_seconds, Some(0.15));
+        assert!(near(r.p50_seconds, 0.15), "{r:?}");
         // A second stream starting now has no baseline yet.
         let mut b = RateTracker::default();
         let fresh = b.apply(snap(102.0, server(30, 5, vec![10, 30])));

@@ -63,6 +63,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         maps.track(pid).context("seeding the target set")?;
         seeded += 1;
     }
+    // A root that died before its programs were attached left no exit event: say so now
+    // rather than serve a server that never was.
+    if let Some(pid) = watched.exited_root() {
+        return Err(StartError::ExitedDuringStartup { pid }.into());
+    }
     for root in watched.roots() {
         log::info!(
             "watching {} (pid {}) and its descendants",
@@ -90,6 +95,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         log::info!("node-wide selectors matched {found} running servers");
     }
     state.sweep(); // classify workers before the first scrape
+    let kept = privileges::drop_unneeded().context("giving up capabilities after attaching")?;
+    let mut kept: Vec<String> = kept.iter().map(ToString::to_string).collect();
+    kept.sort();
+    log::info!(
+        "programs attached; capabilities dropped to [{}]",
+        kept.join(", ")
+    );
     let state = Shared::new(state);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

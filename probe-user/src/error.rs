@@ -20,6 +20,10 @@ pub enum StartError {
     #[error("PID {pid} is a thread of process {tgid}: pass --pid-tree {tgid}")]
     Thread { pid: u32, tgid: u32 },
     #[error(
+        "PID {pid} exited while flyprobe was starting: nothing to watch; start flyprobe on a running server"
+    )]
+    ExitedDuringStartup { pid: u32 },
+    #[error(
         "flyprobe needs root, or the capabilities CAP_BPF and CAP_PERFMON, to load eBPF \
          programs (it has neither: {detail}); run it with sudo"
     )]
@@ -45,9 +49,10 @@ pub enum StartError {
 impl StartError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::NoSuchProcess { .. } | Self::KernelThread { .. } | Self::Thread { .. } => {
-                EXIT_USAGE
-            }
+            Self::NoSuchProcess { .. }
+            | Self::KernelThread { .. }
+            | Self::Thread { .. }
+            | Self::ExitedDuringStartup { .. } => EXIT_USAGE,
             Self::NotPrivileged { .. }
             | Self::ListenInUse { .. }
             | Self::Listen { .. }

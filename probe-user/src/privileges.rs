@@ -1,8 +1,54 @@
-//! Is this process allowed to load and attach tracepoint programs?
+//! Is this process allowed to load and attach tracepoint programs? And, once they are
+//! attached, giving up every capability the daemon no longer needs.
 
+use std::collections::HashSet;
+
+use caps::{CapSet, Capability};
 use procfs::process::Process;
+use thiserror::Error;
 
 use crate::error::StartError;
+
+/// What the running daemon keeps: CAP_BPF for map reads and writes (kernels before 6.5 check
+/// it on every bpf() call) and CAP_SYS_PTRACE to list other processes' fds in /proc (to find
+/// listening sockets) and read their namespaces. Loading and attaching needed CAP_PERFMON
+/// and, for tracefs, CAP_DAC_READ_SEARCH (and CAP_SYS_ADMIN to mount it): all dropped.
+pub const KEPT: [Capability; 2] = [Capability::CAP_BPF, Capability::CAP_SYS_PTRACE];
+
+#[derive(Debug, Error)]
+pub enum DropError {
+    #[error("dropping capabilities ({set:?}): {source}")]
+    Set {
+        set: CapSet,
+        #[source]
+        source: caps::errors::CapsError,
+    },
+}
+
+/// Reduce the effective, permitted, inheritable and ambient sets to `KEPT` (or less, if we
+/// never had them), and the bounding set too when allowed (CAP_SETPCAP). Irreversible.
+pub fn drop_unneeded() -> Result<HashSet<Capability>, DropError> {
+    let have = caps::read(None, CapSet::Permitted).map_err(|source| DropError::Set {
+        set: CapSet::Permitted,
+        source,
+    })?;
+    let keep: HashSet<Capability> = KEPT.into_iter().filter(|c| have.contains(c)).collect();
+    let effective = caps::read(None, CapSet::Effective).unwrap_or_default();
+    if effective.contains(&Capability::CAP_SETPCAP) {
+        for cap in caps::all().difference(&keep) {
+            // Capabilities this kernel does not know fail with EINVAL: nothing to drop.
+            let _ = caps::drop(None, CapSet::Bounding, *cap);
+        }
+    }
+    let set = |which: CapSet, to: &HashSet<Capability>| {
+        caps::set(None, which, to).map_err(|source| DropError::Set { set: which, source })
+    };
+    set(CapSet::Ambient, &HashSet::new())?;
+    set(CapSet::Inheritable, &HashSet::new())?;
+    set(CapSet::Effective, &keep)?;
+    set(CapSet::Permitted, &keep)?;
+    Ok(keep)
+}
 
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;

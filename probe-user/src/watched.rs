@@ -249,6 +249,15 @@ impl Watched {
     }
 
     /// Every root named by --pid-tree has exited (discovered ones come and go).
+    /// The first --pid-tree root that is gone, if any.
+    pub fn exited_root(&self) -> Option<u32> {
+        self.roots
+            .iter()
+            .filter(|r| !r.found)
+            .map(|r| r.pid)
+            .find(|&pid| !alive(pid))
+    }
+
     pub fn all_roots_exited(&self) -> bool {
         self.roots
             .iter()
@@ -458,7 +467,7 @@ impl Member {
     }
 }
 
-fn alive(pid: u32) -> bool {
+pub fn alive(pid: u32) -> bool {
     Process::new(pid as i32)
         .and_then(|p| p.stat())
         .is_ok_and(|s| s.state != 'Z' && s.state != 'X')

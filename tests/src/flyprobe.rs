@@ -45,29 +45,56 @@ impl Flyprobe {
 
     /// Start on a given loopback port (the demo uses the documented default, 9464).
     pub fn start_on(port: u16, args: &[&str]) -> Self {
+        Self::spawn(port, &[], args).ready()
+    }
+
+    /// Start through `wrapper` (e.g. `setpriv ...`, which then execs flyprobe) and wait
+    /// until it serves metrics.
+    pub fn start_via(wrapper: &[&str], args: &[&str]) -> Self {
+        Self::spawn(free_port(), wrapper, args).ready()
+    }
+
+    /// Start without waiting for plain-HTTP metrics (a TLS endpoint answers no plain HTTP).
+    pub fn spawn(port: u16, wrapper: &[&str], args: &[&str]) -> Self {
         let log = log_path("flyprobe");
         let stderr = File::create(&log).expect("creating flyprobe log");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(bin());
+                cmd
+            }
+            None => Command::new(bin()),
+        };
         let guard = Guard::spawn(
             "flyprobe",
-            Command::new(bin())
-                .args(args)
+            cmd.args(args)
                 .args(["--listen", &format!("127.0.0.1:{port}")])
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(stderr),
         );
-        let mut fp = Self { guard, port, log };
+        Self { guard, port, log }
+    }
+
+    /// Wait until it serves /metrics; fail with its log if it exits first.
+    pub fn ready(mut self) -> Self {
         eventually(
             "flyprobe to serve /metrics",
             Duration::from_secs(30),
             || {
-                if let Ok(Some(status)) = fp.guard.child.try_wait() {
-                    panic!("flyprobe exited early ({status}):\n{}", fp.log());
+                if let Ok(Some(status)) = self.guard.child.try_wait() {
+                    panic!("flyprobe exited early ({status}):\n{}", self.log());
                 }
-                fp.try_scrape()
+                self.try_scrape()
             },
         );
-        fp
+        self
+    }
+
+    /// Exited already? (Its status, if so.)
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.guard.child.try_wait().ok().flatten()
     }
 
     pub fn pid(&self) -> u32 {

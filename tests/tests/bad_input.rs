@@ -169,3 +169,57 @@ fn tracefs_that_cannot_be_mounted() {
     assert_fails(&out, RUNTIME, "mounting it failed");
     let _ = std::fs::remove_file(not_a_dir);
 }
+
+#[test]
+fn web_config_that_cannot_be_read() {
+    let dir = std::env::temp_dir(); // a directory is no YAML file
+    let out = run_as_root(&["--web.config.file", dir.to_str().unwrap()]);
+    assert_fails(
+        &out,
+        USAGE,
+        &format!("cannot read the web config {}", dir.display()),
+    );
+}
+
+#[test]
+fn web_config_that_is_not_valid() {
+    let path = flyprobe::log_path("web.yml");
+    std::fs::write(&path, "basic_auth_users:\n  alice: not-a-bcrypt-hash\n").unwrap();
+    let out = run_as_root(&["--web.config.file", path.to_str().unwrap()]);
+    assert_fails(&out, USAGE, "basic_auth_users.alice must be a bcrypt hash");
+    std::fs::write(&path, "tls_server_config: [\n").unwrap();
+    let out = run_as_root(&["--web.config.file", path.to_str().unwrap()]);
+    assert_fails(&out, USAGE, "is not valid");
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn pid_that_exits_during_start_up() {
+    require_root();
+    // The target exits as soon as flyprobe holds its first loaded eBPF program: after the
+    // PID was checked, before start-up is over.
+    let mut target = Command::new("sh")
+        .args([
+            "-c",
+            "read fp; until ls -l /proc/$fp/fd 2>/dev/null | grep -q bpf-prog; do sleep 0.002; done",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = target.id().to_string();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let fp = Command::new(flyprobe::bin())
+        .args(["--pid-tree", &pid, "--listen", &listen])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    writeln!(target.stdin.take().unwrap(), "{}", fp.id()).unwrap();
+    let out = fp.wait_with_output().unwrap();
+    target.wait().unwrap();
+    assert_fails(
+        &out,
+        USAGE,
+        &format!("PID {pid} exited while flyprobe was starting"),
+    );
+}
