@@ -54,6 +54,7 @@ pub struct ConnState {
 /// Per-process counters, kept per CPU and summed by userspace. All of them only grow, so the
 /// gauges are differences (active = accepted - closed) and need no atomics in the kernel.
 #[repr(C)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcStats {
     pub accepted: u64,
@@ -131,6 +132,7 @@ pub struct PendingIo {
 
 /// Labels of a completed request: the process and the request's tokens.
 #[repr(C)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ReqKey {
     pub tgid: u32,
@@ -162,6 +164,7 @@ pub const DURATION_BOUNDS_NS: [u64; 14] = [
 /// Completed requests with one set of labels (per CPU; summed by userspace). `buckets[i]`
 /// counts durations in (bound[i-1], bound[i]]; slower ones are only in `timed`.
 #[repr(C)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReqStats {
     /// Requests completed (response started) or aborted (closed before any response).

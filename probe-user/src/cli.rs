@@ -81,6 +81,11 @@ pub struct Cli {
     #[arg(long, hide = true)]
     pub calibration_probe: bool,
 
+    /// Pin the kernel maps under DIR (on a BPF filesystem, e.g. /sys/fs/bpf/flyprobe) so
+    /// counters and open connections survive a restart of flyprobe. Off by default.
+    #[arg(long, value_name = "DIR")]
+    pub pin_path: Option<PathBuf>,
+
     /// Fail unless this tracepoint exists (CATEGORY:NAME; tests simulate an old kernel).
     #[arg(long, value_name = "TRACEPOINT", hide = true)]
     pub require_tracepoint: Vec<String>,

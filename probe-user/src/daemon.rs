@@ -11,7 +11,9 @@ use crate::{
     access_log,
     cli::Cli,
     error::StartError,
-    events, http, metrics, privileges,
+    events, http, metrics,
+    persist::PinDir,
+    privileges,
     probe::{Limits, Options, Probe},
     selectors::Selectors,
     state::{Shared, State},
@@ -31,6 +33,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let listener = bind(cli.listen)?;
     tracefs::ensure_mounted(&cli.tracefs)?;
 
+    let pins = cli.pin_path.as_deref().map(PinDir::prepare).transpose()?;
+
     let access_log = cli
         .access_log
         .as_deref()
@@ -48,6 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         required: cli.require_tracepoint.clone(),
         exec_events: selectors.wants_exec_events(),
         listen_events: selectors.wants_listen_events(),
+        pins: pins.as_ref().map(PinDir::maps).unwrap_or_default(),
     };
     let mut probe = Probe::load(&cli.tracefs, &options).context("starting the eBPF probe")?;
     let (mut maps, ring, access_ring) = probe.take_maps().context("opening the probe's maps")?;
@@ -88,11 +93,30 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         selectors,
         server_name: cli.server_name.clone(),
         since_scan: 0,
+        pins,
     };
     if !state.selectors.is_empty() {
         // Discovery events flow from here on; catch what runs already.
         let found = state.scan();
         log::info!("node-wide selectors matched {found} running servers");
+    }
+    if let Some(pins) = &state.pins {
+        match pins.load() {
+            Some(ledger) => {
+                let n = state.watched.restore(&ledger, std::time::Instant::now());
+                log::info!(
+                    "continuing from pinned maps and {}: {n} watched roots carried over",
+                    pins.ledger_path().display()
+                );
+            }
+            None => log::info!(
+                "pinning maps under {}",
+                cli.pin_path
+                    .as_deref()
+                    .unwrap_or_else(|| std::path::Path::new(""))
+                    .display()
+            ),
+        }
     }
     state.sweep(); // classify workers before the first scrape
     let kept = privileges::drop_unneeded().context("giving up capabilities after attaching")?;
@@ -103,6 +127,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         kept.join(", ")
     );
     let state = Shared::new(state);
+    let shared_for_exit = state.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -126,6 +151,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         state,
         cli.exit_with_target,
     ));
+    shared_for_exit.save_ledger();
     let links = probe.links;
     drop(probe);
     if result.is_ok() {

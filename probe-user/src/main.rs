@@ -12,6 +12,7 @@ mod kernel_maps;
 mod lifecycle;
 mod metrics;
 mod openmetrics;
+mod persist;
 mod privileges;
 mod probe;
 mod selectors;

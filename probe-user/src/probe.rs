@@ -194,6 +194,8 @@ pub struct Options {
     pub exec_events: bool,
     /// Announce listen() of untracked processes (for --port, --all-listeners).
     pub listen_events: bool,
+    /// Maps to pin, reusing what is pinned there already: (map name, path).
+    pub pins: Vec<(&'static str, std::path::PathBuf)>,
 }
 
 /// Offsets in tracepoint records, from tracefs.
@@ -278,7 +280,11 @@ impl Probe {
             .and_then(|s| s.trim().parse::<u32>().ok())
             .unwrap_or(probe_common::MAX_PID_SLOTS)
             .clamp(probe_common::DEFAULT_PID_SLOTS, probe_common::MAX_PID_SLOTS);
-        let ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &options.pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader
             .override_global(names::FORK_CHILD_PID_OFFSET, &offsets.fork_child_pid, true)
             .override_global(names::SIGNAL_SIG_OFFSET, &offsets.signal_sig, true)
             .override_global(names::SIGNAL_PID_OFFSET, &offsets.signal_pid, true)

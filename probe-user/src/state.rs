@@ -13,6 +13,7 @@ use crate::{
     kernel_maps::KernelMaps,
     lifecycle,
     metrics::SnapshotSource,
+    persist::PinDir,
     selectors::Selectors,
     snapshot::{self, KernelView, Snapshot},
     watched::Watched,
@@ -35,6 +36,8 @@ pub struct State {
     pub server_name: Option<String>,
     /// Sweeps since the last full selector scan.
     pub since_scan: u32,
+    /// --pin-path: where the ledger goes.
+    pub pins: Option<PinDir>,
 }
 
 #[derive(Clone)]
@@ -92,6 +95,11 @@ impl Shared {
 
     pub fn all_roots_exited(&self) -> bool {
         self.lock().watched.all_roots_exited()
+    }
+
+    /// At shutdown: the ledger, so a restarted daemon continues (--pin-path).
+    pub fn save_ledger(&self) {
+        self.lock().save_ledger();
     }
 }
 
@@ -169,6 +177,22 @@ impl State {
         self.watched.classify(&stats);
         self.retire_due(now);
         self.map_entries = self.maps.entries();
+        self.save_ledger();
+    }
+
+    pub fn save_ledger(&mut self) {
+        if let Some(pins) = &mut self.pins {
+            let ledger = self.watched.ledger();
+            // Logged once per failure streak: a sweep runs every second.
+            match pins.save(&ledger) {
+                Ok(()) => pins.failing = false,
+                Err(err) if !pins.failing => {
+                    pins.failing = true;
+                    log::warn!("writing {}: {err}", pins.ledger_path().display());
+                }
+                Err(_) => {}
+            }
+        }
     }
 
     /// Free the kernel state of processes whose grace has passed.

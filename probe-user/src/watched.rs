@@ -12,7 +12,13 @@ use std::{
 use probe_common::{ProcStats, ReqKey, ReqStats};
 use procfs::process::{Process, all_processes};
 
-use crate::{containers::Labels, error::StartError, kernel_maps::Remains, server_kind, sockets};
+use crate::{
+    containers::Labels,
+    error::StartError,
+    kernel_maps::Remains,
+    persist::{Ledger, MemberLedger, RootLedger},
+    server_kind, sockets,
+};
 
 /// task_struct flag of kernel threads (include/linux/sched.h).
 const PF_KTHREAD: u32 = 0x0020_0000;
@@ -430,6 +436,104 @@ impl Watched {
             })
             .map(|(pid, _)| *pid)
             .collect()
+    }
+
+    /// What a restarted daemon needs to continue (--pin-path).
+    pub fn ledger(&self) -> Ledger {
+        Ledger {
+            roots: self
+                .roots
+                .iter()
+                .map(|r| {
+                    let lc = self.lifecycle(r.pid);
+                    RootLedger {
+                        pid: r.pid,
+                        started: r.started,
+                        started_workers: lc.started,
+                        stopped: lc.stopped,
+                        retired: self
+                            .retired
+                            .iter()
+                            .filter(|((root, _), _)| *root == r.pid)
+                            .map(|((_, pid), s)| (*pid, *s))
+                            .collect(),
+                        retired_requests: self
+                            .retired_requests
+                            .iter()
+                            .filter(|((root, _), _)| *root == r.pid)
+                            .map(|((_, key), s)| (*key, *s))
+                            .collect(),
+                    }
+                })
+                .collect(),
+            members: self
+                .members
+                .iter()
+                .map(|(&pid, m)| MemberLedger {
+                    pid,
+                    root: m.root,
+                    started: m.started,
+                    ever_worker: m.ever_worker,
+                    exited: m.exited.is_some(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Continue from the previous run's ledger: the final counters and lifecycle of the roots
+    /// that are still the same processes, and the members that died while no daemon ran
+    /// (their kernel counters are retired into their root at the next sweep; a worker among
+    /// them counts as stopped, reason unknown). Returns how many roots continued.
+    pub fn restore(&mut self, ledger: &Ledger, now: Instant) -> usize {
+        let same = |a: f64, b: f64| (a - b).abs() < 0.05;
+        let mut continued = BTreeSet::new();
+        for rl in &ledger.roots {
+            if !self
+                .roots
+                .iter()
+                .any(|r| r.pid == rl.pid && same(r.started, rl.started))
+            {
+                continue;
+            }
+            continued.insert(rl.pid);
+            self.lifecycle.insert(rl.pid, rl.lifecycle());
+            for (pid, stats) in &rl.retired {
+                self.retired.entry((rl.pid, *pid)).or_default().add(stats);
+            }
+            for (key, stats) in &rl.retired_requests {
+                self.retired_requests
+                    .entry((rl.pid, *key))
+                    .or_default()
+                    .add(stats);
+            }
+        }
+        for ml in ledger
+            .members
+            .iter()
+            .filter(|m| continued.contains(&m.root))
+        {
+            if let Some(m) = self.members.get_mut(&ml.pid) {
+                if same(m.started, ml.started) {
+                    m.ever_worker |= ml.ever_worker;
+                }
+                continue; // alive (or its PID taken by a member since)
+            }
+            let mut member = Member::new(0, ml.root, String::new(), ml.started, false);
+            member.ever_worker = ml.ever_worker;
+            member.classified = true;
+            member.exited = Some(now.checked_sub(RETIRE_GRACE).unwrap_or(now));
+            if ml.ever_worker && !ml.exited {
+                *self
+                    .lifecycle
+                    .entry(ml.root)
+                    .or_default()
+                    .stopped
+                    .entry("unknown".into())
+                    .or_default() += 1;
+            }
+            self.members.insert(ml.pid, member);
+        }
+        continued.len()
     }
 
     /// Keep an exited member's final counters and forget the member.
