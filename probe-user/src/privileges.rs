@@ -10,10 +10,15 @@ use thiserror::Error;
 use crate::error::StartError;
 
 /// What the running daemon keeps: CAP_BPF for map reads and writes (kernels before 6.5 check
-/// it on every bpf() call) and CAP_SYS_PTRACE to list other processes' fds in /proc (to find
-/// listening sockets) and read their namespaces. Loading and attaching needed CAP_PERFMON
-/// and, for tracefs, CAP_DAC_READ_SEARCH (and CAP_SYS_ADMIN to mount it): all dropped.
-pub const KEPT: [Capability; 2] = [Capability::CAP_BPF, Capability::CAP_SYS_PTRACE];
+/// it on every bpf() call); CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH to find listening sockets
+/// and namespaces of other users' processes (/proc/<pid>/fd is mode 0500 of the process's
+/// user: listing it takes DAC_READ_SEARCH, reading its links takes the ptrace check).
+/// Loading and attaching needed CAP_PERFMON (and CAP_SYS_ADMIN to mount tracefs): dropped.
+pub const KEPT: [Capability; 3] = [
+    Capability::CAP_BPF,
+    Capability::CAP_DAC_READ_SEARCH,
+    Capability::CAP_SYS_PTRACE,
+];
 
 #[derive(Debug, Error)]
 pub enum DropError {

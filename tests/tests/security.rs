@@ -12,8 +12,9 @@ use flyprobe_tests::{
     servers::{self, Server},
 };
 
-/// CAP_SYS_PTRACE (19) and CAP_BPF (39): what the daemon keeps after attaching.
-const KEPT: u64 = (1 << 19) | (1 << 39);
+/// CAP_DAC_READ_SEARCH (2), CAP_SYS_PTRACE (19) and CAP_BPF (39): what the daemon keeps
+/// after attaching.
+const KEPT: u64 = (1 << 2) | (1 << 19) | (1 << 39);
 
 /// The capability sets of `pid` from /proc: (effective, permitted, bounding, ambient).
 fn caps_of(pid: u32) -> (u64, u64, u64, u64) {
@@ -81,7 +82,7 @@ fn runs_as_nobody_with_only_the_documented_capabilities() {
     exact_requests(&fp, &server, 25);
     let log = fp.stop();
     assert!(
-        log.contains("capabilities dropped to [CAP_BPF, CAP_SYS_PTRACE]"),
+        log.contains("capabilities dropped to [CAP_BPF, CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE]"),
         "{log}"
     );
 }
