@@ -64,7 +64,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     }
     if args.keep {
         println!(
-            "\nflyprobe is serving http://127.0.0.1:{}/metrics, uvicorn listens on 127.0.0.1:{}; Ctrl-C to stop",
+            "\nflyprobe is serving http://127.0.0.1:{0}/metrics and the live dashboard at \
+             http://127.0.0.1:{0}/; uvicorn listens on 127.0.0.1:{1}; Ctrl-C to stop",
             fp.port, server.port
         );
         loop {
