@@ -15,7 +15,10 @@ use std::{
 
 use procfs::process::{Process, all_processes};
 
-use crate::{containers, sockets};
+use crate::{
+    containers,
+    sockets::{self, ListenerCache},
+};
 
 /// task_struct flag of kernel threads (include/linux/sched.h).
 const PF_KTHREAD: u32 = 0x0020_0000;
@@ -59,6 +62,10 @@ impl Selectors {
 
     /// Does this one process match (regardless of its ancestors)?
     pub fn matches(&self, pid: u32) -> bool {
+        self.matches_with(pid, &mut ListenerCache::default())
+    }
+
+    fn matches_with(&self, pid: u32, listeners: &mut ListenerCache) -> bool {
         if pid == std::process::id() || self.is_empty() {
             return false;
         }
@@ -92,7 +99,7 @@ impl Selectors {
             return true;
         }
         if self.wants_listen_events() {
-            let ports = sockets::listening_ports(pid);
+            let ports = sockets::listening_ports(pid, listeners);
             if (self.all_listeners && !ports.is_empty())
                 || self.ports.iter().any(|p| ports.contains(p))
             {
@@ -114,10 +121,11 @@ impl Selectors {
             .filter_map(|p| p.ok()?.stat().ok())
             .map(|s| (s.pid as u32, s.ppid as u32))
             .collect();
+        let mut listeners = ListenerCache::default();
         let candidates: BTreeSet<u32> = parents
             .keys()
             .copied()
-            .filter(|&pid| !watched(pid) && self.matches(pid))
+            .filter(|&pid| !watched(pid) && self.matches_with(pid, &mut listeners))
             .collect();
         topmost(&candidates, &parents, watched)
     }

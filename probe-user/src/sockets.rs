@@ -45,12 +45,23 @@ fn netns_of(process: &Process) -> Option<u64> {
     ns.0.get(std::ffi::OsStr::new("net")).map(|n| n.identifier)
 }
 
+/// Listening sockets per network namespace, for a walk over many processes: each
+/// namespace's tables are read once.
+#[derive(Debug, Default)]
+pub struct ListenerCache(HashMap<u64, BTreeMap<u64, u16>>);
+
 /// Local ports of the listening TCP sockets `pid` holds (in its own network namespace).
-pub fn listening_ports(pid: u32) -> BTreeSet<u16> {
+pub fn listening_ports(pid: u32, cache: &mut ListenerCache) -> BTreeSet<u16> {
     let Ok(process) = Process::new(pid as i32) else {
         return BTreeSet::new();
     };
-    let listeners = listening_inodes(process.pid);
+    let Some(netns) = netns_of(&process) else {
+        return BTreeSet::new();
+    };
+    let listeners = cache
+        .0
+        .entry(netns)
+        .or_insert_with(|| listening_inodes(process.pid));
     if listeners.is_empty() {
         return BTreeSet::new();
     }

@@ -3,6 +3,7 @@
 //!
 //! Nothing here skips: a missing privilege or dependency fails the test with the fix.
 
+pub mod browser;
 pub mod client;
 pub mod flyprobe;
 pub mod procs;
