@@ -104,6 +104,13 @@ const DEBIAN: &[(&str, &str)] = &[
     // The dashboard's browser test.
     ("chromium", "chromium"),
     ("chromedriver", "chromium-driver"),
+    // Security, node-wide and deploy tests: a TLS client and certificate, network
+    // namespaces, capability-bounded runs, systemd unit checks.
+    ("curl", "curl"),
+    ("openssl", "openssl"),
+    ("ip", "iproute2"),
+    ("setpriv", "util-linux"),
+    ("systemd-analyze", "systemd"),
 ];
 
 pub fn debian_packages() -> Result<()> {
