@@ -28,7 +28,7 @@ use thiserror::Error;
 use crate::watched::Lifecycle;
 
 /// statfs f_type of a BPF filesystem (include/uapi/linux/magic.h).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: nix::libc::c_long = 0xcafe_4a11;
 
 /// The maps pinned, with the (key, value) sizes this build expects of them.
 const PINNED: [(&str, usize, usize); 5] = [
@@ -121,7 +121,7 @@ impl PinDir {
     /// mounted there) and check that maps already pinned fit this build.
     pub fn prepare(dir: &Path) -> Result<Self, PinError> {
         let bpffs =
-            |p: &Path| statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+            |p: &Path| statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
         let sys_bpf = Path::new("/sys/fs/bpf");
         if dir.starts_with(sys_bpf) && sys_bpf.is_dir() && !bpffs(sys_bpf) {
             log::info!("no BPF filesystem at /sys/fs/bpf: mounting one");

@@ -112,7 +112,7 @@ fn prometheus_counts_exactly_what_the_client_sent() {
         "Prometheus to scrape flyprobe (up == 1)",
         Duration::from_secs(60),
         || match promql(prom_port, "up{job=\"flyprobe\"}") {
-            Ok(v) if v == 1.0 => Ok(()),
+            Ok(1.0) => Ok(()),
             other => Err(other),
         },
     );
