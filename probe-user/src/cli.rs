@@ -73,7 +73,7 @@ pub struct Cli {
 
     /// TLS and authentication for the HTTP endpoint, from a YAML file in the format of
     /// Prometheus exporters' web config (tls_server_config, basic_auth_users), plus
-    /// bearer_tokens.
+    /// bearer_token_file.
     #[arg(long = "web.config.file", value_name = "FILE")]
     pub web_config: Option<PathBuf>,
 

@@ -2,7 +2,11 @@
 //! containerd, CRI-O, docker and the kubelet name cgroups), its systemd unit, and its network
 //! namespace when that is not the host's.
 
-use std::{fs, path::Path};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
 
 /// Label names, in the order `Labels::values` returns them.
 pub const NAMES: [&str; 4] = ["container_id", "pod_uid", "unit", "netns"];
@@ -79,12 +83,87 @@ impl Labels {
     }
 }
 
-/// The cgroup v2 path of `pid` (the `0::` line of /proc/<pid>/cgroup).
+/// The cgroup v2 path of `pid` from the hierarchy's root (the `0::` line of
+/// /proc/<pid>/cgroup, made absolute when flyprobe runs in a cgroup namespace).
 pub fn cgroup_of(pid: u32) -> Option<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_string)
+    let seen = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(namespace_root().map_or_else(|| seen.to_string(), |root| join(root, seen)))
+}
+
+/// Where flyprobe's cgroup namespace is rooted in the hierarchy, if it runs in one (a
+/// container on cgroup v2: /proc then shows other cgroups as `/../../kubepods…`, relative
+/// to that root). Found once: the cgroup whose cgroup.procs lists flyprobe, under the
+/// cgroup2 mount (the DaemonSet mounts the host's), minus flyprobe's own namespaced path.
+fn namespace_root() -> Option<&'static str> {
+    static ROOT: OnceLock<Option<String>> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        // A cgroup2 mount made outside our namespace shows its root as "/../.." in
+        // mountinfo; PID 1 (the host's, with hostPID) has another namespace, when readable.
+        let (root, mount_root) = cgroup2_mount_with_root()?;
+        let own_ns = fs::read_link("/proc/self/ns/cgroup").ok()?;
+        let other_ns = fs::read_link("/proc/1/ns/cgroup").is_ok_and(|ns| ns != own_ns);
+        if !mount_root.starts_with("/..") && !other_ns {
+            return None; // the host's namespace: paths are absolute already
+        }
+        let seen = fs::read_to_string("/proc/self/cgroup").ok()?;
+        let seen = seen
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))?
+            .to_string();
+        let me = std::process::id().to_string();
+        let own = find_procs(&root, &root, &me, 0)?;
+        let base = own.strip_suffix(seen.trim_end_matches('/')).unwrap_or(&own);
+        log::info!(
+            "in a cgroup namespace rooted at {}",
+            if base.is_empty() { "/" } else { base }
+        );
+        Some(base.to_string())
+    })
+    .as_deref()
+}
+
+/// The cgroup (path from `root`) whose cgroup.procs lists `pid`.
+fn find_procs(root: &Path, dir: &Path, pid: &str, depth: u32) -> Option<String> {
+    if fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|p| p.lines().any(|l| l == pid)) {
+        let rel = dir.strip_prefix(root).ok()?;
+        return Some(format!("/{}", rel.to_string_lossy()));
+    }
+    if depth > 32 {
+        return None;
+    }
+    fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .find_map(|e| find_procs(root, &e.path(), pid, depth + 1))
+}
+
+/// The first cgroup2 mount point (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)
+/// and the mount's root as mountinfo shows it.
+fn cgroup2_mount_with_root() -> Option<(PathBuf, String)> {
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut fields = left.split_whitespace();
+        let root = fields.nth(3)?;
+        let mount = fields.next()?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| (PathBuf::from(mount), root.to_string()))
+    })
+}
+
+/// `root` + a namespace-relative `path` (which may climb out with `..`), normalized.
+fn join(root: &str, path: &str) -> String {
+    let mut parts: Vec<&str> = root.split('/').filter(|p| !p.is_empty()).collect();
+    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if part == ".." {
+            parts.pop();
+        } else {
+            parts.push(part);
+        }
+    }
+    format!("/{}", parts.join("/"))
 }
 
 fn netns_of(link: &Path) -> Option<String> {
@@ -186,6 +265,21 @@ mod tests {
             Labels::from_cgroup_path(&format!("/system.slice/crio-conmon-{ID}.scope")).container_id,
             None
         );
+    }
+
+    #[test]
+    fn namespace_relative_paths_are_made_absolute() {
+        let root = "/kubepods.slice/kubepods-pod1.slice/cri-containerd-a.scope";
+        assert_eq!(
+            join(root, "/../../kubepods-pod2.slice/cri-containerd-b.scope"),
+            "/kubepods.slice/kubepods-pod2.slice/cri-containerd-b.scope"
+        );
+        assert_eq!(join(root, "/"), root);
+        assert_eq!(
+            join("/", "/system.slice/x.service"),
+            "/system.slice/x.service"
+        );
+        assert_eq!(join("/a", "/../../.."), "/");
     }
 
     #[test]

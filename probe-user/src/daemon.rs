@@ -23,6 +23,7 @@ use crate::{
 };
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    raise_fd_limit();
     let mut watched = Watched::discover(&cli.pid_tree, cli.server_name.as_deref())?;
     let selectors = Selectors::new(&cli.port, &cli.comm, &cli.cgroup, cli.all_listeners);
     privileges::check()?;
@@ -33,7 +34,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let listener = bind(cli.listen)?;
     tracefs::ensure_mounted(&cli.tracefs)?;
 
-    let pins = cli.pin_path.as_deref().map(PinDir::prepare).transpose()?;
+    let limits = Limits {
+        max_connections: cli.max_connections,
+        max_processes: cli.max_processes,
+        max_request_series: cli.max_request_series,
+    };
+    let pins = cli
+        .pin_path
+        .as_deref()
+        .map(|dir| PinDir::prepare(dir, &limits))
+        .transpose()?;
 
     let access_log = cli
         .access_log
@@ -42,11 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .transpose()?;
 
     let options = Options {
-        limits: Limits {
-            max_connections: cli.max_connections,
-            max_processes: cli.max_processes,
-            max_request_series: cli.max_request_series,
-        },
+        limits,
         access_log: access_log.is_some(),
         calibration: cli.calibration_probe,
         required: cli.require_tracepoint.clone(),
@@ -103,19 +109,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(pins) = &state.pins {
         match pins.load() {
             Some(ledger) => {
-                let n = state.watched.restore(&ledger, std::time::Instant::now());
+                let (n, alive) = state.watched.restore(&ledger, std::time::Instant::now());
+                for pid in alive {
+                    state.maps.track(pid).context("seeding the target set")?;
+                }
                 log::info!(
-                    "continuing from pinned maps and {}: {n} watched roots carried over",
+                    "continuing from the maps pinned under {} and {}: {n} watched roots carried over",
+                    pins.dir().display(),
                     pins.ledger_path().display()
                 );
             }
-            None => log::info!(
-                "pinning maps under {}",
-                cli.pin_path
-                    .as_deref()
-                    .unwrap_or_else(|| std::path::Path::new(""))
-                    .display()
-            ),
+            None => log::info!("pinning maps under {}", pins.dir().display()),
         }
     }
     state.sweep(); // classify workers before the first scrape
@@ -198,6 +202,18 @@ async fn serve(
         _ = sigint.recv() => log::info!("SIGINT: shutting down"),
     }
     Ok(())
+}
+
+/// Scrapers, dashboards and /proc walks all take descriptors: use the hard limit, not the
+/// soft default of 1024, so a burst of connections does not starve the /proc reads.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        log::debug!("raising the open-file limit to {hard}: {err}");
+    }
 }
 
 fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, StartError> {

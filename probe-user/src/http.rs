@@ -94,8 +94,9 @@ async fn authenticate(State(auth): State<Arc<Auth>>, request: Request, next: Nex
     let header = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if auth.allows(header) {
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if auth.clone().allows(header).await {
         return next.run(request).await;
     }
     (

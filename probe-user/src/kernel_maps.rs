@@ -75,6 +75,14 @@ impl KernelMaps {
 
     /// Everything the kernel kept for an exited process, removed from the maps.
     pub fn retire(&mut self, pid: u32) -> Remains {
+        let remains = self.remains(pid);
+        self.forget(pid);
+        remains
+    }
+
+    /// What the kernel kept for an exited process, left in the maps: the connections it
+    /// still held are closed, and the request each was reading is aborted.
+    pub fn remains(&self, pid: u32) -> Remains {
         let mut remains = Remains {
             stats: self.stats_of(pid),
             requests: self
@@ -83,31 +91,14 @@ impl KernelMaps {
                 .filter(|(key, _)| key.tgid == pid)
                 .collect(),
         };
-        for (key, _) in &remains.requests {
-            let _ = self.reqs.remove(key);
-        }
-        let _ = self.stats.remove(&pid);
-        // Pending-syscall slots of its threads (keyed by pid_tgid) that outlived the process.
-        let slots: Vec<u64> = self
-            .pending
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|id| (id >> 32) as u32 == pid)
-            .collect();
-        for id in slots {
-            let _ = self.pending.remove(&id);
-        }
-        let held: Vec<(ConnKey, ConnState)> = self
+        // A key can be listed twice when other keys are deleted mid-walk: count it once.
+        let held: std::collections::HashMap<ConnKey, ConnState> = self
             .conns
             .iter()
             .filter_map(Result::ok)
             .filter(|(key, _)| key.tgid == pid)
             .collect();
-        for (key, state) in held {
-            // A key can be listed twice when other keys are deleted mid-walk; count it once.
-            if self.conns.remove(&key).is_err() {
-                continue;
-            }
+        for state in held.values() {
             if state.phase == phase::REQUEST {
                 // The kernel closed it with the process: aborted, no status.
                 let labels = ReqKey {
@@ -125,6 +116,39 @@ impl KernelMaps {
             }
         }
         remains
+    }
+
+    /// Free every entry of an exited process (after `remains` was read and kept).
+    pub fn forget(&mut self, pid: u32) {
+        let keys: Vec<ReqKey> = self
+            .reqs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.tgid == pid)
+            .collect();
+        for key in keys {
+            let _ = self.reqs.remove(&key);
+        }
+        let _ = self.stats.remove(&pid);
+        // Pending-syscall slots of its threads (keyed by pid_tgid) that outlived the process.
+        let slots: Vec<u64> = self
+            .pending
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| (id >> 32) as u32 == pid)
+            .collect();
+        for id in slots {
+            let _ = self.pending.remove(&id);
+        }
+        let held: Vec<ConnKey> = self
+            .conns
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.tgid == pid)
+            .collect();
+        for key in held {
+            let _ = self.conns.remove(&key);
+        }
     }
 
     /// Entries in the bounded maps, by `flyprobe_map_entries` label. Walks the keys, so it

@@ -25,7 +25,7 @@ use probe_common::{ConnKey, ConnState, ExitInfo, ProcStats, ReqKey, ReqStats, na
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::watched::Lifecycle;
+use crate::{probe::Limits, watched::Lifecycle};
 
 /// statfs f_type of a BPF filesystem (include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: nix::libc::c_long = 0xcafe_4a11;
@@ -65,6 +65,16 @@ pub enum PinError {
         found: usize,
         expected: usize,
     },
+    #[error(
+        "the map pinned at {path} holds {found} entries, but {flag} asks for {wanted}: pass {flag} {found}, or remove {dir} to start afresh with the new size"
+    )]
+    Size {
+        path: PathBuf,
+        dir: PathBuf,
+        flag: &'static str,
+        found: u32,
+        wanted: u32,
+    },
 }
 
 /// Where ledgers are kept, one per pin directory.
@@ -77,6 +87,8 @@ pub struct PinDir {
     last: Option<String>,
     /// The last write failed (and was logged).
     pub failing: bool,
+    /// Maps were pinned there before this run: only then does the ledger continue.
+    existed: bool,
 }
 
 /// What userspace knew at the last sweep.
@@ -119,9 +131,8 @@ impl RootLedger {
 impl PinDir {
     /// Make DIR ready (mounting bpffs at /sys/fs/bpf if DIR is under it and nothing is
     /// mounted there) and check that maps already pinned fit this build.
-    pub fn prepare(dir: &Path) -> Result<Self, PinError> {
-        let bpffs =
-            |p: &Path| statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
+    pub fn prepare(dir: &Path, limits: &Limits) -> Result<Self, PinError> {
+        let bpffs = |p: &Path| statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
         let sys_bpf = Path::new("/sys/fs/bpf");
         if dir.starts_with(sys_bpf) && sys_bpf.is_dir() && !bpffs(sys_bpf) {
             log::info!("no BPF filesystem at /sys/fs/bpf: mounting one");
@@ -155,18 +166,37 @@ impl PinDir {
             })
             .collect();
         let ledger = Path::new(LEDGER_DIR).join(format!("{flat}.json"));
-        let pins = Self {
+        let mut pins = Self {
             dir: dir.into(),
             ledger,
             last: None,
             failing: false,
+            existed: false,
         };
         for (name, key, value) in PINNED {
             let path = pins.map_path(name);
             let Ok(map) = MapData::from_pin(&path) else {
                 continue; // not pinned yet
             };
+            pins.existed = true;
             let Ok(info) = map.info() else { continue };
+            let size = match name {
+                names::CONNS => Some(("--max-connections", limits.max_connections)),
+                names::STATS | names::EXITS => Some(("--max-processes", limits.max_processes)),
+                names::REQS => Some(("--max-request-series", limits.max_request_series)),
+                _ => None,
+            };
+            if let Some((flag, wanted)) = size
+                && info.max_entries() != wanted
+            {
+                return Err(PinError::Size {
+                    path,
+                    dir: dir.into(),
+                    flag,
+                    found: info.max_entries(),
+                    wanted,
+                });
+            }
             for (part, found, expected) in [
                 ("key", info.key_size() as usize, key),
                 ("value", info.value_size() as usize, value),
@@ -196,13 +226,22 @@ impl PinDir {
         self.dir.join(name)
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn ledger_path(&self) -> &Path {
         &self.ledger
     }
 
-    /// The ledger of the previous run, if there was one (an unreadable one is logged and
-    /// ignored: the kernel counters are still there).
+    /// The ledger of the previous run, if its maps are still pinned (an unreadable one is
+    /// logged and ignored: the kernel counters are still there). A ledger whose maps were
+    /// removed is stale: it is deleted, and everything starts afresh.
     pub fn load(&self) -> Option<Ledger> {
+        if !self.existed {
+            let _ = fs::remove_file(self.ledger_path());
+            return None;
+        }
         let text = fs::read_to_string(self.ledger_path()).ok()?;
         match serde_json::from_str(&text) {
             Ok(ledger) => Some(ledger),

@@ -25,6 +25,9 @@ const PF_KTHREAD: u32 = 0x0020_0000;
 
 #[derive(Debug, Clone, Default)]
 pub struct Selectors {
+    /// flyprobe's own ancestors (PID 1 among them): never roots, or flyprobe and everything
+    /// else under them would become one server (systemd holds sockets for socket activation).
+    ancestors: BTreeSet<u32>,
     pub ports: Vec<u16>,
     pub comms: Vec<String>,
     /// cgroup v2 paths relative to the hierarchy's root ("/kubepods.slice").
@@ -35,7 +38,18 @@ pub struct Selectors {
 impl Selectors {
     pub fn new(ports: &[u16], comms: &[String], cgroups: &[PathBuf], all_listeners: bool) -> Self {
         let mounts = cgroup2_mounts();
+        let mut ancestors = BTreeSet::from([1]);
+        let mut cur = std::process::id();
+        while let Some(ppid) = Process::new(cur as i32)
+            .and_then(|p| p.stat())
+            .ok()
+            .map(|s| s.ppid as u32)
+            .filter(|&p| p > 1 && ancestors.insert(p))
+        {
+            cur = ppid;
+        }
         Self {
+            ancestors,
             ports: ports.to_vec(),
             comms: comms.to_vec(),
             cgroups: cgroups.iter().map(|c| relative(c, &mounts)).collect(),
@@ -66,7 +80,7 @@ impl Selectors {
     }
 
     fn matches_with(&self, pid: u32, listeners: &mut ListenerCache) -> bool {
-        if pid == std::process::id() || self.is_empty() {
+        if pid == std::process::id() || self.ancestors.contains(&pid) || self.is_empty() {
             return false;
         }
         let Ok(process) = Process::new(pid as i32) else {

@@ -74,8 +74,16 @@ impl Shared {
                 let accepted = state.maps.stats_of(event.pid).accepted > 0;
                 let watched = &mut state.watched;
                 watched.on_exit(event.pid, &reason, accepted, Instant::now(), uptime());
-                if watched.roots().iter().any(|r| r.pid == event.pid) {
-                    log::warn!("watched root {} exited ({reason})", event.pid);
+                match watched.roots().iter().find(|r| r.pid == event.pid) {
+                    Some(root) if root.found => {
+                        log::info!(
+                            "server {} (pid {}) exited ({reason})",
+                            root.server,
+                            root.pid
+                        )
+                    }
+                    Some(_) => log::warn!("watched root {} exited ({reason})", event.pid),
+                    None => {}
                 }
             }
             event_kind::DISCOVER => {
@@ -124,6 +132,11 @@ impl State {
                 log::debug!("not watching {pid}: {err}");
                 return false;
             }
+        }
+        // Tracked before /proc is read: a child it forks from now on is tracked by the kernel,
+        // one forked before is in the scan.
+        if let Err(err) = self.maps.track(pid) {
+            log::warn!("cannot track process {pid}: {err}");
         }
         for member in self.watched.rescan() {
             if let Err(err) = self.maps.track(member) {
@@ -195,11 +208,21 @@ impl State {
         }
     }
 
-    /// Free the kernel state of processes whose grace has passed.
+    /// Free the kernel state of processes whose grace has passed. With --pin-path the ledger
+    /// holding their final counters is written before their kernel entries go, so a daemon
+    /// killed in between loses nothing (the next one frees entries it finds twice).
     fn retire_due(&mut self, now: Instant) {
-        for pid in self.watched.due(now) {
-            let last = self.maps.retire(pid);
+        let due = self.watched.due(now);
+        if due.is_empty() {
+            return;
+        }
+        for &pid in &due {
+            let last = self.maps.remains(pid);
             self.watched.retire(pid, last);
+        }
+        self.save_ledger();
+        for pid in due {
+            self.maps.forget(pid);
         }
     }
 }

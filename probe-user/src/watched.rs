@@ -166,17 +166,28 @@ impl Watched {
         self.members.get(&pid).is_some_and(|m| m.exited.is_none())
     }
 
-    /// Forget discovered roots that exited more than `after` seconds ago (uptime clock), with
-    /// everything kept for them: on a node, servers come and go for good. Returns how many.
+    /// Forget servers found by a selector whose every root exited more than `after` seconds
+    /// ago (uptime clock), with everything kept for them: on a node, servers come and go for
+    /// good. A server is forgotten whole (all roots sharing its labels), so the totals of one
+    /// that is still up never go down. Returns how many roots went.
     pub fn forget_exited(&mut self, now: f64, after: f64) -> usize {
+        let group = |r: &Root| (r.server.clone(), r.labels.clone());
+        // Roots with members left (a worker outliving its master, one not yet retired).
+        let busy: BTreeSet<u32> = self.members.values().map(|m| m.root).collect();
+        let keep: BTreeSet<(String, Labels)> = self
+            .roots
+            .iter()
+            .filter(|r| {
+                !r.found || busy.contains(&r.pid) || r.exited.is_none_or(|t| now - t <= after)
+            })
+            .map(group)
+            .collect();
         let gone: BTreeSet<u32> = self
             .roots
             .iter()
-            .filter(|r| r.found && r.exited.is_some_and(|t| now - t > after))
+            .filter(|r| !keep.contains(&group(r)))
             .map(|r| r.pid)
             .collect();
-        let busy: BTreeSet<u32> = self.members.values().map(|m| m.root).collect();
-        let gone: BTreeSet<u32> = gone.difference(&busy).copied().collect();
         if gone.is_empty() {
             return 0;
         }
@@ -199,8 +210,10 @@ impl Watched {
             .collect();
         let roots: BTreeSet<u32> = self.roots.iter().map(|r| r.pid).collect();
         let mut added = Vec::new();
+        let me = std::process::id();
         for &pid in parents.keys() {
-            if self.members.contains_key(&pid) {
+            // flyprobe never watches itself, even when it runs inside a watched tree.
+            if pid == me || self.members.contains_key(&pid) {
                 continue;
             }
             let Some(root) = nearest_root(pid, &parents, &roots) else {
@@ -483,8 +496,9 @@ impl Watched {
     /// Continue from the previous run's ledger: the final counters and lifecycle of the roots
     /// that are still the same processes, and the members that died while no daemon ran
     /// (their kernel counters are retired into their root at the next sweep; a worker among
-    /// them counts as stopped, reason unknown). Returns how many roots continued.
-    pub fn restore(&mut self, ledger: &Ledger, now: Instant) -> usize {
+    /// them counts as stopped, reason unknown). Returns how many roots continued, and the
+    /// live members /proc did not place under a root any more (reparented): to track again.
+    pub fn restore(&mut self, ledger: &Ledger, now: Instant) -> (usize, Vec<u32>) {
         let same = |a: f64, b: f64| (a - b).abs() < 0.05;
         let mut continued = BTreeSet::new();
         for rl in &ledger.roots {
@@ -507,6 +521,7 @@ impl Watched {
                     .add(stats);
             }
         }
+        let mut retrack = Vec::new();
         for ml in ledger
             .members
             .iter()
@@ -517,6 +532,16 @@ impl Watched {
                     m.ever_worker |= ml.ever_worker;
                 }
                 continue; // alive (or its PID taken by a member since)
+            }
+            if let Some((comm, started, ppid)) = proc_facts(ml.pid)
+                && same(started, ml.started)
+                && alive(ml.pid)
+            {
+                let mut member = Member::new(ppid, ml.root, comm, started, false);
+                member.ever_worker = ml.ever_worker;
+                self.members.insert(ml.pid, member);
+                retrack.push(ml.pid);
+                continue;
             }
             let mut member = Member::new(0, ml.root, String::new(), ml.started, false);
             member.ever_worker = ml.ever_worker;
@@ -533,7 +558,7 @@ impl Watched {
             }
             self.members.insert(ml.pid, member);
         }
-        continued.len()
+        (continued.len(), retrack)
     }
 
     /// Keep an exited member's final counters and forget the member.
@@ -571,10 +596,17 @@ impl Member {
     }
 }
 
+/// Whether `pid` still runs. Only /proc saying so makes it gone: an error such as running out
+/// of file descriptors must not declare live workers dead (and untrack them).
 pub fn alive(pid: u32) -> bool {
-    Process::new(pid as i32)
-        .and_then(|p| p.stat())
-        .is_ok_and(|s| s.state != 'Z' && s.state != 'X')
+    match Process::new(pid as i32).and_then(|p| p.stat()) {
+        Ok(stat) => stat.state != 'Z' && stat.state != 'X',
+        Err(procfs::ProcError::NotFound(_)) => false,
+        Err(err) => {
+            log::debug!("cannot tell whether {pid} runs ({err}): assuming it does");
+            true
+        }
+    }
 }
 
 /// The closest ancestor of `pid` (or `pid` itself) that is a root.
@@ -635,6 +667,35 @@ mod tests {
         assert_eq!((kept.accepted, kept.requests), (3, 4));
         assert_eq!((kept.active(), kept.in_flight()), (0, 0));
         assert!(w.members().is_empty());
+    }
+
+    fn found_root(pid: u32, exited: Option<f64>) -> Root {
+        Root {
+            pid,
+            server: "nginx".into(),
+            started: 0.0,
+            exited,
+            labels: Labels::default(),
+            found: true,
+        }
+    }
+
+    #[test]
+    fn a_server_is_forgotten_whole_once_all_its_roots_are_long_gone() {
+        let mut w = Watched::default();
+        // nginx restarted in place: the old master exited long ago, the new one runs.
+        w.roots.push(found_root(10, Some(100.0)));
+        w.roots.push(found_root(20, None));
+        w.retired.insert((10, 11), ProcStats::default());
+        assert_eq!(w.forget_exited(1000.0, 300.0), 0, "its totals still count");
+        w.roots[1].exited = Some(600.0);
+        assert_eq!(
+            w.forget_exited(800.0, 300.0),
+            0,
+            "the second exited too recently"
+        );
+        assert_eq!(w.forget_exited(1000.0, 300.0), 2);
+        assert!(w.roots.is_empty() && w.retired.is_empty());
     }
 
     #[test]

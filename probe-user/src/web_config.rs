@@ -87,6 +87,11 @@ pub struct Auth {
     token: Option<String>,
     /// Credentials that passed bcrypt already: bcrypt is slow on purpose, scrapes are frequent.
     verified: Mutex<HashSet<(String, String)>>,
+    /// Checked for unknown users, so they take as long to refuse as known ones.
+    dummy: String,
+    /// bcrypt runs on blocking threads, this many at once: wrong passwords cannot starve the
+    /// runtime that drains the kernel's events and serves scrapes.
+    gate: tokio::sync::Semaphore,
 }
 
 impl WebConfig {
@@ -142,11 +147,23 @@ impl WebConfig {
             Some(_) => return Err(WebConfigError::TlsIncomplete { path: path.into() }),
             None => None,
         };
+        // The dummy hash costs what the users' hashes cost ("$2y$10$…": 10).
+        let cost = file
+            .basic_auth_users
+            .values()
+            .filter_map(|h| h.get(4..6)?.parse::<u32>().ok())
+            .max();
+        let dummy = match cost {
+            Some(cost) => bcrypt::hash("flyprobe-no-such-user", cost).unwrap_or_default(),
+            None => String::new(),
+        };
         let auth = (!file.basic_auth_users.is_empty() || token.is_some()).then(|| {
             Arc::new(Auth {
                 users: file.basic_auth_users,
                 token,
                 verified: Mutex::new(HashSet::new()),
+                dummy,
+                gate: tokio::sync::Semaphore::new(2),
             })
         });
         Ok(Self { tls, auth })
@@ -189,7 +206,7 @@ const VERIFIED_MAX: usize = 64;
 
 impl Auth {
     /// Does this `Authorization` header value grant access?
-    pub fn allows(&self, header: Option<&str>) -> bool {
+    pub async fn allows(self: Arc<Self>, header: Option<String>) -> bool {
         let Some(header) = header else {
             return false;
         };
@@ -213,24 +230,38 @@ impl Auth {
         else {
             return false;
         };
-        let Some(hash) = self.users.get(&user) else {
+        if self.users.is_empty() {
             return false;
-        };
+        }
         let key = (user, password);
-        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        if verified.contains(&key) {
+        if self.cache().contains(&key) {
             return true;
         }
-        drop(verified);
-        if !bcrypt::verify(&key.1, hash).unwrap_or(false) {
+        let (known, hash) = match self.users.get(&key.0) {
+            Some(hash) => (true, hash.clone()),
+            None => (false, self.dummy.clone()),
+        };
+        let Ok(_permit) = self.gate.acquire().await else {
+            return false;
+        };
+        let password = key.1.clone();
+        let matched =
+            tokio::task::spawn_blocking(move || bcrypt::verify(&password, &hash).unwrap_or(false))
+                .await
+                .unwrap_or(false);
+        if !(known && matched) {
             return false;
         }
-        verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        let mut verified = self.cache();
         if verified.len() >= VERIFIED_MAX {
             verified.clear();
         }
         verified.insert(key);
         true
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> {
+        self.verified.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The `WWW-Authenticate` challenge for a refused request.
@@ -281,14 +312,18 @@ mod tests {
                 base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
             )
         };
-        assert!(auth.allows(Some(&basic("alice", "s3cret"))));
-        assert!(auth.allows(Some(&basic("alice", "s3cret")))); // cached
-        assert!(!auth.allows(Some(&basic("alice", "wrong"))));
-        assert!(!auth.allows(Some(&basic("bob", "s3cret"))));
-        assert!(auth.allows(Some("Bearer tok-123")));
-        assert!(!auth.allows(Some("Bearer tok-124")));
-        assert!(!auth.allows(None));
-        assert!(!auth.allows(Some("Basic !!!")));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let allows = |h: Option<&str>| rt.block_on(auth.clone().allows(h.map(str::to_string)));
+        assert!(allows(Some(&basic("alice", "s3cret"))));
+        assert!(allows(Some(&basic("alice", "s3cret")))); // cached
+        assert!(!allows(Some(&basic("alice", "wrong"))));
+        assert!(!allows(Some(&basic("bob", "s3cret"))));
+        assert!(allows(Some("Bearer tok-123")));
+        assert!(!allows(Some("Bearer tok-124")));
+        assert!(!allows(None));
+        assert!(!allows(Some("Basic !!!")));
     }
 
     #[test]

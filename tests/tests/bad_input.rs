@@ -210,13 +210,37 @@ fn pid_that_exits_during_start_up() {
     let listen = format!("127.0.0.1:{}", free_port());
     let fp = Command::new(flyprobe::bin())
         .args(["--pid-tree", &pid, "--listen", &listen])
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     use std::io::Write as _;
     writeln!(target.stdin.take().unwrap(), "{}", fp.id()).unwrap();
-    let out = fp.wait_with_output().unwrap();
+    // If flyprobe finished starting before the target exited, it would serve on: fail after
+    // a deadline instead of hanging.
+    let mut fp = fp;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = fp.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = fp.kill();
+            panic!(
+                "flyprobe was still serving after 30 s: the target did not exit during start-up"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     target.wait().unwrap();
+    let mut stderr = Vec::new();
+    use std::io::Read as _;
+    fp.stderr.take().unwrap().read_to_end(&mut stderr).unwrap();
+    let out = Output {
+        status,
+        stdout: Vec::new(),
+        stderr,
+    };
     assert_fails(
         &out,
         USAGE,

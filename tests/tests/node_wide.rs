@@ -443,3 +443,56 @@ fn same_port_in_two_network_namespaces_are_two_servers() {
     fp.stop();
     drop((a, b, ns));
 }
+
+#[test]
+fn cgroup_selector_works_from_inside_a_cgroup_namespace() {
+    require_root();
+    // As in a pod on cgroup v2: flyprobe in its own cgroup namespace sees other cgroups as
+    // `/../kubepods…` and must still match and label them.
+    let root = cgroup2_root();
+    let (uid, id) = (
+        "5a6b7c8d-9e0f-4a1b-8c2d-3e4f5a6b7c8d",
+        "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00",
+    );
+    let agent = Cgroup::create(root.join("flyprobe-e2e-agent.slice/flyprobe.scope"));
+    let pod = Cgroup::create(root.join(format!(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{id}.scope",
+        uid.replace('-', "_")
+    )));
+    let server = servers::rust_server_unprobed(free_port(), |c| pod.join(c));
+    started_listening(&server);
+    let procs = agent.path.join("cgroup.procs");
+    let script = format!(
+        "echo $$ > {} && exec unshare --cgroup \"$0\" \"$@\"",
+        procs.display()
+    );
+    let selector = root.join("kubepods.slice");
+    let fp = Flyprobe::start_via(
+        &["sh", "-c", &script],
+        &["--cgroup", selector.to_str().unwrap()],
+    );
+    let seen = fs::read_to_string(format!("/proc/{}/cgroup", server.pid())).unwrap();
+    let own_ns = fs::read_link(format!("/proc/{}/ns/cgroup", fp.pid())).unwrap();
+    assert_ne!(
+        own_ns,
+        fs::read_link("/proc/self/ns/cgroup").unwrap(),
+        "not namespaced"
+    );
+    let seen = seen
+        .lines()
+        .find(|l| l.starts_with("0::"))
+        .unwrap_or_default();
+    println!("server's cgroup as the test sees it: {seen}");
+    let labels = [("container_id", id), ("pod_uid", uid)];
+    let mut with_server = vec![("server", SERVER)];
+    with_server.extend_from_slice(&labels);
+    discovered(&fp, &with_server);
+    traffic(server.port, 2, 3);
+    exact(&fp, &labels, 2, 6);
+    let log = fp.stop();
+    assert!(
+        log.contains("in a cgroup namespace rooted at /flyprobe-e2e-agent.slice/flyprobe.scope"),
+        "{log}"
+    );
+    drop(server);
+}

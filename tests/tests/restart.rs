@@ -156,8 +156,32 @@ fn pinned_counters_and_connections_survive_restarts() {
         settles(&fp, (2, 2, 0, 13));
     }
     fp.stop();
-    // Pins outlive the daemon until removed.
+    // Pins outlive the daemon until removed. A different map size is refused, not ignored.
     assert_eq!(pinned(&dir).len(), 5);
+    let mut resized = args.to_vec();
+    resized.extend(["--max-connections", "1000"]);
+    let out = std::process::Command::new(flyprobe_tests::flyprobe::bin())
+        .args(&resized)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", flyprobe_tests::free_port()),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("but --max-connections asks for 1000"),
+        "{stderr}"
+    );
+    // Removing the directory starts afresh: the ledger of the old maps is not carried over.
+    for name in pinned(&dir) {
+        fs::remove_file(dir.join(name)).unwrap();
+    }
+    let fp = Flyprobe::start(&args);
+    settles(&fp, (0, 0, 0, 0));
+    let log = fp.stop();
+    assert!(!log.contains("carried over"), "{log}");
     for name in pinned(&dir) {
         fs::remove_file(dir.join(name)).unwrap();
     }
