@@ -100,7 +100,7 @@ fn namespace_root() -> Option<&'static str> {
     ROOT.get_or_init(|| {
         // A cgroup2 mount made outside our namespace shows its root as "/../.." in
         // mountinfo; PID 1 (the host's, with hostPID) has another namespace, when readable.
-        let (root, mount_root) = cgroup2_mount_with_root()?;
+        let (root, mount_root) = cgroup2_mounts().into_iter().next()?;
         let own_ns = fs::read_link("/proc/self/ns/cgroup").ok()?;
         let other_ns = fs::read_link("/proc/1/ns/cgroup").is_ok_and(|ns| ns != own_ns);
         if !mount_root.starts_with("/..") && !other_ns {
@@ -139,18 +139,22 @@ fn find_procs(root: &Path, dir: &Path, pid: &str, depth: u32) -> Option<String> 
         .find_map(|e| find_procs(root, &e.path(), pid, depth + 1))
 }
 
-/// The first cgroup2 mount point (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)
-/// and the mount's root as mountinfo shows it.
-fn cgroup2_mount_with_root() -> Option<(PathBuf, String)> {
-    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mut fields = left.split_whitespace();
-        let root = fields.nth(3)?;
-        let mount = fields.next()?;
-        (right.split_whitespace().next()? == "cgroup2")
-            .then(|| (PathBuf::from(mount), root.to_string()))
-    })
+/// Where cgroup2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts),
+/// with each mount's root as mountinfo shows it ("/", or "/../.." from inside a namespace).
+pub fn cgroup2_mounts() -> Vec<(PathBuf, String)> {
+    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mut fields = left.split_whitespace();
+            let root = fields.nth(3)?;
+            let mount = fields.next()?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| (PathBuf::from(mount), root.to_string()))
+        })
+        .collect()
 }
 
 /// `root` + a namespace-relative `path` (which may climb out with `..`), normalized.

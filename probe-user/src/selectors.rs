@@ -9,15 +9,15 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
     path::{Path, PathBuf},
 };
 
-use procfs::process::{Process, all_processes};
+use procfs::process::Process;
 
 use crate::{
     containers,
     sockets::{self, ListenerCache},
+    watched,
 };
 
 /// task_struct flag of kernel threads (include/linux/sched.h).
@@ -37,7 +37,10 @@ pub struct Selectors {
 
 impl Selectors {
     pub fn new(ports: &[u16], comms: &[String], cgroups: &[PathBuf], all_listeners: bool) -> Self {
-        let mounts = cgroup2_mounts();
+        let mounts: Vec<PathBuf> = containers::cgroup2_mounts()
+            .into_iter()
+            .map(|(mount, _)| mount)
+            .collect();
         let mut ancestors = BTreeSet::from([1]);
         let mut cur = std::process::id();
         while let Some(ppid) = Process::new(cur as i32)
@@ -129,12 +132,7 @@ impl Selectors {
         if self.is_empty() {
             return Vec::new();
         }
-        let parents: BTreeMap<u32, u32> = all_processes()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p.ok()?.stat().ok())
-            .map(|s| (s.pid as u32, s.ppid as u32))
-            .collect();
+        let parents = watched::parents();
         let mut listeners = ListenerCache::default();
         let candidates: BTreeSet<u32> = parents
             .keys()
@@ -185,20 +183,6 @@ fn under(path: &str, root: &str) -> bool {
         || path
             .strip_prefix(root)
             .is_some_and(|rest| rest.starts_with('/'))
-}
-
-/// Where cgroup2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts).
-fn cgroup2_mounts() -> Vec<PathBuf> {
-    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mount = left.split_whitespace().nth(4)?;
-            (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount))
-        })
-        .collect()
 }
 
 /// A --cgroup argument as a path inside the hierarchy: "/sys/fs/cgroup/x" and "/x" alike.

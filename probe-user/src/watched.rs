@@ -97,6 +97,16 @@ pub struct Watched {
     events: VecDeque<LifecycleEvent>,
 }
 
+/// Every process's parent, as /proc shows them now.
+pub fn parents() -> BTreeMap<u32, u32> {
+    all_processes()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.ok()?.stat().ok())
+        .map(|s| (s.pid as u32, s.ppid as u32))
+        .collect()
+}
+
 /// What /proc says about a process: (comm, start in seconds after boot, ppid).
 fn proc_facts(pid: u32) -> Option<(String, f64, u32)> {
     let stat = Process::new(pid as i32).ok()?.stat().ok()?;
@@ -202,12 +212,7 @@ impl Watched {
 
     /// Add descendants that appeared since the last scan; returns their PIDs.
     pub fn rescan(&mut self) -> Vec<u32> {
-        let parents: BTreeMap<u32, u32> = all_processes()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p.ok()?.stat().ok())
-            .map(|s| (s.pid as u32, s.ppid as u32))
-            .collect();
+        let parents = parents();
         let roots: BTreeSet<u32> = self.roots.iter().map(|r| r.pid).collect();
         let mut added = Vec::new();
         let me = std::process::id();
