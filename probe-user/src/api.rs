@@ -13,7 +13,10 @@ use probe_common::{
 };
 use serde::Serialize;
 
-use crate::snapshot::{ServerView, Snapshot};
+use crate::{
+    containers::Labels,
+    snapshot::{ServerView, Snapshot},
+};
 
 /// Status classes as the API names them: "" (no HTTP status) is "other".
 const CLASSES: [&str; 6] = ["other", "1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -71,6 +74,7 @@ pub struct ApiWorker {
 pub struct ApiEvent {
     pub time: f64,
     pub server: String,
+    pub labels: BTreeMap<&'static str, String>,
     pub pid: u32,
     pub event: &'static str,
     pub reason: Option<String>,
@@ -102,6 +106,7 @@ pub fn build(snap: &Snapshot, time: f64) -> ApiSnapshot {
             .map(|e| ApiEvent {
                 time: e.time,
                 server: e.server.clone(),
+                labels: label_map(&e.labels),
                 pid: e.pid,
                 event: if e.stopped.is_some() {
                     "stopped"
@@ -112,6 +117,14 @@ pub fn build(snap: &Snapshot, time: f64) -> ApiSnapshot {
             })
             .collect(),
     }
+}
+
+fn label_map(labels: &Labels) -> BTreeMap<&'static str, String> {
+    labels
+        .pairs()
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect()
 }
 
 fn classes() -> BTreeMap<&'static str, u64> {
@@ -179,12 +192,7 @@ fn server(view: &ServerView) -> ApiServer {
         .collect();
     ApiServer {
         server: view.server.clone(),
-        labels: view
-            .labels
-            .pairs()
-            .into_iter()
-            .map(|(k, v)| (k, v.to_string()))
-            .collect(),
+        labels: label_map(&view.labels),
         up: view.up,
         uptime_seconds: view.uptime_seconds,
         workers: view.workers.len(),

@@ -24,6 +24,8 @@ pub struct EventView {
     /// Unix seconds.
     pub time: f64,
     pub server: String,
+    /// The server's place (a node runs many servers of one name).
+    pub labels: Labels,
     pub pid: u32,
     /// `None` for a start, else the stop reason.
     pub stopped: Option<String>,
@@ -87,7 +89,7 @@ pub fn build(watched: &Watched, kernel: &KernelView, uptime_now: f64) -> Snapsho
             .roots()
             .iter()
             .find(|r| r.pid == root)
-            .map(|r| r.server.clone())
+            .map(|r| (r.server.clone(), r.labels.clone()))
             .unwrap_or_default()
     };
     Snapshot {
@@ -97,11 +99,15 @@ pub fn build(watched: &Watched, kernel: &KernelView, uptime_now: f64) -> Snapsho
         events: watched
             .events()
             .iter()
-            .map(|e| EventView {
-                time: e.time,
-                server: server_of(e.root),
-                pid: e.pid,
-                stopped: e.stopped.clone(),
+            .map(|e| {
+                let (server, labels) = server_of(e.root);
+                EventView {
+                    time: e.time,
+                    server,
+                    labels,
+                    pid: e.pid,
+                    stopped: e.stopped.clone(),
+                }
             })
             .collect(),
     }

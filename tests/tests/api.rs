@@ -95,6 +95,7 @@ struct Rates {
 struct LifecycleEvent {
     time: f64,
     server: String,
+    labels: BTreeMap<String, String>,
     pid: u32,
     event: String,
     reason: Option<String>,
