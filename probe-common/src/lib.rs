@@ -250,7 +250,8 @@ pub mod drop_reason {
     pub const EXIT_MAP_FULL: u32 = 5;
     pub const REQUEST_MAP_FULL: u32 = 6;
     pub const ACCESS_RING_FULL: u32 = 7;
-    pub const COUNT: u32 = 8;
+    pub const DISCOVERY_RING_FULL: u32 = 8;
+    pub const COUNT: u32 = 9;
     /// Label values, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
         "connection_map_full",
@@ -261,6 +262,7 @@ pub mod drop_reason {
         "exit_map_full",
         "request_map_full",
         "access_ring_full",
+        "discovery_ring_full",
     ];
 }
 
@@ -271,6 +273,7 @@ pub mod names {
     pub const STATS: &str = "STATS";
     pub const DROPS: &str = "DROPS";
     pub const EVENTS: &str = "EVENTS";
+    pub const DISCOVERIES: &str = "DISCOVERIES";
     pub const EXITS: &str = "EXITS";
     pub const PENDING_IO: &str = "PENDING_IO";
     pub const REQS: &str = "REQS";
@@ -304,6 +307,9 @@ pub const DEFAULT_MAX_PROCESSES: u32 = 16_384;
 /// Threads of tracked processes doing socket I/O, one pending-syscall slot each.
 pub const PENDING_ENTRIES: u32 = 16_384;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
+/// Node-wide discovery announcements (exec, listen of untracked processes) have their own
+/// ring: an exec storm on the node must not crowd out the watched processes' fork and exit.
+pub const DISCOVERY_BYTES: u32 = 64 * 1024;
 pub const ACCESS_BYTES: u32 = 1024 * 1024;
 /// Label combinations (process x method x status x protocol) with counters at once.
 pub const DEFAULT_MAX_REQUEST_SERIES: u32 = 65_536;

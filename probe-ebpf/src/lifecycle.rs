@@ -134,7 +134,7 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
 }
 
 #[inline(always)]
-pub fn emit(kind: u32, pid: u32, ppid: u32, exit: ExitInfo) {
+fn emit(kind: u32, pid: u32, ppid: u32, exit: ExitInfo) {
     let event = ProcEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         kind,

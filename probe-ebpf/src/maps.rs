@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use probe_common::{
     ACCESS_BYTES, ConnKey, ConnState, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PROCESSES,
-    DEFAULT_MAX_REQUEST_SERIES, DEFAULT_PID_SLOTS, EVENTS_BYTES, ExitInfo, PENDING_ENTRIES,
-    PendingIo, ProcStats, ReqKey, ReqStats, drop_reason,
+    DEFAULT_MAX_REQUEST_SERIES, DEFAULT_PID_SLOTS, DISCOVERY_BYTES, EVENTS_BYTES, ExitInfo,
+    PENDING_ENTRIES, PendingIo, ProcStats, ReqKey, ReqStats, drop_reason,
 };
 
 /// The target set: `TARGETS[pid] != 0` when `pid` is tracked. An array indexed by PID (sized
@@ -60,6 +60,10 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_reason::
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Exec and listen of untracked processes, for node-wide selectors.
+#[map]
+pub static DISCOVERIES: RingBuf = RingBuf::with_byte_size(DISCOVERY_BYTES, 0);
 
 #[inline(always)]
 pub fn count_drop(reason: u32) {

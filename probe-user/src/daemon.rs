@@ -14,7 +14,7 @@ use crate::{
     events, http, metrics,
     persist::PinDir,
     privileges,
-    probe::{Limits, Options, Probe},
+    probe::{Limits, Options, Probe, Rings},
     selectors::Selectors,
     state::{Shared, State},
     tracefs,
@@ -61,7 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         pins: pins.as_ref().map(PinDir::maps).unwrap_or_default(),
     };
     let mut probe = Probe::load(&cli.tracefs, &options).context("starting the eBPF probe")?;
-    let (mut maps, ring, access_ring) = probe.take_maps().context("opening the probe's maps")?;
+    let (mut maps, rings) = probe.take_maps().context("opening the probe's maps")?;
 
     // Programs are attached, so forks from here on are tracked by the kernel. Seed the ones
     // that exist, then scan once more for any forked before their parent was seeded.
@@ -136,6 +136,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let Rings {
+        events: ring,
+        discoveries,
+        access: access_ring,
+    } = rings;
     let access = access_log.map(|sink| (access_ring, sink));
     let scheme = if web.tls.is_some() { "https" } else { "http" };
     log::info!(
@@ -150,7 +155,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let result = runtime.block_on(serve(
         listener,
         web,
-        ring,
+        (ring, discoveries),
         access,
         state,
         cli.exit_with_target,
@@ -167,7 +172,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 async fn serve(
     listener: std::net::TcpListener,
     web: WebConfig,
-    ring: RingBuf<MapData>,
+    (ring, discoveries): (RingBuf<MapData>, RingBuf<MapData>),
     access: Option<(RingBuf<MapData>, access_log::Sink)>,
     state: Shared,
     exit_with_target: bool,
@@ -186,7 +191,8 @@ async fn serve(
     };
     tokio::select! {
         r = http::serve(listener, router, web) => r.context("serving metrics")?,
-        r = events::pump(ring, state) => r.context("reading kernel events")?,
+        r = events::pump(ring, state.clone()) => r.context("reading kernel events")?,
+        r = events::pump(discoveries, state) => r.context("reading discovery events")?,
         r = access_log => r.context("writing the access log")?,
         () = async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));

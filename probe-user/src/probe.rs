@@ -259,6 +259,13 @@ impl Offsets {
     }
 }
 
+/// The kernel's ring buffers: lifecycle events, discovery announcements, access-log records.
+pub struct Rings {
+    pub events: RingBuf<MapData>,
+    pub discoveries: RingBuf<MapData>,
+    pub access: RingBuf<MapData>,
+}
+
 pub struct Probe {
     // Owns the programs and their links: dropping it detaches everything.
     ebpf: Ebpf,
@@ -344,15 +351,15 @@ impl Probe {
         Ok(())
     }
 
-    /// The maps, the lifecycle event ring, and the access-log ring.
-    #[allow(clippy::type_complexity)]
-    pub fn take_maps(
-        &mut self,
-    ) -> Result<(KernelMaps, RingBuf<MapData>, RingBuf<MapData>), ProbeError> {
+    /// The maps and the rings.
+    pub fn take_maps(&mut self) -> Result<(KernelMaps, Rings), ProbeError> {
         let maps = KernelMaps::take(&mut self.ebpf)?;
-        let events = take(&mut self.ebpf, names::EVENTS)?;
-        let access = take(&mut self.ebpf, names::ACCESS)?;
-        Ok((maps, events, access))
+        let rings = Rings {
+            events: take(&mut self.ebpf, names::EVENTS)?,
+            discoveries: take(&mut self.ebpf, names::DISCOVERIES)?,
+            access: take(&mut self.ebpf, names::ACCESS)?,
+        };
+        Ok((maps, rings))
     }
 
     pub fn program_count(&self) -> usize {
