@@ -2,11 +2,11 @@
 //! so a selector (--comm, --cgroup, --port, --all-listeners) can pick it up at once instead of
 //! rescanning /proc. Attached only when such a selector is given; both events are rare.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
-use probe_common::{ExitInfo, ProcEvent, drop_reason, event_kind};
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use probe_common::{ExitInfo, drop_reason, event_kind};
 
 use crate::{
-    maps::{DISCOVERIES, count_drop, is_target},
+    maps::{DISCOVERIES, is_target, send_event},
     record::{current, syscall_ret},
 };
 
@@ -30,18 +30,16 @@ pub fn listen_discover(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn announce() {
     let (_, tgid, _) = current();
-    if is_target(tgid) {
-        return;
-    }
-    let event = ProcEvent {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        kind: event_kind::DISCOVER,
-        pid: tgid,
-        ppid: 0,
-        exit: ExitInfo::default(),
-    };
-    // Its own ring: a storm of execs fills this one, never the lifecycle ring.
-    if DISCOVERIES.output::<ProcEvent>(&event, 0).is_err() {
-        count_drop(drop_reason::DISCOVERY_RING_FULL);
+    if !is_target(tgid) {
+        // Its own ring: a storm of execs fills this one, never the lifecycle ring.
+        let full = drop_reason::DISCOVERY_RING_FULL;
+        send_event(
+            &DISCOVERIES,
+            full,
+            event_kind::DISCOVER,
+            tgid,
+            0,
+            ExitInfo::default(),
+        );
     }
 }

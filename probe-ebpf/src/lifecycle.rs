@@ -3,13 +3,11 @@
 //! the way (its exit_group code, the signals sent to it) and reported with its exit, since
 //! sched_process_exit itself carries no exit status.
 
-use aya_ebpf::{
-    bindings::BPF_ANY, helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext,
-};
-use probe_common::{ExitInfo, ProcEvent, drop_reason, event_kind, exit_flags};
+use aya_ebpf::{bindings::BPF_ANY, macros::tracepoint, programs::TracePointContext};
+use probe_common::{ExitInfo, drop_reason, event_kind, exit_flags};
 
 use crate::{
-    maps::{EVENTS, EXITS, PENDING_IO, count_drop, is_target, set_target},
+    maps::{EVENTS, EXITS, PENDING_IO, count_drop, is_target, send_event, set_target},
     record::{current, fork_child_pid, signal_generated, syscall_arg0},
 };
 
@@ -135,14 +133,5 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn emit(kind: u32, pid: u32, ppid: u32, exit: ExitInfo) {
-    let event = ProcEvent {
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        kind,
-        pid,
-        ppid,
-        exit,
-    };
-    if EVENTS.output::<ProcEvent>(&event, 0).is_err() {
-        count_drop(drop_reason::EVENT_RING_FULL);
-    }
+    send_event(&EVENTS, drop_reason::EVENT_RING_FULL, kind, pid, ppid, exit);
 }

@@ -2,13 +2,14 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
+    helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use probe_common::{
     ACCESS_BYTES, ConnKey, ConnState, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PROCESSES,
     DEFAULT_MAX_REQUEST_SERIES, DEFAULT_PID_SLOTS, DISCOVERY_BYTES, EVENTS_BYTES, ExitInfo,
-    PENDING_ENTRIES, PendingIo, ProcStats, ReqKey, ReqStats, drop_reason,
+    PENDING_ENTRIES, PendingIo, ProcEvent, ProcStats, ReqKey, ReqStats, drop_reason,
 };
 
 /// The target set: `TARGETS[pid] != 0` when `pid` is tracked. An array indexed by PID (sized
@@ -64,6 +65,21 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 /// Exec and listen of untracked processes, for node-wide selectors.
 #[map]
 pub static DISCOVERIES: RingBuf = RingBuf::with_byte_size(DISCOVERY_BYTES, 0);
+
+/// Send a process event to `ring` (`EVENTS` or `DISCOVERIES`); a full ring counts `full`.
+#[inline(always)]
+pub fn send_event(ring: &RingBuf, full: u32, kind: u32, pid: u32, ppid: u32, exit: ExitInfo) {
+    let event = ProcEvent {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        kind,
+        pid,
+        ppid,
+        exit,
+    };
+    if ring.output::<ProcEvent>(&event, 0).is_err() {
+        count_drop(full);
+    }
+}
 
 #[inline(always)]
 pub fn count_drop(reason: u32) {
