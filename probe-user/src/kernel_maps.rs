@@ -28,6 +28,8 @@ pub struct KernelMaps {
 pub struct Remains {
     pub stats: ProcStats,
     pub requests: Vec<(ReqKey, ReqStats)>,
+    /// The connections it still held, to free with the rest (`forget`).
+    pub held: Vec<ConnKey>,
 }
 
 impl KernelMaps {
@@ -76,7 +78,7 @@ impl KernelMaps {
     /// Everything the kernel kept for an exited process, removed from the maps.
     pub fn retire(&mut self, pid: u32) -> Remains {
         let remains = self.remains(pid);
-        self.forget(pid);
+        self.forget(pid, &remains);
         remains
     }
 
@@ -90,6 +92,7 @@ impl KernelMaps {
                 .into_iter()
                 .filter(|(key, _)| key.tgid == pid)
                 .collect(),
+            held: Vec::new(),
         };
         // A key can be listed twice when other keys are deleted mid-walk: count it once.
         let held: std::collections::HashMap<ConnKey, ConnState> = self
@@ -98,6 +101,7 @@ impl KernelMaps {
             .filter_map(Result::ok)
             .filter(|(key, _)| key.tgid == pid)
             .collect();
+        remains.held = held.keys().copied().collect();
         for state in held.values() {
             if state.phase == phase::REQUEST {
                 // The kernel closed it with the process: aborted, no status.
@@ -118,16 +122,15 @@ impl KernelMaps {
         remains
     }
 
-    /// Free every entry of an exited process (after `remains` was read and kept).
-    pub fn forget(&mut self, pid: u32) {
-        let keys: Vec<ReqKey> = self
-            .reqs
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|key| key.tgid == pid)
-            .collect();
-        for key in keys {
-            let _ = self.reqs.remove(&key);
+    /// Free the entries `remains` was read from, once it is kept. Keys, not a second walk of
+    /// the maps: the walk was done by `remains`.
+    pub fn forget(&mut self, pid: u32, remains: &Remains) {
+        // The aborted requests added to `remains` name no entry: removing them is a no-op.
+        for (key, _) in &remains.requests {
+            let _ = self.reqs.remove(key);
+        }
+        for key in &remains.held {
+            let _ = self.conns.remove(key);
         }
         let _ = self.stats.remove(&pid);
         // Pending-syscall slots of its threads (keyed by pid_tgid) that outlived the process.
@@ -139,15 +142,6 @@ impl KernelMaps {
             .collect();
         for id in slots {
             let _ = self.pending.remove(&id);
-        }
-        let held: Vec<ConnKey> = self
-            .conns
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|key| key.tgid == pid)
-            .collect();
-        for key in held {
-            let _ = self.conns.remove(&key);
         }
     }
 

@@ -10,7 +10,7 @@ use probe_common::{ProcEvent, event_kind};
 use procfs::Current as _;
 
 use crate::{
-    kernel_maps::KernelMaps,
+    kernel_maps::{KernelMaps, Remains},
     lifecycle,
     metrics::SnapshotSource,
     persist::PinDir,
@@ -62,8 +62,7 @@ impl Shared {
                 // The PID was reused before the old process was retired: retire it first,
                 // or its final counters would become the new process's.
                 if state.watched.exited_member(event.pid) {
-                    let last = state.maps.retire(event.pid);
-                    state.watched.retire(event.pid, last);
+                    state.retire(vec![event.pid]);
                 }
                 if state.watched.on_fork(event.pid, event.ppid) {
                     log::debug!("process {} forked by {}", event.pid, event.ppid);
@@ -208,21 +207,29 @@ impl State {
         }
     }
 
-    /// Free the kernel state of processes whose grace has passed. With --pin-path the ledger
-    /// holding their final counters is written before their kernel entries go, so a daemon
-    /// killed in between loses nothing (the next one frees entries it finds twice).
+    /// Free the kernel state of processes whose grace has passed.
     fn retire_due(&mut self, now: Instant) {
         let due = self.watched.due(now);
-        if due.is_empty() {
-            return;
+        if !due.is_empty() {
+            self.retire(due);
         }
-        for &pid in &due {
-            let last = self.maps.remains(pid);
-            self.watched.retire(pid, last);
-        }
+    }
+
+    /// Keep exited members' final counters and free their kernel state. With --pin-path the
+    /// ledger holding those counters is written before their kernel entries go, so a daemon
+    /// killed in between loses nothing (the next one frees entries it finds twice).
+    fn retire(&mut self, pids: Vec<u32>) {
+        let kept: Vec<(u32, Remains)> = pids
+            .into_iter()
+            .map(|pid| {
+                let last = self.maps.remains(pid);
+                self.watched.retire(pid, &last);
+                (pid, last)
+            })
+            .collect();
         self.save_ledger();
-        for pid in due {
-            self.maps.forget(pid);
+        for (pid, last) in &kept {
+            self.maps.forget(*pid, last);
         }
     }
 }

@@ -567,7 +567,7 @@ impl Watched {
     }
 
     /// Keep an exited member's final counters and forget the member.
-    pub fn retire(&mut self, pid: u32, last: Remains) {
+    pub fn retire(&mut self, pid: u32, last: &Remains) {
         let Some(member) = self.members.remove(&pid) else {
             return;
         };
@@ -575,11 +575,11 @@ impl Watched {
             .entry((member.root, pid))
             .or_default()
             .add(&last.stats.finished());
-        for (key, stats) in last.requests {
+        for (key, stats) in &last.requests {
             self.retired_requests
-                .entry((member.root, key))
+                .entry((member.root, *key))
                 .or_default()
-                .add(&stats);
+                .add(stats);
         }
     }
 }
@@ -662,12 +662,12 @@ mod tests {
             aborted: 0,
             ..Default::default()
         };
-        let remains = || Remains {
+        let remains = Remains {
             stats: last,
-            requests: Vec::new(),
+            ..Default::default()
         };
-        w.retire(5, remains());
-        w.retire(5, remains()); // not a member any more: ignored
+        w.retire(5, &remains);
+        w.retire(5, &remains); // not a member any more: ignored
         let kept = w.retired()[&(1, 5)];
         assert_eq!((kept.accepted, kept.requests), (3, 4));
         assert_eq!((kept.active(), kept.in_flight()), (0, 0));
