@@ -27,10 +27,9 @@ impl Labels {
         let mut labels = cgroup_of(pid)
             .map(|path| Self::from_cgroup_path(&path))
             .unwrap_or_default();
-        let host = netns_of(Path::new("/proc/self/ns/net"));
-        let own = netns_of(&Path::new("/proc").join(pid.to_string()).join("ns/net"));
-        if own.is_some() && own != host {
-            labels.netns = own;
+        let own = netns_id(pid);
+        if own.is_some() && own != netns_id("self") {
+            labels.netns = own.map(|id| id.to_string());
         }
         labels
     }
@@ -170,14 +169,16 @@ fn join(root: &str, path: &str) -> String {
     format!("/{}", parts.join("/"))
 }
 
-fn netns_of(link: &Path) -> Option<String> {
-    let target = fs::read_link(link).ok()?;
-    let target = target.to_string_lossy();
+/// The inode of the network namespace of `/proc/<of>` (a PID, or "self").
+pub fn netns_id(of: impl std::fmt::Display) -> Option<u64> {
+    let target = fs::read_link(format!("/proc/{of}/ns/net")).ok()?;
     // "net:[4026531840]"
     target
-        .strip_prefix("net:[")
-        .and_then(|s| s.strip_suffix(']'))
-        .map(str::to_string)
+        .to_str()?
+        .strip_prefix("net:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// `pod<uid>` (cgroupfs driver) or `kubepods-<qos>-pod<uid_with_underscores>.slice` (systemd).

@@ -9,6 +9,8 @@ use std::{
 
 use procfs::process::{FDTarget, Process};
 
+use crate::containers;
+
 /// Listening-socket inodes each of `pids` holds (processes holding none are left out).
 pub fn listening(pids: impl IntoIterator<Item = u32>) -> BTreeMap<u32, BTreeSet<u64>> {
     let mut by_netns: HashMap<u64, BTreeSet<u64>> = HashMap::new();
@@ -17,7 +19,7 @@ pub fn listening(pids: impl IntoIterator<Item = u32>) -> BTreeMap<u32, BTreeSet<
         let Ok(process) = Process::new(pid as i32) else {
             continue;
         };
-        let Some(netns) = netns_of(&process) else {
+        let Some(netns) = containers::netns_id(process.pid) else {
             continue;
         };
         let listeners = by_netns
@@ -40,11 +42,6 @@ pub fn listening(pids: impl IntoIterator<Item = u32>) -> BTreeMap<u32, BTreeSet<
     out
 }
 
-fn netns_of(process: &Process) -> Option<u64> {
-    let ns = process.namespaces().ok()?;
-    ns.0.get(std::ffi::OsStr::new("net")).map(|n| n.identifier)
-}
-
 /// Listening sockets per network namespace, for a walk over many processes: each
 /// namespace's tables are read once.
 #[derive(Debug, Default)]
@@ -55,7 +52,7 @@ pub fn listening_ports(pid: u32, cache: &mut ListenerCache) -> BTreeSet<u16> {
     let Ok(process) = Process::new(pid as i32) else {
         return BTreeSet::new();
     };
-    let Some(netns) = netns_of(&process) else {
+    let Some(netns) = containers::netns_id(process.pid) else {
         return BTreeSet::new();
     };
     let listeners = cache
