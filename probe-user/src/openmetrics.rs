@@ -42,8 +42,8 @@ pub fn encode(families: &[MetricFamily]) -> String {
             MetricType::COUNTER => "counter",
             MetricType::GAUGE => "gauge",
             MetricType::HISTOGRAM => "histogram",
-            MetricType::SUMMARY => "summary",
-            MetricType::UNTYPED => "unknown",
+            // flyprobe exports neither.
+            MetricType::SUMMARY | MetricType::UNTYPED => continue,
         };
         let _ = writeln!(out, "# TYPE {family_name} {type_name}");
         let _ = writeln!(out, "# HELP {family_name} {}", escape(family.help()));
@@ -60,8 +60,6 @@ pub fn encode(families: &[MetricFamily]) -> String {
                 MetricType::GAUGE => {
                     sample(&mut out, name, labels, None, metric.get_gauge().get_value())
                 }
-                // flyprobe has no untyped metrics.
-                MetricType::UNTYPED => {}
                 MetricType::HISTOGRAM => {
                     let h = metric.get_histogram();
                     let bucket = format!("{name}_bucket");
@@ -86,18 +84,8 @@ pub fn encode(families: &[MetricFamily]) -> String {
                         h.get_sample_sum(),
                     );
                 }
-                MetricType::SUMMARY => {
-                    let s = metric.get_summary();
-                    let count = s.sample_count() as f64;
-                    sample(&mut out, &format!("{name}_count"), labels, None, count);
-                    sample(
-                        &mut out,
-                        &format!("{name}_sum"),
-                        labels,
-                        None,
-                        s.sample_sum(),
-                    );
-                }
+                // Skipped above: flyprobe exports neither.
+                MetricType::SUMMARY | MetricType::UNTYPED => {}
             }
         }
     }

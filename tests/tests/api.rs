@@ -90,6 +90,15 @@ struct Rates {
     p99_seconds: Option<f64>,
 }
 
+/// A stream's first event has no previous one to rate against.
+const FIRST_EVENT_RATES: Rates = Rates {
+    interval_seconds: 0.0,
+    requests_per_second: 0.0,
+    error_rate: 0.0,
+    p50_seconds: None,
+    p99_seconds: None,
+};
+
 #[derive(Deserialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct LifecycleEvent {
@@ -787,17 +796,7 @@ fn snapshot_matches_metrics_for_the_same_traffic() {
 /// The checks every stream event pair must pass: rates from this stream's previous event.
 fn assert_rates_follow(events: &[Snapshot], server: &str) {
     let first = events[0].server(server);
-    assert_eq!(
-        first.rates(),
-        &Rates {
-            interval_seconds: 0.0,
-            requests_per_second: 0.0,
-            error_rate: 0.0,
-            p50_seconds: None,
-            p99_seconds: None
-        },
-        "a stream's first event"
-    );
+    assert_eq!(first.rates(), &FIRST_EVENT_RATES, "a stream's first event");
     assert!(
         first
             .worker_list
@@ -922,13 +921,7 @@ fn each_stream_client_gets_its_own_rates() {
     let b_first = b.next().server("api").clone();
     assert_eq!(
         b_first.rates(),
-        &Rates {
-            interval_seconds: 0.0,
-            requests_per_second: 0.0,
-            error_rate: 0.0,
-            p50_seconds: None,
-            p99_seconds: None
-        },
+        &FIRST_EVENT_RATES,
         "the second client's first event"
     );
     let a_then = a.next().server("api").clone();
