@@ -7,12 +7,22 @@
 
 pub mod http;
 
-/// A connection accepted by a tracked process, named the way the process names it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ConnKey {
-    pub tgid: u32,
-    pub fd: u32,
+/// A connection, as the kernel programs key it. The socket hook set uses the address of the
+/// kernel's `struct sock` (one socket, whichever processes hold descriptors to it); the
+/// syscall hook set names it the way the accepting process does, `fd_key(tgid, fd)`.
+pub type ConnKey = u64;
+
+/// The syscall hook set's key: (process, descriptor).
+#[inline(always)]
+pub const fn fd_key(tgid: u32, fd: u32) -> ConnKey {
+    ((tgid as u64) << 32) | fd as u64
+}
+
+/// Bits of `ConnState::flags`.
+pub mod conn_flags {
+    /// Established for a watched listener, not yet read, written or closed by any watched
+    /// process: waiting in the accept queue, or accepted and not yet touched.
+    pub const QUEUED: u8 = 1;
 }
 
 /// Where a connection is in its request/response turn.
@@ -35,10 +45,17 @@ pub struct ConnState {
     pub method: u8,
     /// `http::PROTO_*`, guessed from the connection's first read.
     pub protocol: u8,
-    pub _pad: u8,
+    /// `conn_flags::*`.
+    pub flags: u8,
     /// Status code of the current response (0 if none or not HTTP).
     pub status: u16,
-    pub _pad2: u16,
+    /// The local (listening) port; 0 in the syscall hook set.
+    pub port: u16,
+    /// The process the connection counts for: the last watched process that served it.
+    /// 0 while `QUEUED`.
+    pub owner: u32,
+    /// The network namespace (inode number) of the socket; 0 in the syscall hook set.
+    pub netns: u32,
     /// When the request's first byte was read (bpf_ktime_get_ns).
     pub start_ns: u64,
     /// When the connection was last read from: where a request whose start was not seen
@@ -128,6 +145,58 @@ pub struct PendingIo {
     pub buf: u64,
     pub kind: u32,
     pub _pad: u32,
+}
+
+/// A listening TCP port of a watched process, in its network namespace: connections
+/// established on it are served connections (the passive side), which is how the socket
+/// hook set tells them from the server's own outbound connections.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenKey {
+    /// Inode number of the network namespace (as in /proc/PID/ns/net).
+    pub netns: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Which syscall's buffer a socket event's data is in, from the syscall number the current
+/// task entered the kernel with (x86_64 numbering; the daemon turns register peeking off on
+/// other architectures). Anything else (sendfile, splice, io_uring_enter) has no user buffer
+/// to peek at.
+pub mod x86_64_syscall {
+    use super::buf_kind;
+
+    pub const READ: u64 = 0;
+    pub const WRITE: u64 = 1;
+    pub const READV: u64 = 19;
+    pub const WRITEV: u64 = 20;
+    pub const SENDTO: u64 = 44;
+    pub const RECVFROM: u64 = 45;
+    pub const SENDMSG: u64 = 46;
+    pub const RECVMSG: u64 = 47;
+    pub const RECVMMSG: u64 = 299;
+    pub const SENDMMSG: u64 = 307;
+
+    /// The shape of the buffer in the syscall's second argument (`rsi`).
+    #[inline(always)]
+    pub fn buffer_kind(nr: u64) -> u32 {
+        match nr {
+            READ | WRITE | SENDTO | RECVFROM => buf_kind::PLAIN,
+            READV | WRITEV => buf_kind::IOVEC,
+            // An mmsghdr starts with its msghdr: the first message is the one peeked at.
+            SENDMSG | RECVMSG | RECVMMSG | SENDMMSG => buf_kind::MSGHDR,
+            _ => buf_kind::NONE,
+        }
+    }
+}
+
+/// Which programs the daemon attaches (`--hooks`), also the `hooks` label of
+/// `flyprobe_build_info`.
+pub mod hook_set {
+    /// Raw socket tracepoints (Linux >= 6.3): nothing on the syscall path.
+    pub const SOCKET: u32 = 1;
+    /// syscalls:* tracepoints: the fallback for older kernels.
+    pub const SYSCALL: u32 = 2;
 }
 
 /// Labels of a completed request: the process and the request's tokens.
@@ -251,7 +320,8 @@ pub mod drop_reason {
     pub const REQUEST_MAP_FULL: u32 = 6;
     pub const ACCESS_RING_FULL: u32 = 7;
     pub const DISCOVERY_RING_FULL: u32 = 8;
-    pub const COUNT: u32 = 9;
+    pub const LISTEN_MAP_FULL: u32 = 9;
+    pub const COUNT: u32 = 10;
     /// Label values, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
         "connection_map_full",
@@ -263,6 +333,7 @@ pub mod drop_reason {
         "request_map_full",
         "access_ring_full",
         "discovery_ring_full",
+        "listen_map_full",
     ];
 }
 
@@ -277,6 +348,7 @@ pub mod names {
     pub const EXITS: &str = "EXITS";
     pub const PENDING_IO: &str = "PENDING_IO";
     pub const REQS: &str = "REQS";
+    pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
     pub const ACCESS: &str = "ACCESS";
     /// Non-zero when --access-log is on; records are only built then.
     pub const ACCESS_LOG_ENABLED: &str = "ACCESS_LOG_ENABLED";
@@ -286,6 +358,22 @@ pub mod names {
     pub const SIGNAL_SIG_OFFSET: &str = "SIGNAL_SIG_OFFSET";
     pub const SIGNAL_PID_OFFSET: &str = "SIGNAL_PID_OFFSET";
     pub const SIGNAL_RESULT_OFFSET: &str = "SIGNAL_RESULT_OFFSET";
+
+    /// Kernel struct field offsets, read from the kernel's BTF at load time (socket hook set).
+    pub const SK_FAMILY_OFFSET: &str = "SK_FAMILY_OFFSET";
+    pub const SK_STATE_OFFSET: &str = "SK_STATE_OFFSET";
+    pub const SK_NUM_OFFSET: &str = "SK_NUM_OFFSET";
+    pub const SK_NET_OFFSET: &str = "SK_NET_OFFSET";
+    pub const NET_INUM_OFFSET: &str = "NET_INUM_OFFSET";
+    pub const SK_PROTOCOL_OFFSET: &str = "SK_PROTOCOL_OFFSET";
+    pub const SK_TYPE_OFFSET: &str = "SK_TYPE_OFFSET";
+    pub const TASK_EXIT_CODE_OFFSET: &str = "TASK_EXIT_CODE_OFFSET";
+    pub const REGS_ARG1_OFFSET: &str = "REGS_ARG1_OFFSET";
+    pub const REGS_SYSCALL_NR_OFFSET: &str = "REGS_SYSCALL_NR_OFFSET";
+    /// Non-zero when the syscall's buffer may be found through the task's saved registers.
+    pub const PEEK_REGS: &str = "PEEK_REGS";
+    /// Non-zero when untracked processes' listen() is announced (node-wide selectors).
+    pub const ANNOUNCE_LISTEN: &str = "ANNOUNCE_LISTEN";
 }
 
 /// Where syscall tracepoint records keep their arguments and return value (a stable ABI:
@@ -313,12 +401,16 @@ pub const DISCOVERY_BYTES: u32 = 64 * 1024;
 pub const ACCESS_BYTES: u32 = 1024 * 1024;
 /// Label combinations (process x method x status x protocol) with counters at once.
 pub const DEFAULT_MAX_REQUEST_SERIES: u32 = 65_536;
+/// Sockets remembered as dropped by a full connection map (socket hook set).
+pub const DROPPED_ENTRIES: u32 = 4_096;
+/// Listening ports of watched processes (per network namespace).
+pub const MAX_LISTEN_PORTS: u32 = 4_096;
 
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
     // SAFETY: all are repr(C), Copy, without padding, and valid for any bit pattern.
-    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ListenKey {}
     unsafe impl aya::Pod for ConnState {}
     unsafe impl aya::Pod for ProcStats {}
     unsafe impl aya::Pod for PendingIo {}
@@ -330,8 +422,8 @@ mod pod {
 }
 
 // No implicit padding anywhere: the sizes are the sums of the fields.
-const _: () = assert!(core::mem::size_of::<ConnKey>() == 8);
-const _: () = assert!(core::mem::size_of::<ConnState>() == 48);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 56);
+const _: () = assert!(core::mem::size_of::<ListenKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ProcStats>() == 56);
 const _: () = assert!(core::mem::size_of::<PendingIo>() == 24);
 const _: () = assert!(core::mem::size_of::<ReqKey>() == 8);

@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
-use probe_common::{ConnKey, ConnState, ProcStats, drop_reason, phase};
+use probe_common::{ConnState, ProcStats, drop_reason, fd_key, phase};
 
 use crate::{
     maps::{CONNS, PENDING_ACCEPT, count_drop, is_target, stats_mut},
@@ -72,11 +72,11 @@ fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let Some(stats) = stats_mut(tgid) else {
         return Ok(());
     };
-    let key = ConnKey {
-        tgid,
-        fd: fd as u32,
+    let key = fd_key(tgid, fd as u32);
+    let fresh = ConnState {
+        owner: tgid,
+        ..ConnState::default()
     };
-    let fresh = ConnState::default();
     match CONNS.insert(key, fresh, BPF_NOEXIST as u64) {
         Ok(()) => {}
         Err(err) if i64::from(err) == -EEXIST => {
@@ -109,10 +109,7 @@ fn try_close_enter(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let fd = syscall_arg0(ctx)?;
-    let key = ConnKey {
-        tgid,
-        fd: fd as u32,
-    };
+    let key = fd_key(tgid, fd as u32);
     // One lookup decides for every process: only tracked connections are in the map.
     let Some(state) = CONNS.get_ptr(key).map(|p| unsafe { *p }) else {
         return Ok(());
@@ -128,9 +125,9 @@ fn try_close_enter(ctx: &TracePointContext) -> Result<(), i64> {
 }
 
 /// The connection is gone: a request still waiting for its response is aborted, a
-/// finished turn gets its access-log record.
+/// finished turn gets its access-log record. Shared by both hook sets.
 #[inline(always)]
-fn end_connection(tgid: u32, stats: &mut ProcStats, state: &ConnState) {
+pub fn end_connection(tgid: u32, stats: &mut ProcStats, state: &ConnState) {
     stats.closed += 1;
     if state.phase == phase::REQUEST {
         stats.aborted += 1;

@@ -28,7 +28,7 @@ pub fn listen_discover(ctx: TracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn announce() {
+pub fn announce() {
     let (_, tgid, _) = current();
     if !is_target(tgid) {
         // Its own ring: a storm of execs fills this one, never the lifecycle ring.

@@ -12,7 +12,7 @@ use aya_ebpf::{
     bindings::BPF_ANY, helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext,
 };
 use probe_common::{
-    ConnKey, ConnState, PendingIo, buf_kind, dir, drop_reason,
+    ConnState, PendingIo, buf_kind, dir, drop_reason, fd_key,
     http::{
         Head, METHOD_NONE, METHOD_OTHER, PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN, is_interim,
         parse_method, parse_status, protocol_of,
@@ -84,7 +84,7 @@ fn try_io_enter(ctx: &TracePointContext, direction: u32, kind: u32) -> Result<()
     }
     // Every family's first argument is the socket fd (sendfile's is out_fd).
     let fd = syscall_arg0(ctx)? as u32;
-    if CONNS.get_ptr(ConnKey { tgid, fd }).is_none() {
+    if CONNS.get_ptr(fd_key(tgid, fd)).is_none() {
         return Ok(());
     }
     let buf = if kind == buf_kind::NONE {
@@ -136,28 +136,43 @@ fn try_io_exit(ctx: &TracePointContext) -> Result<(), i64> {
     if ret <= 0 {
         return Ok(());
     }
-    let key = ConnKey {
-        tgid,
-        fd: pending.fd,
-    };
     // Another thread may have closed it meanwhile.
-    let Some(state) = CONNS.get_ptr_mut(key) else {
+    let Some(state) = CONNS.get_ptr_mut(fd_key(tgid, pending.fd)) else {
         return Ok(());
     };
     // SAFETY: the entry stays valid for this program's run (RCU); a connection is driven by
     // one thread at a time, so the state is not written concurrently.
     let state = unsafe { &mut *state };
+    transfer(tgid, state, pending.dir, ret, || {
+        (pending.kind, pending.buf)
+    });
+    Ok(())
+}
+
+/// `ret` (> 0) bytes moved on a connection in direction `direction`, by process `tgid`:
+/// counts the bytes and moves the request/response turn. `buffer` says where the data is
+/// (`buf_kind`, address); it is asked only when the first bytes must be peeked at. Shared by
+/// both hook sets.
+#[inline(always)]
+pub fn transfer(
+    tgid: u32,
+    state: &mut ConnState,
+    direction: u32,
+    ret: i64,
+    buffer: impl Fn() -> (u32, u64),
+) {
     let Some(stats) = stats_mut(tgid) else {
-        return Ok(());
+        return;
     };
     let now = unsafe { bpf_ktime_get_ns() };
     // The turn this event finishes, if any: logged once, at the end (one call site keeps
     // the program small enough for the verifier when the access log is on).
     let mut finished: Option<ConnState> = None;
-    if pending.dir == dir::READ {
+    if direction == dir::READ {
         stats.rx_bytes += ret as u64;
         if state.phase != phase::REQUEST {
-            let head = peek(&pending, ret);
+            let (kind, buf) = buffer();
+            let head = peek(kind, buf, ret);
             let method = match &head {
                 Some((bytes, len)) => parse_method(bytes, *len),
                 None => METHOD_NONE,
@@ -179,7 +194,7 @@ fn try_io_exit(ctx: &TracePointContext) -> Result<(), i64> {
         stats.tx_bytes += ret as u64;
         let http = state.protocol == PROTO_HTTP1;
         if state.phase == phase::REQUEST {
-            let status = if http { status_of(&pending, ret) } else { 0 };
+            let status = if http { status_of(&buffer, ret) } else { 0 };
             if !is_interim(status) {
                 state.phase = phase::RESPONSE;
                 state.status = status;
@@ -191,7 +206,7 @@ fn try_io_exit(ctx: &TracePointContext) -> Result<(), i64> {
             }
         } else if state.phase == phase::RESPONSE && http {
             // Another final status line: one more request, whose start was not seen.
-            let status = status_of(&pending, ret);
+            let status = status_of(&buffer, ret);
             if status != 0 && !is_interim(status) {
                 finished = Some(*state);
                 state.status = status;
@@ -209,7 +224,6 @@ fn try_io_exit(ctx: &TracePointContext) -> Result<(), i64> {
     if let Some(turn) = finished {
         log_access(tgid, &turn);
     }
-    Ok(())
 }
 
 #[inline(always)]
@@ -237,8 +251,9 @@ fn start_request(state: &mut ConnState, head: &Option<(Head, usize)>, method: u8
 }
 
 #[inline(always)]
-fn status_of(pending: &PendingIo, ret: i64) -> u16 {
-    match peek(pending, ret) {
+fn status_of(buffer: &impl Fn() -> (u32, u64), ret: i64) -> u16 {
+    let (kind, buf) = buffer();
+    match peek(kind, buf, ret) {
         Some((bytes, len)) => parse_status(&bytes, len),
         None => 0,
     }

@@ -8,7 +8,8 @@ use probe_common::{ExitInfo, drop_reason, event_kind, exit_flags};
 
 use crate::{
     maps::{EVENTS, EXITS, PENDING_IO, count_drop, is_target, send_event, set_target},
-    record::{current, fork_child_pid, signal_generated, syscall_arg0},
+    record::{TASK_EXIT_CODE_OFFSET, current, fork_child_pid, signal_generated, syscall_arg0},
+    sockets::current_exit_code,
 };
 
 /// sched:sched_process_fork. The current task is the parent.
@@ -126,9 +127,35 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
         let _ = EXITS.remove(tid);
     }
     if tid == tgid {
-        emit(event_kind::EXIT, tgid, 0, exit.unwrap_or_default());
+        // The socket hook set reads how the process ends from the task itself (no
+        // exit_group hook on the syscall path); the syscall set gathered it on the way.
+        let exit = match current_exit_code(TASK_EXIT_CODE_OFFSET.load()) {
+            Some(code) => exit_info(code),
+            None => exit.unwrap_or_default(),
+        };
+        emit(event_kind::EXIT, tgid, 0, exit);
     }
     0
+}
+
+/// `task_struct.exit_code` as `ExitInfo`: the killing signal in the low 7 bits (0x80 marks
+/// a core dump), else the exit status in bits 8..16.
+#[inline(always)]
+fn exit_info(code: u32) -> ExitInfo {
+    let signal = code & 0x7f;
+    if signal != 0 {
+        ExitInfo {
+            flags: exit_flags::SIGNALED,
+            code: 0,
+            signal,
+        }
+    } else {
+        ExitInfo {
+            flags: exit_flags::EXITED,
+            code: (code >> 8) & 0xff,
+            signal: 0,
+        }
+    }
 }
 
 #[inline(always)]

@@ -1,7 +1,12 @@
-//! flyprobe's kernel programs: tracepoints only (no kprobes, no BTF), so they load on any
-//! kernel from 5.8 (ring buffer) on. Grouped by event family:
-//! - `connections`: accept/accept4 exit starts a connection, close ends it;
-//! - `io`: the read and write syscall families drive the request/response turn;
+//! flyprobe's kernel programs: tracepoints only (no kprobes, no fentry). Two hook sets share
+//! the request logic; the daemon attaches one:
+//! - socket (Linux >= 6.3, the default): `sockets`, raw tracepoints on the socket layer,
+//!   connections keyed by the kernel socket;
+//! - syscall (the fallback): `connections` (accept/close) and `io` (the read and write
+//!   syscall families), connections keyed by (process, fd).
+//!
+//! Shared:
+//! - `io::transfer`: the request/response turn;
 //! - `requests`: what a turn records (labelled counts, durations, the access log);
 //! - `lifecycle`: fork extends the target set in the kernel, exit ends a process;
 //! - `discovery`: exec and listen of untracked processes, for node-wide selectors.
@@ -15,6 +20,7 @@ mod lifecycle;
 mod maps;
 mod record;
 mod requests;
+mod sockets;
 
 /// Does nothing: `cargo xtask bench` attaches it beside the real programs (hidden flag
 /// `--calibration-probe`) to measure what an empty program costs on this machine, the floor

@@ -8,8 +8,9 @@ use aya_ebpf::{
 };
 use probe_common::{
     ACCESS_BYTES, ConnKey, ConnState, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PROCESSES,
-    DEFAULT_MAX_REQUEST_SERIES, DEFAULT_PID_SLOTS, DISCOVERY_BYTES, EVENTS_BYTES, ExitInfo,
-    PENDING_ENTRIES, PendingIo, ProcEvent, ProcStats, ReqKey, ReqStats, drop_reason,
+    DEFAULT_MAX_REQUEST_SERIES, DEFAULT_PID_SLOTS, DISCOVERY_BYTES, DROPPED_ENTRIES, EVENTS_BYTES,
+    ExitInfo, ListenKey, MAX_LISTEN_PORTS, PENDING_ENTRIES, PendingIo, ProcEvent, ProcStats,
+    ReqKey, ReqStats, drop_reason,
 };
 
 /// The target set: `TARGETS[pid] != 0` when `pid` is tracked. An array indexed by PID (sized
@@ -20,11 +21,24 @@ use probe_common::{
 #[map]
 pub static TARGETS: Array<u8> = Array::with_max_entries(DEFAULT_PID_SLOTS, 0);
 
-/// Accepted connections. A plain hash, not LRU: an evicted entry would leave a connection
-/// active forever, so a full map refuses and counts the drop instead.
+/// Connections of watched processes, keyed by the kernel socket (socket hook set) or by
+/// (process, fd) (syscall hook set). A plain hash, not LRU: an evicted entry would leave a
+/// connection active forever, so a full map refuses and counts the drop instead.
 #[map]
 pub static CONNS: HashMap<ConnKey, ConnState> =
     HashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, 0);
+
+/// Sockets the connection map had no room for (socket hook set), so that their later reads
+/// and writes neither count a connection nor another drop. LRU: it only needs to remember
+/// recent ones, and nothing else ever frees it.
+#[map]
+pub static DROPPED: LruHashMap<ConnKey, u8> = LruHashMap::with_max_entries(DROPPED_ENTRIES, 0);
+
+/// Listening ports of watched processes: a connection established on one is served by them
+/// (socket hook set). Filled by the kernel when a watched process listens and by the daemon
+/// for sockets that listened before it attached.
+#[map]
+pub static LISTEN_PORTS: HashMap<ListenKey, u8> = HashMap::with_max_entries(MAX_LISTEN_PORTS, 0);
 
 #[map]
 pub static STATS: PerCpuHashMap<u32, ProcStats> =

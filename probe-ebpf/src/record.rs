@@ -6,7 +6,9 @@
 //! named as in `probe_common::names`.
 
 use aya_ebpf::{
-    EbpfContext as _, Global, helpers::bpf_get_current_pid_tgid, programs::TracePointContext,
+    EbpfContext as _, Global,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    programs::TracePointContext,
 };
 use probe_common::syscall_layout;
 
@@ -20,6 +22,32 @@ static SIGNAL_SIG_OFFSET: Global<u32> = Global::new(8);
 static SIGNAL_PID_OFFSET: Global<u32> = Global::new(36);
 #[unsafe(no_mangle)]
 static SIGNAL_RESULT_OFFSET: Global<u32> = Global::new(44);
+
+// Kernel struct field offsets (socket hook set), from the kernel's BTF at load time. Rust
+// emits no CO-RE relocations, so the daemon reads them and fills these in.
+#[unsafe(no_mangle)]
+pub static SK_FAMILY_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static SK_STATE_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static SK_NUM_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static SK_NET_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static NET_INUM_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static SK_PROTOCOL_OFFSET: Global<u32> = Global::new(0);
+/// 0: exit reasons come from exit_group and signal_generate (syscall hook set).
+#[unsafe(no_mangle)]
+pub static TASK_EXIT_CODE_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static REGS_ARG1_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static REGS_SYSCALL_NR_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static PEEK_REGS: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static ANNOUNCE_LISTEN: Global<u32> = Global::new(0);
 
 /// Syscall arguments are `unsigned long`; the return value is `long`.
 #[inline(always)]
@@ -53,6 +81,13 @@ pub fn fork_child_pid(ctx: &TracePointContext) -> Result<i32, i64> {
 fn read<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i64> {
     // SAFETY: bpf_probe_read_kernel checks the address; a bad offset yields an error.
     unsafe { ctx.read_at::<T>(offset as usize) }.map_err(i64::from)
+}
+
+/// A kernel value at `base + offset` (an address from a tracepoint argument or the task).
+#[inline(always)]
+pub fn kernel_at<T>(base: u64, offset: u32) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one yields an error.
+    unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.map_err(i64::from)
 }
 
 #[inline(always)]

@@ -4,8 +4,7 @@
 
 use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_user};
 use probe_common::{
-    AccessRecord, ConnState, DURATION_BOUNDS_NS, PendingIo, ReqKey, ReqStats, buf_kind,
-    drop_reason,
+    AccessRecord, ConnState, DURATION_BOUNDS_NS, ReqKey, ReqStats, buf_kind, drop_reason,
     http::{Head, PEEK, status_class},
 };
 
@@ -14,17 +13,18 @@ use crate::{
     record::access_log_enabled,
 };
 
-/// The first bytes of a syscall's data (at most `ret`, and at most the first iovec), or
-/// `None` when there is no user buffer or it cannot be read.
+/// The first bytes of a syscall's data (at most `ret`, and at most the first iovec) in the
+/// buffer `buf` shaped as `kind` says, or `None` when there is no user buffer or it cannot
+/// be read.
 #[inline(always)]
-pub fn peek(pending: &PendingIo, ret: i64) -> Option<(Head, usize)> {
-    let (ptr, cap) = match pending.kind {
-        buf_kind::PLAIN => (pending.buf, u64::MAX),
+pub fn peek(kind: u32, buf: u64, ret: i64) -> Option<(Head, usize)> {
+    let (ptr, cap) = match kind {
+        buf_kind::PLAIN => (buf, u64::MAX),
         // struct iovec { void *iov_base; size_t iov_len; }
-        buf_kind::IOVEC => first_iovec(pending.buf)?,
+        buf_kind::IOVEC => first_iovec(buf)?,
         // struct msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
         buf_kind::MSGHDR => {
-            let iov: u64 = unsafe { bpf_probe_read_user((pending.buf + 16) as *const u64) }.ok()?;
+            let iov: u64 = unsafe { bpf_probe_read_user((buf + 16) as *const u64) }.ok()?;
             first_iovec(iov)?
         }
         _ => return None,

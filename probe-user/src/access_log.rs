@@ -40,6 +40,8 @@ pub async fn pump(ring: RingBuf<MapData>, mut sink: Sink) -> io::Result<()> {
     // SAFETY: the RingBuf owns its map fd and keeps it open until the AsyncFd drops it.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE)? };
     let clock = Clock::new();
+    // The socket hooks' start-up self-test is flyprobe serving itself: not a request.
+    let me = std::process::id();
     // A failing log (disk full, a closed pipe) must not take the metrics down: records are
     // dropped, and that is said once, until writing works again.
     let mut failing = false;
@@ -49,6 +51,7 @@ pub async fn pump(ring: RingBuf<MapData>, mut sink: Sink) -> io::Result<()> {
         let mut result = Ok(());
         while let Some(item) = ring.next() {
             if let Some(record) = decode::<AccessRecord>(&item)
+                && record.tgid != me
                 && result.is_ok()
             {
                 result = writeln!(sink, "{}", line(&record, clock.wall(record.ts_ns)));

@@ -77,6 +77,16 @@ pub struct Cli {
     #[arg(long = "web.config.file", value_name = "FILE")]
     pub web_config: Option<PathBuf>,
 
+    /// Which kernel hooks carry connections and requests: `socket` (raw socket tracepoints,
+    /// Linux >= 6.3: nothing on the syscall path), `syscall` (syscall tracepoints: every
+    /// syscall on the node pays while attached), or `auto` (socket where the kernel has it).
+    #[arg(long, value_enum, value_name = "SET", default_value_t = Hooks::Auto)]
+    pub hooks: Hooks,
+
+    /// Attach only empty programs on the socket hooks' events (the benchmark's cost floor).
+    #[arg(long, hide = true)]
+    pub empty_hooks: bool,
+
     /// Also attach an empty program to sys_enter_read (the benchmark's cost floor).
     #[arg(long, hide = true)]
     pub calibration_probe: bool,
@@ -98,6 +108,13 @@ pub struct Cli {
         hide = true
     )]
     pub tracefs: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Hooks {
+    Auto,
+    Socket,
+    Syscall,
 }
 
 fn parse_pid(s: &str) -> Result<u32, String> {
@@ -152,6 +169,10 @@ mod tests {
         assert_eq!(cli.listen.to_string(), "127.0.0.1:9464");
         assert_eq!(cli.pid_tree, vec![7]);
         assert_eq!(cli.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(cli.hooks, Hooks::Auto);
+        let cli = Cli::try_parse_from(["flyprobe", "--pid-tree", "7", "--hooks", "syscall"]);
+        assert_eq!(cli.unwrap().hooks, Hooks::Syscall);
+        assert!(Cli::try_parse_from(["flyprobe", "--pid-tree", "7", "--hooks", "kprobe"]).is_err());
     }
 
     #[test]

@@ -9,13 +9,16 @@ use aya::maps::{MapData, RingBuf};
 
 use crate::{
     access_log,
-    cli::Cli,
+    cli::{Cli, Hooks},
     error::StartError,
-    events, http, metrics,
+    events, http,
+    kernel_maps::KernelMaps,
+    metrics,
     persist::PinDir,
     privileges,
-    probe::{Limits, Options, Probe, Rings},
+    probe::{HookSet, Limits, Options, Probe, Rings, SocketOffsets},
     selectors::Selectors,
+    selftest,
     state::{Shared, State},
     tracefs,
     watched::Watched,
@@ -51,8 +54,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .map(access_log::open)
         .transpose()?;
 
-    let options = Options {
-        limits,
+    let options = |hooks| Options {
+        limits: Limits {
+            max_connections: cli.max_connections,
+            max_processes: cli.max_processes,
+            max_request_series: cli.max_request_series,
+        },
+        hooks,
+        empty_hooks: cli.empty_hooks,
         access_log: access_log.is_some(),
         calibration: cli.calibration_probe,
         required: cli.require_tracepoint.clone(),
@@ -60,8 +69,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         listen_events: selectors.wants_listen_events(),
         pins: pins.as_ref().map(PinDir::maps).unwrap_or_default(),
     };
-    let mut probe = Probe::load(&cli.tracefs, &options).context("starting the eBPF probe")?;
-    let (mut maps, rings) = probe.take_maps().context("opening the probe's maps")?;
+    let (probe, mut maps, rings) = attach(&cli, options)?;
 
     // Programs are attached, so forks from here on are tracked by the kernel. Seed the ones
     // that exist, then scan once more for any forked before their parent was seeded.
@@ -87,8 +95,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     log::info!(
-        "attached {} programs to {} tracepoints; tracking {seeded} processes",
+        "attached {} programs ({} hooks) to {} tracepoints; tracking {seeded} processes",
         probe.program_count(),
+        probe.hooks.name(),
         probe.links,
     );
 
@@ -96,11 +105,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         maps,
         watched,
         map_entries: Vec::new(),
+        listeners: Default::default(),
+        queued: Default::default(),
         selectors,
         server_name: cli.server_name.clone(),
         since_scan: 0,
         pins,
+        hooks: probe.hooks.name(),
     };
+    state.seed_listeners();
     if !state.selectors.is_empty() {
         // Discovery events flow from here on; catch what runs already.
         let found = state.scan();
@@ -208,6 +221,58 @@ async fn serve(
         _ = sigint.recv() => log::info!("SIGINT: shutting down"),
     }
     Ok(())
+}
+
+/// Load and attach the hook set `--hooks` asks for. `auto` takes the socket hooks where the
+/// kernel has them and they pass their self-test, else the syscall hooks, and says why.
+fn attach(
+    cli: &Cli,
+    options: impl Fn(HookSet) -> Options,
+) -> anyhow::Result<(Probe, KernelMaps, Rings)> {
+    let load = |hooks: HookSet| -> anyhow::Result<(Probe, KernelMaps, Rings)> {
+        let mut probe = Probe::load(&cli.tracefs, &options(hooks))
+            .with_context(|| format!("starting the eBPF probe ({} hooks)", hooks.name()))?;
+        let (maps, rings) = probe.take_maps().context("opening the probe's maps")?;
+        Ok((probe, maps, rings))
+    };
+    let socket = match cli.hooks {
+        Hooks::Syscall => {
+            log::info!("hooks: syscall (--hooks syscall)");
+            return load(HookSet::Syscall);
+        }
+        Hooks::Socket => {
+            SocketOffsets::probe(&cli.tracefs).context("--hooks socket")?;
+            load(HookSet::Socket)
+        }
+        Hooks::Auto => match SocketOffsets::probe(&cli.tracefs) {
+            Ok(_) => load(HookSet::Socket),
+            Err(err) => {
+                log::info!("hooks: syscall (the socket hooks need Linux >= 6.3 with BTF: {err})");
+                return load(HookSet::Syscall);
+            }
+        },
+    };
+    let (probe, mut maps, rings) = socket?;
+    if cli.empty_hooks {
+        log::info!("hooks: empty programs on the socket events only (--empty-hooks)");
+        return Ok((probe, maps, rings));
+    }
+    match selftest::run(&mut maps) {
+        Ok(()) => {
+            log::info!(
+                "hooks: socket (raw socket tracepoints; self-test passed: one loopback GET \
+                 seen with its method and status)"
+            );
+            Ok((probe, maps, rings))
+        }
+        Err(err) if cli.hooks == Hooks::Auto => {
+            log::warn!("the socket hooks failed their self-test ({err}): using the syscall hooks");
+            drop((probe, maps, rings));
+            load(HookSet::Syscall)
+        }
+        Err(err) => Err(anyhow::Error::new(err)
+            .context("--hooks socket: the self-test failed; run with --hooks syscall")),
+    }
 }
 
 /// Scrapers, dashboards and /proc walks all take descriptors: use the hard limit, not the

@@ -8,7 +8,8 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
 };
 use probe_common::{
-    ConnKey, ConnState, PendingIo, ProcStats, ReqKey, ReqStats, drop_reason, names, phase,
+    ConnKey, ConnState, ListenKey, PendingIo, ProcStats, ReqKey, ReqStats, conn_flags, drop_reason,
+    names, phase,
 };
 
 use crate::probe::{ProbeError, take};
@@ -16,10 +17,20 @@ use crate::probe::{ProbeError, take};
 pub struct KernelMaps {
     targets: Array<MapData, u8>,
     conns: HashMap<MapData, ConnKey, ConnState>,
+    listen_ports: HashMap<MapData, ListenKey, u8>,
     pending: HashMap<MapData, u64, PendingIo>,
     stats: PerCpuHashMap<MapData, u32, ProcStats>,
     reqs: PerCpuHashMap<MapData, ReqKey, ReqStats>,
     drops: PerCpuArray<MapData, u64>,
+}
+
+/// What the sweep reads of the maps as a whole.
+#[derive(Debug, Default)]
+pub struct Census {
+    pub entries: Vec<(&'static str, u64)>,
+    /// Established connections on watched listeners, not yet read, written or closed by a
+    /// watched process, by (network namespace, port).
+    pub queued: BTreeMap<(u32, u16), u64>,
 }
 
 /// What is left of an exited process: its counters and its labelled requests, with the
@@ -37,6 +48,7 @@ impl KernelMaps {
         Ok(Self {
             targets: take(ebpf, names::TARGETS)?,
             conns: take(ebpf, names::CONNS)?,
+            listen_ports: take(ebpf, names::LISTEN_PORTS)?,
             pending: take(ebpf, names::PENDING_IO)?,
             stats: take(ebpf, names::STATS)?,
             reqs: take(ebpf, names::REQS)?,
@@ -54,6 +66,15 @@ impl KernelMaps {
     /// here could untrack a new process that reused the PID.
     pub fn untrack(&mut self, pid: u32) {
         let _ = self.targets.set(pid, 0, 0);
+    }
+
+    /// Tell the kernel of a watched listener (one that listened before the programs were
+    /// attached, or in a process tracked after it listened): connections on it are served.
+    pub fn listen(&mut self, key: ListenKey) -> Result<(), MapError> {
+        if self.listen_ports.get(&key, 0).is_ok() {
+            return Ok(());
+        }
+        self.listen_ports.insert(key, 1, 0)
     }
 
     /// Counters of every process the kernel has seen accept, summed over CPUs.
@@ -99,7 +120,7 @@ impl KernelMaps {
             .conns
             .iter()
             .filter_map(Result::ok)
-            .filter(|(key, _)| key.tgid == pid)
+            .filter(|(_, state)| state.owner == pid)
             .collect();
         remains.held = held.keys().copied().collect();
         for state in held.values() {
@@ -145,14 +166,26 @@ impl KernelMaps {
         }
     }
 
-    /// Entries in the bounded maps, by `flyprobe_map_entries` label. Walks the keys, so it
-    /// runs in the 1 s sweep, not at scrape time.
-    pub fn entries(&self) -> Vec<(&'static str, u64)> {
-        vec![
-            ("connections", self.conns.keys().count() as u64),
-            ("processes", self.stats.keys().count() as u64),
-            ("request_series", self.reqs.keys().count() as u64),
-        ]
+    /// Entries in the bounded maps, by `flyprobe_map_entries` label, and the connections
+    /// no watched process has touched yet, by listening port (`conn_flags::QUEUED`). Walks
+    /// the maps, so it runs in the 1 s sweep, not at scrape time.
+    pub fn census(&self) -> Census {
+        let mut queued: BTreeMap<(u32, u16), u64> = BTreeMap::new();
+        let mut connections = 0;
+        for (_, state) in self.conns.iter().filter_map(Result::ok) {
+            connections += 1;
+            if state.flags & conn_flags::QUEUED != 0 {
+                *queued.entry((state.netns, state.port)).or_default() += 1;
+            }
+        }
+        Census {
+            entries: vec![
+                ("connections", connections),
+                ("processes", self.stats.keys().count() as u64),
+                ("request_series", self.reqs.keys().count() as u64),
+            ],
+            queued,
+        }
     }
 
     pub fn drops(&self) -> [u64; drop_reason::COUNT as usize] {

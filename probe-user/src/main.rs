@@ -2,6 +2,7 @@
 
 mod access_log;
 mod api;
+mod btf;
 mod cli;
 mod containers;
 mod daemon;
@@ -16,6 +17,7 @@ mod persist;
 mod privileges;
 mod probe;
 mod selectors;
+mod selftest;
 mod server_kind;
 mod snapshot;
 mod sockets;

@@ -39,6 +39,7 @@ fn float_gauge(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<Ga
 
 struct Catalog {
     active: IntGaugeVec,
+    queued: IntGaugeVec,
     accepted: IntCounterVec,
     closed: IntCounterVec,
     requests: IntCounterVec,
@@ -65,6 +66,13 @@ impl Catalog {
                 "server_active_connections",
                 "TCP connections accepted and not yet closed.",
                 SERVER_PID,
+            )?,
+            queued: gauge(
+                "server_queued_connections",
+                "Connections established on the server's listening sockets that no worker has \
+                 read, written or closed yet: waiting in the accept queue, or accepted and idle \
+                 (socket hooks; 0 with the syscall hooks).",
+                SERVER,
             )?,
             accepted: counter(
                 "server_connections_accepted_total",
@@ -166,8 +174,8 @@ impl Catalog {
             )?,
             build_info: gauge(
                 "flyprobe_build_info",
-                "flyprobe version; always 1.",
-                &["version"],
+                "flyprobe version and the kernel hook set it attached; always 1.",
+                &["version", "hooks"],
             )?,
             dropped: counter(
                 "flyprobe_dropped_events_total",
@@ -195,10 +203,11 @@ impl Catalog {
         ]
     }
 
-    fn gauges(&self) -> [&IntGaugeVec; 7] {
+    fn gauges(&self) -> [&IntGaugeVec; 8] {
         [
             &self.map_entries,
             &self.active,
+            &self.queued,
             &self.in_flight,
             &self.workers,
             &self.up,
@@ -223,7 +232,7 @@ impl Catalog {
         self.worker_uptime.reset();
 
         self.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), snap.hooks])
             .set(1);
         for (map, n) in &snap.map_entries {
             self.map_entries.with_label_values(&[*map]).set(int(*n));
@@ -258,6 +267,7 @@ impl Catalog {
                 vec.with_label_values(&refs).set(v);
             };
             set(&self.workers, &[name], int(server.workers.len() as u64));
+            set(&self.queued, &[name], int(server.queued));
             setf(&self.uptime, &[name], server.uptime_seconds);
             set(&self.up, &[name], i64::from(server.up));
             add(&self.started, &[name], server.lifecycle.started);
@@ -491,9 +501,11 @@ mod tests {
                         buckets: [0, 0, 4, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
                     },
                 )]),
+                queued: 0,
             }],
             drops,
             map_entries: vec![("connections", 3)],
+            hooks: "socket",
             events: Vec::new(),
         };
         let text = render(&registry(Fixed(snap)).unwrap()).unwrap();
@@ -522,7 +534,7 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
-        assert!(text.contains("flyprobe_build_info{version=\""));
+        assert!(text.contains("flyprobe_build_info{hooks=\"socket\",version=\""));
         for name in containers::NAMES {
             assert!(!text.contains(&format!("{name}=")), "{name} in\n{text}");
         }

@@ -6,12 +6,13 @@ use std::path::Path;
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{MapData, MapError, RingBuf},
-    programs::{ProgramError, TracePoint},
+    programs::{ProgramError, RawTracePoint, TracePoint},
 };
 use probe_common::{names, syscall_layout};
 use thiserror::Error;
 
 use crate::{
+    btf::{Btf, BtfError},
     kernel_maps::KernelMaps,
     tracefs::{Format, TracefsError},
 };
@@ -22,99 +23,219 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fl
 /// records agree on where the first argument and the return value are (checked at attach).
 struct Hook {
     program: &'static str,
+    /// The tracefs category (raw tracepoints are attached by event name alone; the category
+    /// says where to check that the event exists).
     category: &'static str,
     tracepoints: &'static [&'static str],
+    /// A raw tracepoint (BPF_PROG_TYPE_RAW_TRACEPOINT: the event's arguments, none of the
+    /// perf-event glue), or a classic perf-event tracepoint.
+    raw: bool,
+    /// The hook sets it belongs to.
+    sets: &'static [HookSet],
 }
+
+/// Which programs carry the requests and connections (`--hooks`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookSet {
+    /// Raw tracepoints on the socket layer (Linux >= 6.3): nothing on the syscall path.
+    Socket,
+    /// syscalls:* tracepoints: every syscall of every task on the node takes the tracing
+    /// slow path while they are attached. The fallback for older kernels.
+    Syscall,
+}
+
+impl HookSet {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Socket => "socket",
+            Self::Syscall => "syscall",
+        }
+    }
+}
+
+const BOTH: &[HookSet] = &[HookSet::Socket, HookSet::Syscall];
+const SOCKET: &[HookSet] = &[HookSet::Socket];
+const SYSCALL: &[HookSet] = &[HookSet::Syscall];
 
 const CALIBRATION: Hook = Hook {
     program: "calibration",
     category: "syscalls",
     tracepoints: &["sys_enter_read"],
+    raw: false,
+    sets: BOTH,
 };
 
-/// Node-wide discovery: attached only for the selectors that need them.
+/// Node-wide discovery: attached only for the selectors that need them. The socket set
+/// announces listen() from `sock_state` instead of this syscall hook.
 const EXEC_DISCOVER: Hook = Hook {
     program: "exec_discover",
     category: "sched",
     tracepoints: &["sched_process_exec"],
+    raw: false,
+    sets: BOTH,
 };
 
 const LISTEN_DISCOVER: Hook = Hook {
     program: "listen_discover",
     category: "syscalls",
     tracepoints: &["sys_exit_listen"],
+    raw: false,
+    sets: SYSCALL,
 };
+
+/// The socket events a socket set needs from tracefs.
+const SOCKET_EVENTS: [&str; 3] = [
+    "sock_recv_length",
+    "sock_send_length",
+    "inet_sock_set_state",
+];
+
+/// Empty programs on the socket set's events, alone: the cost floor (`--empty-hooks`).
+const FLOOR: &[Hook] = &[
+    Hook {
+        program: "empty_recv",
+        category: "sock",
+        tracepoints: &["sock_recv_length"],
+        raw: true,
+        sets: SOCKET,
+    },
+    Hook {
+        program: "empty_send",
+        category: "sock",
+        tracepoints: &["sock_send_length"],
+        raw: true,
+        sets: SOCKET,
+    },
+    Hook {
+        program: "empty_state",
+        category: "sock",
+        tracepoints: &["inet_sock_set_state"],
+        raw: true,
+        sets: SOCKET,
+    },
+];
 
 const HOOKS: &[Hook] = &[
     Hook {
         program: "process_fork",
         category: "sched",
         tracepoints: &["sched_process_fork"],
+        raw: false,
+        sets: BOTH,
     },
     Hook {
         program: "process_exit",
         category: "sched",
         tracepoints: &["sched_process_exit"],
+        raw: false,
+        sets: BOTH,
     },
+    // The socket set
+    Hook {
+        program: "sock_recv",
+        category: "sock",
+        tracepoints: &["sock_recv_length"],
+        raw: true,
+        sets: SOCKET,
+    },
+    Hook {
+        program: "sock_send",
+        category: "sock",
+        tracepoints: &["sock_send_length"],
+        raw: true,
+        sets: SOCKET,
+    },
+    Hook {
+        program: "sock_state",
+        category: "sock",
+        tracepoints: &["inet_sock_set_state"],
+        raw: true,
+        sets: SOCKET,
+    },
+    // The syscall set
     Hook {
         program: "exit_group_enter",
         category: "syscalls",
         tracepoints: &["sys_enter_exit_group"],
+        raw: false,
+        sets: SYSCALL,
     },
     Hook {
         program: "signal_generate",
         category: "signal",
         tracepoints: &["signal_generate"],
+        raw: false,
+        sets: SYSCALL,
     },
     Hook {
         program: "accept_enter",
         category: "syscalls",
         tracepoints: &["sys_enter_accept", "sys_enter_accept4"],
+        raw: false,
+        sets: SYSCALL,
     },
     Hook {
         program: "accept_exit",
         category: "syscalls",
         tracepoints: &["sys_exit_accept", "sys_exit_accept4"],
+        raw: false,
+        sets: SYSCALL,
     },
     Hook {
         program: "close_enter",
         category: "syscalls",
         tracepoints: &["sys_enter_close"],
+        raw: false,
+        sets: SYSCALL,
     },
     Hook {
         program: "read_enter",
         category: "syscalls",
         tracepoints: &["sys_enter_read", "sys_enter_recvfrom"],
+        raw: false,
+        sets: SYSCALL,
     },
     Hook {
         program: "readv_enter",
         category: "syscalls",
         tracepoints: &["sys_enter_readv"],
+        raw: false,
+        sets: SYSCALL,
     },
     Hook {
         program: "recvmsg_enter",
         category: "syscalls",
         tracepoints: &["sys_enter_recvmsg"],
+        raw: false,
+        sets: SYSCALL,
     },
     Hook {
         program: "write_enter",
         category: "syscalls",
         tracepoints: &["sys_enter_write", "sys_enter_sendto"],
+        raw: false,
+        sets: SYSCALL,
     },
     Hook {
         program: "writev_enter",
         category: "syscalls",
         tracepoints: &["sys_enter_writev"],
+        raw: false,
+        sets: SYSCALL,
     },
     Hook {
         program: "sendmsg_enter",
         category: "syscalls",
         tracepoints: &["sys_enter_sendmsg"],
+        raw: false,
+        sets: SYSCALL,
     },
     Hook {
         program: "sendfile_enter",
         category: "syscalls",
         tracepoints: &["sys_enter_sendfile64"],
+        raw: false,
+        sets: SYSCALL,
     },
     Hook {
         program: "io_exit",
@@ -130,6 +251,8 @@ const HOOKS: &[Hook] = &[
             "sys_exit_sendmsg",
             "sys_exit_sendfile64",
         ],
+        raw: false,
+        sets: SYSCALL,
     },
 ];
 
@@ -137,6 +260,8 @@ const HOOKS: &[Hook] = &[
 pub enum ProbeError {
     #[error(transparent)]
     Tracefs(#[from] TracefsError),
+    #[error(transparent)]
+    Btf(#[from] BtfError),
     #[error(
         "tracepoint {category}:{name} keeps `{field}` at offset {found}, where the shared \
          program expects {expected}"
@@ -184,6 +309,9 @@ pub struct Limits {
 
 pub struct Options {
     pub limits: Limits,
+    pub hooks: HookSet,
+    /// Attach only empty programs on the socket set's events (the benchmark's floor).
+    pub empty_hooks: bool,
     /// Extra tracepoints that must exist, as `category:name`.
     pub required: Vec<String>,
     /// Attach the empty `calibration` program too (benchmarks only).
@@ -196,6 +324,55 @@ pub struct Options {
     pub listen_events: bool,
     /// Maps to pin, reusing what is pinned there already: (map name, path).
     pub pins: Vec<(&'static str, std::path::PathBuf)>,
+}
+
+/// Offsets of kernel struct fields the socket set reads, from the kernel's BTF.
+#[derive(Clone, Copy, Debug)]
+pub struct SocketOffsets {
+    sk_family: u32,
+    sk_state: u32,
+    sk_num: u32,
+    sk_net: u32,
+    net_inum: u32,
+    sk_protocol: u32,
+    task_exit_code: u32,
+    regs_arg1: u32,
+    regs_syscall_nr: u32,
+    /// The syscall's buffer is found through the saved user registers (x86_64 only).
+    peek_regs: bool,
+}
+
+impl SocketOffsets {
+    /// What the socket set needs, or why this kernel cannot have it: the socket tracepoints
+    /// (Linux >= 6.3) and the BTF to read sockets with.
+    pub fn probe(tracefs: &Path) -> Result<Self, ProbeError> {
+        for event in SOCKET_EVENTS {
+            Format::read(tracefs, "sock", event)?;
+        }
+        let btf = Btf::from_sys_fs()?;
+        let field = |ty: &str, path: &[&str]| btf.offset_of(ty, path);
+        let (regs_arg1, regs_syscall_nr, peek_regs) = if cfg!(target_arch = "x86_64") {
+            (
+                field("pt_regs", &["si"])?,
+                field("pt_regs", &["orig_ax"])?,
+                true,
+            )
+        } else {
+            (0, 0, false)
+        };
+        Ok(Self {
+            sk_family: field("sock_common", &["skc_family"])?,
+            sk_state: field("sock_common", &["skc_state"])?,
+            sk_num: field("sock_common", &["skc_num"])?,
+            sk_net: field("sock_common", &["skc_net", "net"])?,
+            net_inum: field("net", &["ns", "inum"])?,
+            sk_protocol: field("sock", &["sk_protocol"])?,
+            task_exit_code: field("task_struct", &["exit_code"])?,
+            regs_arg1,
+            regs_syscall_nr,
+            peek_regs,
+        })
+    }
 }
 
 /// Offsets in tracepoint records, from tracefs.
@@ -270,6 +447,8 @@ pub struct Probe {
     // Owns the programs and their links: dropping it detaches everything.
     ebpf: Ebpf,
     pub links: usize,
+    programs: usize,
+    pub hooks: HookSet,
 }
 
 impl Probe {
@@ -287,9 +466,29 @@ impl Probe {
             .and_then(|s| s.trim().parse::<u32>().ok())
             .unwrap_or(probe_common::MAX_PID_SLOTS)
             .clamp(probe_common::DEFAULT_PID_SLOTS, probe_common::MAX_PID_SLOTS);
+        let socket = match options.hooks {
+            HookSet::Socket => Some(SocketOffsets::probe(tracefs)?),
+            HookSet::Syscall => None,
+        };
         let mut loader = EbpfLoader::new();
         for (name, path) in &options.pins {
             loader.map_pin_path(name, path.as_path());
+        }
+        let announce_listen = u32::from(options.listen_events);
+        let peek = u32::from(socket.is_some_and(|o| o.peek_regs));
+        if let Some(o) = &socket {
+            loader
+                .override_global(names::SK_FAMILY_OFFSET, &o.sk_family, true)
+                .override_global(names::SK_STATE_OFFSET, &o.sk_state, true)
+                .override_global(names::SK_NUM_OFFSET, &o.sk_num, true)
+                .override_global(names::SK_NET_OFFSET, &o.sk_net, true)
+                .override_global(names::NET_INUM_OFFSET, &o.net_inum, true)
+                .override_global(names::SK_PROTOCOL_OFFSET, &o.sk_protocol, true)
+                .override_global(names::TASK_EXIT_CODE_OFFSET, &o.task_exit_code, true)
+                .override_global(names::REGS_ARG1_OFFSET, &o.regs_arg1, true)
+                .override_global(names::REGS_SYSCALL_NR_OFFSET, &o.regs_syscall_nr, true)
+                .override_global(names::PEEK_REGS, &peek, true)
+                .override_global(names::ANNOUNCE_LISTEN, &announce_listen, true);
         }
         let ebpf = loader
             .override_global(names::FORK_CHILD_PID_OFFSET, &offsets.fork_child_pid, true)
@@ -304,8 +503,20 @@ impl Probe {
             .override_global(names::ACCESS_LOG_ENABLED, &access_log, true)
             .load(OBJECT)
             .map_err(|e| ProbeError::Load(Box::new(e)))?;
-        let mut probe = Self { ebpf, links: 0 };
-        for hook in HOOKS {
+        let mut probe = Self {
+            ebpf,
+            links: 0,
+            programs: 0,
+            hooks: options.hooks,
+        };
+        if options.empty_hooks {
+            for hook in FLOOR {
+                probe.attach(tracefs, hook)?;
+            }
+            return Ok(probe);
+        }
+        let set = options.hooks;
+        for hook in HOOKS.iter().filter(|h| h.sets.contains(&set)) {
             probe.attach(tracefs, hook)?;
         }
         if options.calibration {
@@ -314,7 +525,7 @@ impl Probe {
         if options.exec_events {
             probe.attach(tracefs, &EXEC_DISCOVER)?;
         }
-        if options.listen_events {
+        if options.listen_events && LISTEN_DISCOVER.sets.contains(&set) {
             probe.attach(tracefs, &LISTEN_DISCOVER)?;
         }
         Ok(probe)
@@ -322,31 +533,41 @@ impl Probe {
 
     fn attach(&mut self, tracefs: &Path, hook: &Hook) -> Result<(), ProbeError> {
         let name = hook.program;
-        let program: &mut TracePoint = self
+        let program = self
             .ebpf
             .program_mut(name)
-            .ok_or(ProbeError::MissingProgram { name })?
-            .try_into()
-            .map_err(|e| ProbeError::Program {
-                name,
-                source: Box::new(e),
-            })?;
-        program.load().map_err(|e| ProbeError::Program {
+            .ok_or(ProbeError::MissingProgram { name })?;
+        self.programs += 1;
+        let program_error = |e| ProbeError::Program {
             name,
             source: Box::new(e),
-        })?;
-        for &tp in hook.tracepoints {
-            Offsets::check(tracefs, hook.category, tp)?;
-            program
-                .attach(hook.category, tp)
-                .map_err(|e| ProbeError::Attach {
-                    program: name,
-                    category: hook.category,
-                    tracepoint: tp.into(),
-                    source: Box::new(e),
-                })?;
-            self.links += 1;
-            log::debug!("attached {name} to {}:{tp}", hook.category);
+        };
+        let attach_error = |tp: &str, e| ProbeError::Attach {
+            program: name,
+            category: hook.category,
+            tracepoint: tp.into(),
+            source: Box::new(e),
+        };
+        if hook.raw {
+            let program: &mut RawTracePoint = program.try_into().map_err(program_error)?;
+            program.load().map_err(program_error)?;
+            for &tp in hook.tracepoints {
+                Format::read(tracefs, hook.category, tp)?;
+                program.attach(tp).map_err(|e| attach_error(tp, e))?;
+                self.links += 1;
+                log::debug!("attached {name} to raw tracepoint {tp}");
+            }
+        } else {
+            let program: &mut TracePoint = program.try_into().map_err(program_error)?;
+            program.load().map_err(program_error)?;
+            for &tp in hook.tracepoints {
+                Offsets::check(tracefs, hook.category, tp)?;
+                program
+                    .attach(hook.category, tp)
+                    .map_err(|e| attach_error(tp, e))?;
+                self.links += 1;
+                log::debug!("attached {name} to {}:{tp}", hook.category);
+            }
         }
         Ok(())
     }
@@ -362,8 +583,9 @@ impl Probe {
         Ok((maps, rings))
     }
 
+    /// Programs loaded and attached.
     pub fn program_count(&self) -> usize {
-        self.ebpf.programs().count()
+        self.programs
     }
 }
 

@@ -15,6 +15,8 @@ pub struct Snapshot {
     pub servers: Vec<ServerView>,
     pub drops: [u64; drop_reason::COUNT as usize],
     pub map_entries: Vec<(&'static str, u64)>,
+    /// The hook set attached (`socket` or `syscall`).
+    pub hooks: &'static str,
     /// Recent worker starts and stops, oldest first.
     pub events: Vec<EventView>,
 }
@@ -44,6 +46,9 @@ pub struct ServerView {
     pub procs: Vec<ProcView>,
     /// Completed requests by (pid, method, status class, protocol), exited ones included.
     pub requests: BTreeMap<ReqKey, ReqStats>,
+    /// Connections established on its listeners that no worker has read, written or closed
+    /// yet (socket hooks): in the accept queue, or accepted and idle.
+    pub queued: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +72,9 @@ pub struct KernelView {
     pub requests: BTreeMap<ReqKey, ReqStats>,
     pub drops: [u64; drop_reason::COUNT as usize],
     pub map_entries: Vec<(&'static str, u64)>,
+    /// Queued connections by root.
+    pub queued: BTreeMap<u32, u64>,
+    pub hooks: &'static str,
 }
 
 pub fn build(watched: &Watched, kernel: &KernelView, uptime_now: f64) -> Snapshot {
@@ -96,6 +104,7 @@ pub fn build(watched: &Watched, kernel: &KernelView, uptime_now: f64) -> Snapsho
         servers,
         drops: kernel.drops,
         map_entries: kernel.map_entries.clone(),
+        hooks: kernel.hooks,
         events: watched
             .events()
             .iter()
@@ -186,6 +195,7 @@ fn server(
             .map(|(pid, stats)| ProcView { pid, stats })
             .collect(),
         requests,
+        queued: roots.iter().filter_map(|r| kernel.queued.get(r)).sum(),
     }
 }
 

@@ -42,6 +42,23 @@ pub fn listening(pids: impl IntoIterator<Item = u32>) -> BTreeMap<u32, BTreeSet<
     out
 }
 
+/// The (network namespace inode, port) of every listening TCP socket of `pids` (pairs of
+/// PID and the root of its tree), with the root that holds it: the kernel's socket hooks
+/// count connections established on them as served ones.
+pub fn listen_keys(pids: impl IntoIterator<Item = (u32, u32)>) -> BTreeMap<(u32, u16), u32> {
+    let mut cache = ListenerCache::default();
+    let mut out = BTreeMap::new();
+    for (pid, root) in pids {
+        let Some(netns) = containers::netns_id(pid as i32) else {
+            continue;
+        };
+        for port in listening_ports(pid, &mut cache) {
+            out.entry((netns as u32, port)).or_insert(root);
+        }
+    }
+    out
+}
+
 /// Listening sockets per network namespace, for a walk over many processes: each
 /// namespace's tables are read once.
 #[derive(Debug, Default)]

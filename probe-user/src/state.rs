@@ -2,11 +2,12 @@
 //! event pump, the periodic sweep and the scrape take in turn.
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, Mutex, MutexGuard},
     time::Instant,
 };
 
-use probe_common::{ProcEvent, event_kind};
+use probe_common::{ListenKey, ProcEvent, event_kind};
 use procfs::Current as _;
 
 use crate::{
@@ -16,6 +17,7 @@ use crate::{
     persist::PinDir,
     selectors::Selectors,
     snapshot::{self, KernelView, Snapshot},
+    sockets,
     watched::Watched,
 };
 
@@ -31,6 +33,11 @@ pub struct State {
     pub watched: Watched,
     /// Map sizes as of the last sweep.
     pub map_entries: Vec<(&'static str, u64)>,
+    /// Which root's tree listens on each watched (network namespace, port), as of the last
+    /// sweep.
+    pub listeners: BTreeMap<(u32, u16), u32>,
+    /// Connections queued on each root's listeners, as of the last sweep.
+    pub queued: BTreeMap<u32, u64>,
     pub selectors: Selectors,
     /// --server-name, for discovered roots too.
     pub server_name: Option<String>,
@@ -38,6 +45,8 @@ pub struct State {
     pub since_scan: u32,
     /// --pin-path: where the ledger goes.
     pub pins: Option<PinDir>,
+    /// The hook set attached, for `flyprobe_build_info`.
+    pub hooks: &'static str,
 }
 
 #[derive(Clone)]
@@ -142,6 +151,7 @@ impl State {
                 log::warn!("cannot track process {member}: {err}");
             }
         }
+        self.seed_listeners();
         if let Some(root) = self.watched.roots().iter().find(|r| r.pid == pid) {
             let labels: Vec<String> = root
                 .labels
@@ -187,9 +197,40 @@ impl State {
             }
         }
         self.watched.classify(&stats);
+        self.seed_listeners();
         self.retire_due(now);
-        self.map_entries = self.maps.entries();
+        let census = self.maps.census();
+        self.map_entries = census.entries;
+        self.queued = BTreeMap::new();
+        for (listener, n) in census.queued {
+            if let Some(&root) = self.listeners.get(&listener) {
+                *self.queued.entry(root).or_default() += n;
+            }
+        }
         self.save_ledger();
+    }
+
+    /// Tell the kernel of the listening ports of every live member (the socket hooks see
+    /// listen() itself only in processes tracked at the time).
+    pub fn seed_listeners(&mut self) {
+        let live: Vec<(u32, u32)> = self
+            .watched
+            .members()
+            .iter()
+            .filter(|(_, m)| m.exited.is_none())
+            .map(|(&pid, m)| (pid, m.root))
+            .collect();
+        self.listeners = sockets::listen_keys(live);
+        for &(netns, port) in self.listeners.keys() {
+            let key = ListenKey {
+                netns,
+                port,
+                _pad: 0,
+            };
+            if let Err(err) = self.maps.listen(key) {
+                log::warn!("cannot record listening port {port}: {err}");
+            }
+        }
     }
 
     pub fn save_ledger(&mut self) {
@@ -243,6 +284,8 @@ impl SnapshotSource for Shared {
             requests: state.maps.requests(),
             drops: state.maps.drops(),
             map_entries: state.map_entries.clone(),
+            queued: state.queued.clone(),
+            hooks: state.hooks,
         };
         snapshot::build(&state.watched, &kernel, uptime())
     }

@@ -1,0 +1,305 @@
+//! The socket hook set: raw tracepoints on the socket layer (Linux >= 6.3), nothing on the
+//! syscall path, so processes flyprobe does not watch pay only an empty raw-tracepoint run
+//! on their socket events. A connection is the kernel socket (`struct sock *`), whichever
+//! processes hold descriptors to it:
+//! - `inet_sock_set_state`: a watched listener's port is recorded at LISTEN; a connection
+//!   established on such a port (SYN_RECV -> ESTABLISHED, in softirq) is queued for it; the
+//!   connection ends when a process closes it (-> FIN_WAIT1 / LAST_ACK) or it is reset
+//!   (-> CLOSE).
+//! - `sock_recv_length` / `sock_send_length`: the watched process that reads or writes a
+//!   connection serves it (the accept itself has no event: the first touch is where a worker
+//!   takes it). Sockets established before flyprobe attached are adopted there too, when
+//!   their local port is a watched listener's. Outbound connections (an upstream, a
+//!   database) have an ephemeral local port and are never served connections.
+//!   The data's first bytes are found through the syscall's registers, saved at the top of
+//!   the task's kernel stack.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_task, bpf_get_current_task_btf, bpf_task_pt_regs},
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
+};
+use probe_common::{
+    ConnKey, ConnState, ListenKey, buf_kind, conn_flags, dir, drop_reason, x86_64_syscall,
+};
+
+use crate::{
+    connections::end_connection,
+    io::transfer,
+    maps::{CONNS, DROPPED, LISTEN_PORTS, count_drop, is_target, stats_mut},
+    record::{
+        ANNOUNCE_LISTEN, NET_INUM_OFFSET, PEEK_REGS, REGS_ARG1_OFFSET, REGS_SYSCALL_NR_OFFSET,
+        SK_FAMILY_OFFSET, SK_NET_OFFSET, SK_NUM_OFFSET, SK_PROTOCOL_OFFSET, SK_STATE_OFFSET,
+        current, kernel_at,
+    },
+};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u16 = 6;
+const MSG_PEEK: i32 = 2;
+
+// include/net/tcp_states.h
+const TCP_ESTABLISHED: u64 = 1;
+const TCP_SYN_RECV: u64 = 3;
+const TCP_FIN_WAIT1: u64 = 4;
+const TCP_CLOSE: u64 = 7;
+const TCP_CLOSE_WAIT: u64 = 8;
+const TCP_LAST_ACK: u64 = 9;
+const TCP_LISTEN: u64 = 10;
+
+/// sock:sock_recv_length(struct sock *sk, int ret, int flags), after data was copied out.
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn sock_recv(ctx: RawTracePointContext) -> i32 {
+    let _ = try_sock_data(&ctx, dir::READ);
+    0
+}
+
+/// sock:sock_send_length(struct sock *sk, int ret, int flags), after data was queued.
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn sock_send(ctx: RawTracePointContext) -> i32 {
+    let _ = try_sock_data(&ctx, dir::WRITE);
+    0
+}
+
+#[inline(always)]
+fn try_sock_data(ctx: &RawTracePointContext, direction: u32) -> Result<(), i64> {
+    let (_, tgid, _) = current();
+    // Untracked processes leave after one array load.
+    if !is_target(tgid) {
+        return Ok(());
+    }
+    let sk: u64 = ctx.arg(0);
+    let ret = ctx.arg::<u64>(1) as i32;
+    let flags = ctx.arg::<u64>(2) as i32;
+    // A peek leaves the data to be read again: the real read is the one that counts.
+    if direction == dir::READ && flags & MSG_PEEK != 0 {
+        return Ok(());
+    }
+    let state = match CONNS.get_ptr_mut(sk) {
+        Some(state) => state,
+        None => match adopt(sk) {
+            Some(state) => state,
+            None => return Ok(()),
+        },
+    };
+    // SAFETY: the entry stays valid for this program's run (RCU); a connection is driven by
+    // one thread at a time, so the state is not written concurrently.
+    let state = unsafe { &mut *state };
+    if state.owner != tgid {
+        serve(state, tgid);
+    }
+    // Errors (EAGAIN) and EOF (0) move no data and do not turn the connection.
+    if ret <= 0 {
+        return Ok(());
+    }
+    transfer(tgid, state, direction, ret as i64, user_buffer);
+    Ok(())
+}
+
+/// `tgid` serves the connection from now on: a queued one is accepted; one another watched
+/// process served (a hand-off over SCM_RIGHTS, fork-per-connection) ends there and starts
+/// here, with whatever turn it was in.
+#[inline(always)]
+fn serve(state: &mut ConnState, tgid: u32) {
+    if state.owner != 0
+        && let Some(stats) = stats_mut(state.owner)
+    {
+        end_connection(state.owner, stats, state);
+        *state = ConnState {
+            port: state.port,
+            netns: state.netns,
+            ..ConnState::default()
+        };
+    }
+    state.flags &= !conn_flags::QUEUED;
+    state.owner = tgid;
+    if let Some(stats) = stats_mut(tgid) {
+        stats.accepted += 1;
+    }
+}
+
+/// A socket not in the map, read or written by a watched process: its connection if it is
+/// the passive side of an open TCP connection on a watched listener's port, established
+/// before flyprobe attached (or before the daemon told the kernel of the listener).
+#[inline(always)]
+fn adopt(sk: u64) -> Option<*mut ConnState> {
+    let family: u16 = kernel_at(sk, SK_FAMILY_OFFSET.load()).ok()?;
+    if family != AF_INET && family != AF_INET6 {
+        return None;
+    }
+    let protocol: u16 = kernel_at(sk, SK_PROTOCOL_OFFSET.load()).ok()?;
+    let state: u8 = kernel_at(sk, SK_STATE_OFFSET.load()).ok()?;
+    if protocol != IPPROTO_TCP
+        || (state as u64 != TCP_ESTABLISHED && state as u64 != TCP_CLOSE_WAIT)
+    {
+        return None;
+    }
+    let key = listen_key(sk)?;
+    LISTEN_PORTS.get_ptr(key)?;
+    // One the map had no room for when it was established: still no room for it.
+    if DROPPED.get_ptr(sk).is_some() {
+        return None;
+    }
+    insert(sk, &key, conn_flags::QUEUED)
+}
+
+/// A fresh entry for `sk`; a full map counts the drop once per socket.
+#[inline(always)]
+fn insert(sk: ConnKey, key: &ListenKey, flags: u8) -> Option<*mut ConnState> {
+    let fresh = ConnState {
+        flags,
+        port: key.port,
+        netns: key.netns,
+        ..ConnState::default()
+    };
+    if CONNS.insert(sk, fresh, BPF_NOEXIST as u64).is_err() && CONNS.get_ptr(sk).is_none() {
+        count_drop(drop_reason::CONNECTION_MAP_FULL);
+        let _ = DROPPED.insert(sk, 1, 0);
+        return None;
+    }
+    CONNS.get_ptr_mut(sk)
+}
+
+/// The local port and network namespace of `sk`.
+#[inline(always)]
+fn listen_key(sk: u64) -> Option<ListenKey> {
+    let port: u16 = kernel_at(sk, SK_NUM_OFFSET.load()).ok()?;
+    let net: u64 = kernel_at(sk, SK_NET_OFFSET.load()).ok()?;
+    let netns: u32 = kernel_at(net, NET_INUM_OFFSET.load()).ok()?;
+    Some(ListenKey {
+        netns,
+        port,
+        _pad: 0,
+    })
+}
+
+/// sock:inet_sock_set_state(const struct sock *sk, int oldstate, int newstate): every TCP
+/// state change on the node, most in softirq. Per connection, not per request.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn sock_state(ctx: RawTracePointContext) -> i32 {
+    let _ = try_sock_state(&ctx);
+    0
+}
+
+fn try_sock_state(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let sk: u64 = ctx.arg(0);
+    let old: u64 = ctx.arg(1);
+    let new: u64 = ctx.arg(2);
+    match new {
+        TCP_ESTABLISHED if old == TCP_SYN_RECV => established(sk),
+        TCP_LISTEN => listening(sk),
+        TCP_FIN_WAIT1 | TCP_LAST_ACK | TCP_CLOSE => ended(sk, new),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The passive side of a new connection: queued for the listener's processes when the
+/// port is a watched one.
+#[inline(always)]
+fn established(sk: u64) {
+    if let Some(key) = listen_key(sk)
+        && LISTEN_PORTS.get_ptr(key).is_some()
+    {
+        let _ = insert(sk, &key, conn_flags::QUEUED);
+    }
+}
+
+/// listen(): in the listening process's context.
+#[inline(always)]
+fn listening(sk: u64) {
+    let (_, tgid, _) = current();
+    if is_target(tgid) {
+        if let Some(key) = listen_key(sk)
+            && LISTEN_PORTS.insert(key, 1, 0).is_err()
+        {
+            count_drop(drop_reason::LISTEN_MAP_FULL);
+        }
+    } else if ANNOUNCE_LISTEN.load() != 0 {
+        crate::discovery::announce();
+    }
+}
+
+/// Closed by a process (FIN_WAIT1, LAST_ACK) or reset/aborted (CLOSE).
+#[inline(always)]
+fn ended(sk: u64, new: u64) {
+    let Some(state) = CONNS.get_ptr_mut(sk) else {
+        if new == TCP_CLOSE {
+            // Forget a drop with its socket: the address will name another one.
+            let _ = DROPPED.remove(&sk);
+        }
+        return;
+    };
+    // SAFETY: valid for this run; removed below before anyone else counts it.
+    let state = unsafe { &mut *state };
+    if state.flags & conn_flags::QUEUED != 0 {
+        // Closed before any watched process read or wrote it: by a watched process that
+        // accepted it (that is its touch), else nobody served it.
+        let (_, tgid, _) = current();
+        if new == TCP_CLOSE || !is_target(tgid) {
+            let _ = CONNS.remove(&sk);
+            return;
+        }
+        serve(state, tgid);
+    }
+    let state = *state;
+    // Two CPUs ending it at once: only the one that removes it counts.
+    if CONNS.remove(&sk).is_err() {
+        return;
+    }
+    if let Some(stats) = stats_mut(state.owner) {
+        end_connection(state.owner, stats, &state);
+    }
+}
+
+/// Where the current syscall's data is: its number and second argument, from the user
+/// registers saved at the top of the task's kernel stack. io_uring, sendfile and splice
+/// have no user buffer there.
+#[inline(always)]
+fn user_buffer() -> (u32, u64) {
+    const NONE: (u32, u64) = (buf_kind::NONE, 0);
+    if PEEK_REGS.load() == 0 {
+        return NONE;
+    }
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    let Ok(nr) = kernel_at::<u64>(regs, REGS_SYSCALL_NR_OFFSET.load()) else {
+        return NONE;
+    };
+    let kind = x86_64_syscall::buffer_kind(nr);
+    if kind == buf_kind::NONE {
+        return NONE;
+    }
+    match kernel_at::<u64>(regs, REGS_ARG1_OFFSET.load()) {
+        Ok(buf) => (kind, buf),
+        Err(_) => NONE,
+    }
+}
+
+/// The exit status of the current task (`task_struct.exit_code`: the signal in the low 7
+/// bits, else the status in bits 8..16), or None without the offset.
+#[inline(always)]
+pub fn current_exit_code(offset: u32) -> Option<u32> {
+    if offset == 0 {
+        return None;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    kernel_at::<i32>(task, offset).ok().map(|c| c as u32)
+}
+
+/// Empty programs on the same three events: the benchmark's floor (`--empty-hooks`).
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn empty_recv(_ctx: RawTracePointContext) -> i32 {
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn empty_send(_ctx: RawTracePointContext) -> i32 {
+    0
+}
+
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn empty_state(_ctx: RawTracePointContext) -> i32 {
+    0
+}
