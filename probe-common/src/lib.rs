@@ -391,16 +391,22 @@ pub const MAX_PID_SLOTS: u32 = 4 * 1024 * 1024;
 
 /// Default map sizes; userspace may override them at load time.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
-pub const DEFAULT_MAX_PROCESSES: u32 = 16_384;
+/// Per-CPU maps hold a value per possible CPU: their bounds are what keeps kernel memory
+/// within a pod's limit on a 64-CPU node (see `probe-user/src/kernel/memory.rs`).
+pub const DEFAULT_MAX_PROCESSES: u32 = 8_192;
 /// Threads of tracked processes doing socket I/O, one pending-syscall slot each.
 pub const PENDING_ENTRIES: u32 = 16_384;
+/// `BPF_F_NO_PREALLOC`: a hash map allocates its entries as they are created, so a per-CPU
+/// map costs what is in it, not its bound times the CPUs.
+pub const NO_PREALLOC: u32 = 1;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 /// Node-wide discovery announcements (exec, listen of untracked processes) have their own
 /// ring: an exec storm on the node must not crowd out the watched processes' fork and exit.
 pub const DISCOVERY_BYTES: u32 = 64 * 1024;
 pub const ACCESS_BYTES: u32 = 1024 * 1024;
-/// Label combinations (process x method x status x protocol) with counters at once.
-pub const DEFAULT_MAX_REQUEST_SERIES: u32 = 65_536;
+/// Label combinations (process x method x status x protocol) with counters at once: a
+/// worker has a handful (its methods x status classes), so this covers ~1,000 workers.
+pub const DEFAULT_MAX_REQUEST_SERIES: u32 = 8_192;
 /// Sockets remembered as dropped by a full connection map (socket hook set).
 pub const DROPPED_ENTRIES: u32 = 4_096;
 /// Listening ports of watched processes (per network namespace).

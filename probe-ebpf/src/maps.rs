@@ -9,8 +9,8 @@ use aya_ebpf::{
 use probe_common::{
     ACCESS_BYTES, ConnKey, ConnState, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PROCESSES,
     DEFAULT_MAX_REQUEST_SERIES, DEFAULT_PID_SLOTS, DISCOVERY_BYTES, DROPPED_ENTRIES, EVENTS_BYTES,
-    ExitInfo, ListenKey, MAX_LISTEN_PORTS, PENDING_ENTRIES, PendingIo, ProcEvent, ProcStats,
-    ReqKey, ReqStats, drop_reason,
+    ExitInfo, ListenKey, MAX_LISTEN_PORTS, NO_PREALLOC, PENDING_ENTRIES, PendingIo, ProcEvent,
+    ProcStats, ReqKey, ReqStats, drop_reason,
 };
 
 /// The target set: `TARGETS[pid] != 0` when `pid` is tracked. An array indexed by PID (sized
@@ -40,9 +40,10 @@ pub static DROPPED: LruHashMap<ConnKey, u8> = LruHashMap::with_max_entries(DROPP
 #[map]
 pub static LISTEN_PORTS: HashMap<ListenKey, u8> = HashMap::with_max_entries(MAX_LISTEN_PORTS, 0);
 
+/// Per-process counters, per CPU (no atomics on the hot path); entries allocated on use.
 #[map]
 pub static STATS: PerCpuHashMap<u32, ProcStats> =
-    PerCpuHashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_PROCESSES, NO_PREALLOC);
 
 /// Syscall arguments between sys_enter and sys_exit, one slot per thread (key: pid_tgid).
 /// The exit marks the slot consumed instead of deleting it (a delete costs a bucket lock on
@@ -64,7 +65,7 @@ pub static EXITS: HashMap<u32, ExitInfo> = HashMap::with_max_entries(DEFAULT_MAX
 /// Completed requests by (process, method, status class, protocol), with durations.
 #[map]
 pub static REQS: PerCpuHashMap<ReqKey, ReqStats> =
-    PerCpuHashMap::with_max_entries(DEFAULT_MAX_REQUEST_SERIES, 0);
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_REQUEST_SERIES, NO_PREALLOC);
 
 /// Access-log records; written only when the daemon runs with --access-log.
 #[map]

@@ -13,10 +13,10 @@ use crate::{
     error::StartError,
     events, http,
     kernel_maps::KernelMaps,
-    metrics,
+    memory, metrics,
     persist::PinDir,
     privileges,
-    probe::{HookSet, Limits, Options, Probe, Rings, SocketOffsets},
+    probe::{HookSet, Limits, Options, Probe, Rings, SocketOffsets, pid_slots},
     selectors::Selectors,
     selftest,
     state::{Shared, State},
@@ -70,6 +70,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         pins: pins.as_ref().map(PinDir::maps).unwrap_or_default(),
     };
     let (probe, mut maps, rings) = attach(&cli, options)?;
+    let cpus = memory::possible_cpus();
+    let bounds = memory::bounds(&limits, pid_slots());
+    let bound = memory::bound_bytes(&bounds, cpus);
+    let largest = bounds
+        .iter()
+        .max_by_key(|b| b.bytes(cpus))
+        .map_or("", |b| b.name);
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    log::info!(
+        "kernel maps: at most {:.1} MiB with {cpus} possible CPUs, most of it {largest} \
+         (--max-connections {}, --max-processes {}, --max-request-series {}, pid_max {})",
+        mib(bound),
+        limits.max_connections,
+        limits.max_processes,
+        limits.max_request_series,
+        pid_slots()
+    );
 
     // Programs are attached, so forks from here on are tracked by the kernel. Seed the ones
     // that exist, then scan once more for any forked before their parent was seeded.
@@ -107,6 +124,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         map_entries: Vec::new(),
         listeners: Default::default(),
         queued: Default::default(),
+        map_memory: Default::default(),
+        map_names: Default::default(),
         selectors,
         server_name: cli.server_name.clone(),
         since_scan: 0,

@@ -11,6 +11,7 @@ mod events;
 mod http;
 mod kernel_maps;
 mod lifecycle;
+mod memory;
 mod metrics;
 mod openmetrics;
 mod persist;

@@ -57,6 +57,7 @@ struct Catalog {
     build_info: IntGaugeVec,
     dropped: IntCounterVec,
     map_entries: IntGaugeVec,
+    map_memory: IntGaugeVec,
 }
 
 impl Catalog {
@@ -182,6 +183,12 @@ impl Catalog {
                 "Kernel events flyprobe could not record, by reason.",
                 &["reason"],
             )?,
+            map_memory: gauge(
+                "flyprobe_map_memory_bytes",
+                "Kernel memory each of flyprobe's maps uses, as the kernel accounts it (charged \
+                 to flyprobe's cgroup).",
+                &["map"],
+            )?,
             map_entries: gauge(
                 "flyprobe_map_entries",
                 "Entries in flyprobe's bounded kernel maps (as of the last 1 s sweep).",
@@ -203,9 +210,10 @@ impl Catalog {
         ]
     }
 
-    fn gauges(&self) -> [&IntGaugeVec; 8] {
+    fn gauges(&self) -> [&IntGaugeVec; 9] {
         [
             &self.map_entries,
+            &self.map_memory,
             &self.active,
             &self.queued,
             &self.in_flight,
@@ -236,6 +244,11 @@ impl Catalog {
             .set(1);
         for (map, n) in &snap.map_entries {
             self.map_entries.with_label_values(&[*map]).set(int(*n));
+        }
+        for (map, bytes) in &snap.map_memory {
+            self.map_memory
+                .with_label_values(&[map.as_str()])
+                .set(int(*bytes));
         }
         for (reason, count) in drop_reason::NAMES.iter().zip(snap.drops) {
             self.dropped.with_label_values(&[*reason]).inc_by(count);
@@ -505,6 +518,7 @@ mod tests {
             }],
             drops,
             map_entries: vec![("connections", 3)],
+            map_memory: BTreeMap::from([("CONNS".to_string(), 4096)]),
             hooks: "socket",
             events: Vec::new(),
         };
@@ -530,6 +544,8 @@ mod tests {
             "server_stopped_total{reason=\"signal_SIGSEGV\",server=\"uvicorn\"} 2",
             "server_stopped_total{reason=\"exit_0\",server=\"uvicorn\"} 0",
             "flyprobe_dropped_events_total{reason=\"target_map_full\"} 3",
+            "flyprobe_map_memory_bytes{map=\"CONNS\"} 4096",
+            "server_queued_connections{server=\"uvicorn\"} 0",
             "flyprobe_dropped_events_total{reason=\"connection_map_full\"} 0",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");

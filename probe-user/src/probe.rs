@@ -17,7 +17,8 @@ use crate::{
     tracefs::{Format, TracefsError},
 };
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flyprobe"));
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flyprobe"));
 
 /// A program and the tracepoints it serves. Syscall families share one program each: their
 /// records agree on where the first argument and the return value are (checked at attach).
@@ -460,12 +461,7 @@ impl Probe {
             Format::read(tracefs, category, name)?;
         }
         let offsets = Offsets::read(tracefs)?;
-        // The target set is indexed by PID: as many slots as PIDs can be.
-        let targets = std::fs::read_to_string("/proc/sys/kernel/pid_max")
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .unwrap_or(probe_common::MAX_PID_SLOTS)
-            .clamp(probe_common::DEFAULT_PID_SLOTS, probe_common::MAX_PID_SLOTS);
+        let targets = pid_slots();
         let socket = match options.hooks {
             HookSet::Socket => Some(SocketOffsets::probe(tracefs)?),
             HookSet::Syscall => None,
@@ -587,6 +583,15 @@ impl Probe {
     pub fn program_count(&self) -> usize {
         self.programs
     }
+}
+
+/// The target set is indexed by PID: as many slots as PIDs can be (the kernel's pid_max).
+pub fn pid_slots() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(probe_common::MAX_PID_SLOTS)
+        .clamp(probe_common::DEFAULT_PID_SLOTS, probe_common::MAX_PID_SLOTS)
 }
 
 /// Take a map out of the object, typed.

@@ -15,6 +15,8 @@ pub struct Snapshot {
     pub servers: Vec<ServerView>,
     pub drops: [u64; drop_reason::COUNT as usize],
     pub map_entries: Vec<(&'static str, u64)>,
+    /// Kernel memory each map uses (bytes, as the kernel accounts it).
+    pub map_memory: BTreeMap<String, u64>,
     /// The hook set attached (`socket` or `syscall`).
     pub hooks: &'static str,
     /// Recent worker starts and stops, oldest first.
@@ -74,6 +76,7 @@ pub struct KernelView {
     pub map_entries: Vec<(&'static str, u64)>,
     /// Queued connections by root.
     pub queued: BTreeMap<u32, u64>,
+    pub map_memory: BTreeMap<String, u64>,
     pub hooks: &'static str,
 }
 
@@ -104,6 +107,7 @@ pub fn build(watched: &Watched, kernel: &KernelView, uptime_now: f64) -> Snapsho
         servers,
         drops: kernel.drops,
         map_entries: kernel.map_entries.clone(),
+        map_memory: kernel.map_memory.clone(),
         hooks: kernel.hooks,
         events: watched
             .events()

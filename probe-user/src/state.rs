@@ -12,7 +12,7 @@ use procfs::Current as _;
 
 use crate::{
     kernel_maps::{KernelMaps, Remains},
-    lifecycle,
+    lifecycle, memory,
     metrics::SnapshotSource,
     persist::PinDir,
     selectors::Selectors,
@@ -38,6 +38,10 @@ pub struct State {
     pub listeners: BTreeMap<(u32, u16), u32>,
     /// Connections queued on each root's listeners, as of the last sweep.
     pub queued: BTreeMap<u32, u64>,
+    /// Kernel memory each map uses, as of the last sweep.
+    pub map_memory: BTreeMap<String, u64>,
+    /// Map names by kernel map id (looked up once per map).
+    pub map_names: BTreeMap<u32, String>,
     pub selectors: Selectors,
     /// --server-name, for discovered roots too.
     pub server_name: Option<String>,
@@ -201,6 +205,7 @@ impl State {
         self.retire_due(now);
         let census = self.maps.census();
         self.map_entries = census.entries;
+        self.map_memory = memory::in_use(&mut self.map_names);
         self.queued = BTreeMap::new();
         for (listener, n) in census.queued {
             if let Some(&root) = self.listeners.get(&listener) {
@@ -285,6 +290,7 @@ impl SnapshotSource for Shared {
             drops: state.maps.drops(),
             map_entries: state.map_entries.clone(),
             queued: state.queued.clone(),
+            map_memory: state.map_memory.clone(),
             hooks: state.hooks,
         };
         snapshot::build(&state.watched, &kernel, uptime())
