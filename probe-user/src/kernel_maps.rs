@@ -77,6 +77,12 @@ impl KernelMaps {
         self.listen_ports.insert(key, 1, 0)
     }
 
+    /// Forget a listener that is gone: its port may become an ephemeral one, and an outbound
+    /// connection from it must not look served.
+    pub fn unlisten(&mut self, key: &ListenKey) {
+        let _ = self.listen_ports.remove(key);
+    }
+
     /// Counters of every process the kernel has seen accept, summed over CPUs.
     pub fn stats(&self) -> BTreeMap<u32, ProcStats> {
         summed(&self.stats, ProcStats::add)

@@ -239,7 +239,10 @@ mod tests {
     #[test]
     fn the_maps_fit_the_daemonsets_memory_limit_on_a_64_cpu_node() {
         let bound = bound_bytes(&bounds(&defaults(), MAX_PID_SLOTS), 64);
-        eprintln!("maps on a 64-CPU node with pid_max 4194304: {} MiB", bound >> 20);
+        eprintln!(
+            "maps on a 64-CPU node with pid_max 4194304: {} MiB",
+            bound >> 20
+        );
         let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
         for manifest in ["kubernetes/daemonset.yaml", "helm/flyprobe/values.yaml"] {
             let text = fs::read_to_string(format!("{root}/{manifest}")).unwrap();

@@ -11,10 +11,13 @@ use std::{
     time::Duration,
 };
 
-use probe_common::http::{METHODS, PROTO_HTTP1};
+use probe_common::{
+    ListenKey,
+    http::{METHODS, PROTO_HTTP1},
+};
 use thiserror::Error;
 
-use crate::kernel_maps::KernelMaps;
+use crate::{containers, kernel_maps::KernelMaps};
 
 #[derive(Debug, Error)]
 pub enum SelfTestError {
@@ -34,9 +37,18 @@ pub fn run(maps: &mut KernelMaps) -> Result<(), SelfTestError> {
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let exchanged = exchange();
     maps.untrack(me);
+    // The kernel recorded the self-test's listener at listen(): its port is an ephemeral
+    // one, which an outbound connection of a watched server may get next.
+    if let (Ok(port), Some(netns)) = (&exchanged, containers::netns_id(me)) {
+        maps.unlisten(&ListenKey {
+            netns: netns as u32,
+            port: *port,
+            _pad: 0,
+        });
+    }
     let verdict = exchanged
         .map_err(SelfTestError::from)
-        .and_then(|()| check(maps, me));
+        .and_then(|_| check(maps, me));
     let remains = maps.retire(me);
     log::debug!(
         "self-test left {} connections behind, freed",
@@ -47,8 +59,9 @@ pub fn run(maps: &mut KernelMaps) -> Result<(), SelfTestError> {
 
 /// One connection, one request, one response, both ends in this thread: the handshake
 /// completes in the kernel before accept().
-fn exchange() -> std::io::Result<()> {
+fn exchange() -> std::io::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
     let mut client = TcpStream::connect(listener.local_addr()?)?;
     client.set_read_timeout(Some(Duration::from_secs(2)))?;
     client.write_all(REQUEST)?;
@@ -67,7 +80,7 @@ fn exchange() -> std::io::Result<()> {
     drop(served);
     let mut reply = Vec::new();
     client.read_to_end(&mut reply)?;
-    Ok(())
+    Ok(port)
 }
 
 fn check(maps: &KernelMaps, me: u32) -> Result<(), SelfTestError> {

@@ -225,7 +225,19 @@ impl State {
             .filter(|(_, m)| m.exited.is_none())
             .map(|(&pid, m)| (pid, m.root))
             .collect();
-        self.listeners = sockets::listen_keys(live);
+        let listeners = sockets::listen_keys(live);
+        // Listeners seen before and gone now (the server exited or closed them). Ones the
+        // kernel recorded at listen() and /proc did not show yet are left alone.
+        for &(netns, port) in self.listeners.keys() {
+            if !listeners.contains_key(&(netns, port)) {
+                self.maps.unlisten(&ListenKey {
+                    netns,
+                    port,
+                    _pad: 0,
+                });
+            }
+        }
+        self.listeners = listeners;
         for &(netns, port) in self.listeners.keys() {
             let key = ListenKey {
                 netns,
