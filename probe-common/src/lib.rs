@@ -472,6 +472,24 @@ mod tests {
     }
 
     #[test]
+    fn syscall_numbers_name_where_the_data_is() {
+        use x86_64_syscall::*;
+        for nr in [READ, WRITE, SENDTO, RECVFROM] {
+            assert_eq!(buffer_kind(nr), buf_kind::PLAIN);
+        }
+        for nr in [READV, WRITEV] {
+            assert_eq!(buffer_kind(nr), buf_kind::IOVEC);
+        }
+        for nr in [SENDMSG, RECVMSG, RECVMMSG, SENDMMSG] {
+            assert_eq!(buffer_kind(nr), buf_kind::MSGHDR);
+        }
+        // sendfile (40), splice (275), io_uring_enter (426): no user buffer in the registers.
+        for nr in [40, 275, 426] {
+            assert_eq!(buffer_kind(nr), buf_kind::NONE);
+        }
+    }
+
+    #[test]
     fn drop_reason_names_cover_every_reason() {
         assert_eq!(drop_reason::NAMES.len(), drop_reason::COUNT as usize);
     }
