@@ -14,8 +14,8 @@ use aya_ebpf::{
 use probe_common::{
     ConnState, PendingIo, buf_kind, dir, drop_reason, fd_key,
     http::{
-        Head, METHOD_NONE, METHOD_OTHER, PROTO_HTTP1, PROTO_OTHER, PROTO_UNKNOWN, is_interim,
-        parse_method, parse_status, protocol_of,
+        Head, METHOD_NONE, METHOD_OTHER, PROTO_HTTP1, PROTO_UNKNOWN, is_interim, parse_method,
+        parse_status, protocol_of,
     },
     phase,
 };
@@ -231,7 +231,9 @@ fn start_request(state: &mut ConnState, head: &Option<(Head, usize)>, method: u8
     if state.protocol == PROTO_UNKNOWN {
         state.protocol = match head {
             Some((bytes, len)) => protocol_of(bytes, *len, method),
-            None => PROTO_OTHER,
+            // No bytes to look at (io_uring, sendfile): not known, rather than not HTTP;
+            // the next request tries again.
+            None => PROTO_UNKNOWN,
         };
     }
     state.method = if state.protocol != PROTO_HTTP1 {

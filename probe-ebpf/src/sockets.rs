@@ -228,7 +228,7 @@ fn ended(sk: u64, new: u64) {
     let Some(state) = CONNS.get_ptr_mut(sk) else {
         if new == TCP_CLOSE {
             // Forget a drop with its socket: the address will name another one.
-            let _ = DROPPED.remove(&sk);
+            let _ = DROPPED.remove(sk);
         }
         return;
     };
@@ -239,14 +239,14 @@ fn ended(sk: u64, new: u64) {
         // accepted it (that is its touch), else nobody served it.
         let (_, tgid, _) = current();
         if new == TCP_CLOSE || !is_target(tgid) {
-            let _ = CONNS.remove(&sk);
+            let _ = CONNS.remove(sk);
             return;
         }
         serve(state, tgid);
     }
     let state = *state;
     // Two CPUs ending it at once: only the one that removes it counts.
-    if CONNS.remove(&sk).is_err() {
+    if CONNS.remove(sk).is_err() {
         return;
     }
     if let Some(stats) = stats_mut(state.owner) {

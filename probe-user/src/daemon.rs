@@ -126,6 +126,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         queued: Default::default(),
         map_memory: Default::default(),
         map_names: Default::default(),
+        unknown_since: Default::default(),
         selectors,
         server_name: cli.server_name.clone(),
         since_scan: 0,

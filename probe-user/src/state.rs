@@ -25,6 +25,10 @@ use crate::{
 /// once; the scan is the backstop for what no event announces.
 const SCAN_EVERY_SWEEPS: u32 = 30;
 
+/// How long kernel counters of a process the daemon does not know are kept for its fork
+/// and exit events to arrive.
+const UNKNOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// How long a discovered server that exited stays in the metrics (seconds).
 const FORGET_AFTER: f64 = 300.0;
 
@@ -42,6 +46,8 @@ pub struct State {
     pub map_memory: BTreeMap<String, u64>,
     /// Map names by kernel map id (looked up once per map).
     pub map_names: BTreeMap<u32, String>,
+    /// Processes with kernel counters that the daemon does not know, since when.
+    pub unknown_since: BTreeMap<u32, Instant>,
     pub selectors: Selectors,
     /// --server-name, for discovered roots too.
     pub server_name: Option<String>,
@@ -195,11 +201,20 @@ impl State {
         for pid in stats.keys() {
             if !self.watched.members().contains_key(pid) && !self.watched.adopt(*pid) {
                 // Counted by the kernel, unknown here and not adoptable (gone, or not under
-                // a root): free its entries.
-                log::debug!("freeing kernel state of unknown process {pid}");
-                let _ = self.maps.retire(*pid);
+                // a root). Its fork and exit events may still be on their way (a child that
+                // served and exited while the daemon was busy): free its entries only when
+                // it stays unknown for a while.
+                let since = *self.unknown_since.entry(*pid).or_insert(now);
+                if now.duration_since(since) >= UNKNOWN_GRACE {
+                    log::debug!("freeing kernel state of unknown process {pid}");
+                    let _ = self.maps.retire(*pid);
+                    self.unknown_since.remove(pid);
+                }
             }
         }
+        let members = self.watched.members();
+        self.unknown_since
+            .retain(|pid, _| stats.contains_key(pid) && !members.contains_key(pid));
         self.watched.classify(&stats);
         self.seed_listeners();
         self.retire_due(now);

@@ -82,6 +82,9 @@ pub struct Lifecycle {
     pub stopped: BTreeMap<String, u64>,
 }
 
+/// Forks of children already gone, remembered until their exit events arrive.
+const UNRESOLVED_FORKS: usize = 4096;
+
 #[derive(Debug, Default)]
 pub struct Watched {
     roots: Vec<Root>,
@@ -93,6 +96,10 @@ pub struct Watched {
     lifecycle: BTreeMap<u32, Lifecycle>,
     /// Members found gone by the last sweep, confirmed by the next.
     suspects: BTreeSet<u32>,
+    /// Children of members whose fork event arrived after they were gone from /proc (they
+    /// served and exited quickly): child -> parent. A process among them sends an exit
+    /// event next, which makes it a member; a thread sends none.
+    unresolved_forks: BTreeMap<u32, u32>,
     /// The last `EVENT_LOG_LEN` worker starts and stops, oldest first.
     events: VecDeque<LifecycleEvent>,
 }
@@ -297,11 +304,17 @@ impl Watched {
         let Some(root) = self.members.get(&parent).map(|m| m.root) else {
             return false;
         };
-        let is_process = Process::new(child as i32)
-            .and_then(|p| p.status())
-            .is_ok_and(|s| s.tgid == child as i32);
-        if !is_process {
-            return false;
+        match Process::new(child as i32).and_then(|p| p.status()) {
+            Ok(status) if status.tgid == child as i32 => {}
+            Ok(_) => return false, // a thread
+            Err(_) => {
+                // Gone already: remembered until its exit event says it was a process.
+                if self.unresolved_forks.len() >= UNRESOLVED_FORKS {
+                    self.unresolved_forks.pop_first();
+                }
+                self.unresolved_forks.insert(child, parent);
+                return false;
+            }
         }
         let (comm, started, _) = proc_facts(child).unwrap_or_default();
         self.members
@@ -370,6 +383,15 @@ impl Watched {
     pub fn on_exit(&mut self, pid: u32, reason: &str, accepted: bool, now: Instant, uptime: f64) {
         for root in self.roots.iter_mut().filter(|r| r.pid == pid) {
             root.exited.get_or_insert(uptime);
+        }
+        // A child that was gone when its fork event was read: exit events come from
+        // processes only, so it was one, and what it served belongs to its parent's tree.
+        if let Some(parent) = self.unresolved_forks.remove(&pid)
+            && !self.members.contains_key(&pid)
+            && let Some((root, comm)) = self.members.get(&parent).map(|m| (m.root, m.comm.clone()))
+        {
+            self.members
+                .insert(pid, Member::new(parent, root, comm, 0.0, true));
         }
         let Some(member) = self.members.get(&pid) else {
             return;

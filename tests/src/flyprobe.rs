@@ -27,6 +27,14 @@ pub fn log_path(tag: &str) -> PathBuf {
     ))
 }
 
+/// The hook set every flyprobe under test is told to use (`--hooks`), from `FLYPROBE_HOOKS`;
+/// `None` when the variable is unset or empty.
+pub fn hooks() -> Option<String> {
+    std::env::var("FLYPROBE_HOOKS")
+        .ok()
+        .filter(|h| !h.is_empty())
+}
+
 pub struct Flyprobe {
     guard: Guard,
     pub port: u16,
@@ -66,10 +74,15 @@ impl Flyprobe {
             }
             None => Command::new(bin()),
         };
+        cmd.args(args);
+        // FLYPROBE_HOOKS=syscall (or socket, auto) runs every test against that hook set;
+        // unset, flyprobe picks its own default (and a binary without the flag still works).
+        if let Some(hooks) = hooks() {
+            cmd.args(["--hooks", &hooks]);
+        }
         let guard = Guard::spawn(
             "flyprobe",
-            cmd.args(args)
-                .args(["--listen", &format!("127.0.0.1:{port}")])
+            cmd.args(["--listen", &format!("127.0.0.1:{port}")])
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
                 .stderr(stderr),

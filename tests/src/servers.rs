@@ -1,8 +1,15 @@
-//! The servers the tests watch: the ASGI app in tests/apps under uvicorn, and the
-//! workspace's own axum server. Both answer `GET /` and `GET /slow?ms=N`, and name the
+//! The servers the tests watch: the ASGI app in tests/apps under uvicorn (and gunicorn,
+//! granian, hypercorn), nginx, the workspace's own axum and io_uring servers, and the plain
+//! socket servers of tests/apps/socket_server.py. The HTTP ones answer `GET /` and name the
 //! process that served each request in an `x-worker-pid` header.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{
+    io::{BufRead as _, BufReader, Read},
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
 
 use crate::{artifact, client::Conn, eventually, free_port, procs::Guard, workspace};
 
@@ -217,6 +224,54 @@ pub fn echo_server() -> Server {
         guard,
         port,
         scratch: None,
+    }
+}
+
+/// The io_uring server built from tests/src/bin (one thread, accept/recv/send/close through
+/// the ring).
+pub fn uring_server() -> Server {
+    let (guard, port) = workspace_bin("FLYPROBE_URING_SERVER", "flyprobe-uring-server");
+    ready(guard, port)
+}
+
+/// tests/apps/socket_server.py in `mode` (`blocking`, `serial`, `pass-fd`, `fork`) with `extra`
+/// options, answering before this returns, and the lines it prints on stdout.
+pub fn socket_app(mode: &str, extra: &[&str]) -> (Server, Lines) {
+    let port = free_port();
+    let mut guard = Guard::spawn(
+        "socket_server.py",
+        Command::new(python())
+            .arg("-u")
+            .arg(apps_dir().join("socket_server.py"))
+            .args([mode, "--port", &port.to_string()])
+            .args(extra)
+            .stdout(Stdio::piped()),
+    );
+    let stdout = guard.child.stdout.take().expect("piped stdout");
+    (ready(guard, port), Lines::read(stdout))
+}
+
+/// A child's stdout, line by line, read on a thread of its own so a wait can time out.
+pub struct Lines(mpsc::Receiver<String>);
+
+impl Lines {
+    pub fn read(out: impl Read + Send + 'static) -> Self {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self(rx)
+    }
+
+    /// The next line, or a failure after `timeout` (or when the child closed its stdout).
+    pub fn next(&self, timeout: Duration) -> String {
+        self.0
+            .recv_timeout(timeout)
+            .unwrap_or_else(|e| panic!("no line from the server within {timeout:?}: {e}"))
     }
 }
 

@@ -25,23 +25,47 @@ pub fn run_all(args: &TestArgs) -> Result<()> {
         .args(["--exclude", "probe-ebpf", "--exclude", "flyprobe-tests"])
         // The shared HTTP parsers run in the kernel: a million random inputs each.
         .env("FLYPROBE_FUZZ_CASES", "1000000"))?;
-    let mut e2e = Command::new("cargo");
-    e2e.args([
+    let mut e2e = end_to_end(&[]);
+    if let Some(filter) = &args.filter {
+        e2e.arg(filter);
+    }
+    let all = run(&mut e2e);
+    if args.filter.is_some() {
+        return all;
+    }
+    // The exact-count core again on the syscall hook set, which kernels without the socket
+    // tracepoints use: both sets must count the same.
+    let syscall = run(end_to_end(&[
+        "--test",
+        "watch_servers",
+        "--test",
+        "http_matrix",
+        "--test",
+        "lifecycle",
+    ])
+    .env("FLYPROBE_HOOKS", "syscall"));
+    all.and(syscall)
+}
+
+/// `cargo test` of the end-to-end tests (`targets`: which test files, all when empty), with
+/// the artifacts they drive.
+fn end_to_end(targets: &[&str]) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.args([
         "test",
         "--release",
         "--no-fail-fast",
         "--package",
         "flyprobe-tests",
-        "--",
     ])
+    .args(targets)
+    .arg("--")
     // One at a time: the tests assert exact in-flight and active gauges under timing.
     .arg("--test-threads=1")
     .env("FLYPROBE_BIN", artifact("flyprobe"))
     .env("FLYPROBE_TEST_SERVER", artifact("flyprobe-test-server"))
     .env("FLYPROBE_ECHO_SERVER", artifact("flyprobe-echo-server"))
+    .env("FLYPROBE_URING_SERVER", artifact("flyprobe-uring-server"))
     .env("FLYPROBE_PYTHON", setup::venv_python());
-    if let Some(filter) = &args.filter {
-        e2e.arg(filter);
-    }
-    run(&mut e2e)
+    cmd
 }
