@@ -45,6 +45,7 @@ struct ServerSnap {
     uptime_seconds: f64,
     workers: u64,
     active_connections: u64,
+    queued_connections: u64,
     in_flight_requests: u64,
     requests_total: u64,
     status_classes: BTreeMap<String, u64>,
@@ -591,6 +592,10 @@ fn snapshot_matches_metrics_for_the_same_traffic() {
     assert_eq!(
         u.active_connections,
         m.sum("server_active_connections", "uvicorn")
+    );
+    assert_eq!(
+        u.queued_connections,
+        m.total("server_queued_connections", &[("server", "uvicorn")])
     );
     assert_eq!(
         u.in_flight_requests,
