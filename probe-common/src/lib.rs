@@ -369,7 +369,6 @@ pub mod names {
     pub const SK_TYPE_OFFSET: &str = "SK_TYPE_OFFSET";
     pub const TASK_EXIT_CODE_OFFSET: &str = "TASK_EXIT_CODE_OFFSET";
     pub const REGS_ARG1_OFFSET: &str = "REGS_ARG1_OFFSET";
-    pub const REGS_SYSCALL_NR_OFFSET: &str = "REGS_SYSCALL_NR_OFFSET";
     /// Non-zero when the syscall's buffer may be found through the task's saved registers.
     pub const PEEK_REGS: &str = "PEEK_REGS";
     /// Non-zero when untracked processes' listen() is announced (node-wide selectors).

@@ -43,8 +43,6 @@ pub static TASK_EXIT_CODE_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static REGS_ARG1_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
-pub static REGS_SYSCALL_NR_OFFSET: Global<u32> = Global::new(0);
-#[unsafe(no_mangle)]
 pub static PEEK_REGS: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static ANNOUNCE_LISTEN: Global<u32> = Global::new(0);

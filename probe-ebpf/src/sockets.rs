@@ -29,9 +29,8 @@ use crate::{
     io::transfer,
     maps::{CONNS, DROPPED, LISTEN_PORTS, count_drop, is_target, stats_mut},
     record::{
-        ANNOUNCE_LISTEN, NET_INUM_OFFSET, PEEK_REGS, REGS_ARG1_OFFSET, REGS_SYSCALL_NR_OFFSET,
-        SK_FAMILY_OFFSET, SK_NET_OFFSET, SK_NUM_OFFSET, SK_PROTOCOL_OFFSET, SK_STATE_OFFSET,
-        current, kernel_at,
+        ANNOUNCE_LISTEN, NET_INUM_OFFSET, PEEK_REGS, REGS_ARG1_OFFSET, SK_FAMILY_OFFSET,
+        SK_NET_OFFSET, SK_NUM_OFFSET, SK_PROTOCOL_OFFSET, SK_STATE_OFFSET, current, kernel_at,
     },
 };
 
@@ -255,8 +254,9 @@ fn ended(sk: u64, new: u64) {
 }
 
 /// Where the current syscall's data is: its number and second argument, from the user
-/// registers saved at the top of the task's kernel stack. io_uring, sendfile and splice
-/// have no user buffer there.
+/// registers saved at the top of the task's kernel stack, read at once (x86_64 keeps `si`,
+/// `di` and `orig_ax` next to each other; the daemon checks that before it turns peeking
+/// on). io_uring, sendfile and splice have no user buffer there.
 #[inline(always)]
 fn user_buffer() -> (u32, u64) {
     const NONE: (u32, u64) = (buf_kind::NONE, 0);
@@ -264,16 +264,12 @@ fn user_buffer() -> (u32, u64) {
         return NONE;
     }
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
-    let Ok(nr) = kernel_at::<u64>(regs, REGS_SYSCALL_NR_OFFSET.load()) else {
+    let Ok([arg1, _, nr]) = kernel_at::<[u64; 3]>(regs, REGS_ARG1_OFFSET.load()) else {
         return NONE;
     };
-    let kind = x86_64_syscall::buffer_kind(nr);
-    if kind == buf_kind::NONE {
-        return NONE;
-    }
-    match kernel_at::<u64>(regs, REGS_ARG1_OFFSET.load()) {
-        Ok(buf) => (kind, buf),
-        Err(_) => NONE,
+    match x86_64_syscall::buffer_kind(nr) {
+        buf_kind::NONE => NONE,
+        kind => (kind, arg1),
     }
 }
 

@@ -337,8 +337,8 @@ pub struct SocketOffsets {
     net_inum: u32,
     sk_protocol: u32,
     task_exit_code: u32,
+    /// `pt_regs.si`, followed by `di` and `orig_ax` (the syscall number).
     regs_arg1: u32,
-    regs_syscall_nr: u32,
     /// The syscall's buffer is found through the saved user registers (x86_64 only).
     peek_regs: bool,
 }
@@ -352,14 +352,20 @@ impl SocketOffsets {
         }
         let btf = Btf::from_sys_fs()?;
         let field = |ty: &str, path: &[&str]| btf.offset_of(ty, path);
-        let (regs_arg1, regs_syscall_nr, peek_regs) = if cfg!(target_arch = "x86_64") {
-            (
-                field("pt_regs", &["si"])?,
-                field("pt_regs", &["orig_ax"])?,
-                true,
-            )
+        // The programs read `si`, `di` and `orig_ax` in one go: peek only where they are
+        // adjacent, as the x86_64 ABI lays them out.
+        let (regs_arg1, peek_regs) = if cfg!(target_arch = "x86_64") {
+            let (si, orig_ax) = (field("pt_regs", &["si"])?, field("pt_regs", &["orig_ax"])?);
+            let adjacent = field("pt_regs", &["di"])? == si + 8 && orig_ax == si + 16;
+            if !adjacent {
+                log::warn!(
+                    "pt_regs keeps si at {si} and orig_ax at {orig_ax}: method and status \
+                     labels are off"
+                );
+            }
+            (si, adjacent)
         } else {
-            (0, 0, false)
+            (0, false)
         };
         Ok(Self {
             sk_family: field("sock_common", &["skc_family"])?,
@@ -370,7 +376,6 @@ impl SocketOffsets {
             sk_protocol: field("sock", &["sk_protocol"])?,
             task_exit_code: field("task_struct", &["exit_code"])?,
             regs_arg1,
-            regs_syscall_nr,
             peek_regs,
         })
     }
@@ -482,7 +487,6 @@ impl Probe {
                 .override_global(names::SK_PROTOCOL_OFFSET, &o.sk_protocol, true)
                 .override_global(names::TASK_EXIT_CODE_OFFSET, &o.task_exit_code, true)
                 .override_global(names::REGS_ARG1_OFFSET, &o.regs_arg1, true)
-                .override_global(names::REGS_SYSCALL_NR_OFFSET, &o.regs_syscall_nr, true)
                 .override_global(names::PEEK_REGS, &peek, true)
                 .override_global(names::ANNOUNCE_LISTEN, &announce_listen, true);
         }
