@@ -240,6 +240,22 @@ fn in_accept(pid: u32) -> bool {
     matches!(in_syscall(pid), Some(n) if n == libc::SYS_accept4 || n == libc::SYS_accept)
 }
 
+/// One connection with 3 requests, then another with 2, each counted for `pid` exactly while
+/// open and after the client closes it; all of them `GET`/`2xx`/`http1`.
+fn two_connections_served_by(fp: &Flyprobe, port: u16, pid: u32) {
+    let mut first = Conn::connect(port).expect("connecting");
+    get_n(&mut first, 3, Some(pid));
+    settle(fp, &only(pid, open(&first, 3)));
+    let mut want = finished(first, 3);
+    settle(fp, &only(pid, want));
+
+    let mut second = Conn::connect(port).expect("connecting");
+    get_n(&mut second, 2, Some(pid));
+    want += finished(second, 2);
+    let m = settle(fp, &only(pid, want));
+    assert_eq!(request_labels(&m), gets(5), "labels\n{}", m.text);
+}
+
 /// Case 1. A keep-alive connection opened, and used for a request, before flyprobe started
 /// is counted from its next request on, for the worker that serves it: accepted once (when
 /// flyprobe first sees it), active while open, every later request and byte each way, and
@@ -300,17 +316,7 @@ fn sockets_from_an_accept_already_blocked_when_flyprobe_attaches_count() {
         "the accept() entered before flyprobe attached is still the one waiting"
     );
 
-    let mut first = Conn::connect(server.port).expect("connecting");
-    get_n(&mut first, 3, Some(pid));
-    settle(&fp, &only(pid, open(&first, 3)));
-    let mut want = finished(first, 3);
-    settle(&fp, &only(pid, want));
-
-    let mut second = Conn::connect(server.port).expect("connecting");
-    get_n(&mut second, 2, Some(pid));
-    want += finished(second, 2);
-    let m = settle(&fp, &only(pid, want));
-    assert_eq!(request_labels(&m), gets(5), "labels\n{}", m.text);
+    two_connections_served_by(&fp, server.port, pid);
     fp.stop();
 }
 
@@ -331,17 +337,7 @@ fn sockets_handed_over_with_scm_rights_count_for_the_process_that_serves_them() 
     quiet(server.port, 0);
     let fp = watch(parent);
 
-    let mut first = Conn::connect(server.port).expect("connecting");
-    get_n(&mut first, 3, Some(worker));
-    settle(&fp, &only(worker, open(&first, 3)));
-    let mut want = finished(first, 3);
-    settle(&fp, &only(worker, want));
-
-    let mut second = Conn::connect(server.port).expect("connecting");
-    get_n(&mut second, 2, Some(worker));
-    want += finished(second, 2);
-    let m = settle(&fp, &only(worker, want));
-    assert_eq!(request_labels(&m), gets(5), "labels\n{}", m.text);
+    two_connections_served_by(&fp, server.port, worker);
     fp.stop();
 }
 
