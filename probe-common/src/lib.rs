@@ -349,6 +349,8 @@ pub mod names {
     pub const PENDING_IO: &str = "PENDING_IO";
     pub const REQS: &str = "REQS";
     pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
+    pub const DROPPED: &str = "DROPPED";
+    pub const PENDING_ACCEPT: &str = "PENDING_ACCEPT";
     pub const ACCESS: &str = "ACCESS";
     /// Non-zero when --access-log is on; records are only built then.
     pub const ACCESS_LOG_ENABLED: &str = "ACCESS_LOG_ENABLED";
@@ -366,7 +368,6 @@ pub mod names {
     pub const SK_NET_OFFSET: &str = "SK_NET_OFFSET";
     pub const NET_INUM_OFFSET: &str = "NET_INUM_OFFSET";
     pub const SK_PROTOCOL_OFFSET: &str = "SK_PROTOCOL_OFFSET";
-    pub const SK_TYPE_OFFSET: &str = "SK_TYPE_OFFSET";
     pub const TASK_EXIT_CODE_OFFSET: &str = "TASK_EXIT_CODE_OFFSET";
     pub const REGS_ARG1_OFFSET: &str = "REGS_ARG1_OFFSET";
     /// Non-zero when the syscall's buffer may be found through the task's saved registers.

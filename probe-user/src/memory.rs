@@ -84,7 +84,7 @@ pub fn bounds(limits: &Limits, pid_slots: u32) -> Vec<MapBound> {
             size_of::<ConnState>(),
         ),
         map(
-            "DROPPED",
+            names::DROPPED,
             Kind::Hash,
             DROPPED_ENTRIES,
             size_of::<ConnKey>(),
@@ -111,7 +111,7 @@ pub fn bounds(limits: &Limits, pid_slots: u32) -> Vec<MapBound> {
             8,
             size_of::<PendingIo>(),
         ),
-        map("PENDING_ACCEPT", Kind::Hash, PENDING_ENTRIES, 8, 8),
+        map(names::PENDING_ACCEPT, Kind::Hash, PENDING_ENTRIES, 8, 8),
         map(
             names::EXITS,
             Kind::Hash,

@@ -341,12 +341,9 @@ fn sockets_handed_over_with_scm_rights_count_for_the_process_that_serves_them() 
     fp.stop();
 }
 
-/// Case 3b. Fork per connection: the parent accepts, forks a child that serves the
-/// connection and exits, and closes its own copy. Each connection and its requests are
-/// counted for the child that served it (and kept after it exits); the parent has none.
-#[test]
-fn sockets_served_by_a_child_forked_per_connection_count_for_that_child() {
-    require_root();
+/// A fork-per-connection server with nothing open and no child left from its readiness
+/// probe; returns it and its (parent) pid.
+fn fork_server() -> (servers::Server, u32) {
     let (server, _) = servers::socket_app("fork", &[]);
     let parent = server.pid();
     quiet(server.port, 0);
@@ -354,6 +351,16 @@ fn sockets_served_by_a_child_forked_per_connection_count_for_that_child() {
         let left = children(parent);
         if left.is_empty() { Ok(()) } else { Err(left) }
     });
+    (server, parent)
+}
+
+/// Case 3b. Fork per connection: the parent accepts, forks a child that serves the
+/// connection and exits, and closes its own copy. Each connection and its requests are
+/// counted for the child that served it (and kept after it exits); the parent has none.
+#[test]
+fn sockets_served_by_a_child_forked_per_connection_count_for_that_child() {
+    require_root();
+    let (server, parent) = fork_server();
     let fp = watch(parent);
 
     let mut first = Conn::connect(server.port).expect("connecting");
@@ -384,13 +391,7 @@ fn sockets_served_by_a_child_forked_per_connection_count_for_that_child() {
 #[test]
 fn sockets_of_a_forked_child_gone_before_the_daemon_saw_it_still_count() {
     require_root();
-    let (server, _) = servers::socket_app("fork", &[]);
-    let parent = server.pid();
-    quiet(server.port, 0);
-    eventually("the readiness probe's child to exit", SETTLE, || {
-        let left = children(parent);
-        if left.is_empty() { Ok(()) } else { Err(left) }
-    });
+    let (server, parent) = fork_server();
     let fp = watch(parent);
 
     // SAFETY: kill(2) on the flyprobe this test started (SIGKILLed on drop, stopped or not).
