@@ -72,8 +72,11 @@ fn try_sock_data(ctx: &RawTracePointContext, direction: u32) -> Result<(), i64> 
     let sk: u64 = ctx.arg(0);
     let ret = ctx.arg::<u64>(1) as i32;
     let flags = ctx.arg::<u64>(2) as i32;
-    // A peek leaves the data to be read again: the real read is the one that counts.
-    if direction == dir::READ && flags & MSG_PEEK != 0 {
+    // Errors (EAGAIN after every batch of an event-loop server's reads) move nothing and
+    // leave before the connection lookup; a worker whose first touch fails takes the
+    // connection at its next read, write or close. A peek leaves the data to be read
+    // again: the real read is the one that counts.
+    if ret < 0 || (direction == dir::READ && flags & MSG_PEEK != 0) {
         return Ok(());
     }
     let state = match CONNS.get_ptr_mut(sk) {
@@ -89,8 +92,8 @@ fn try_sock_data(ctx: &RawTracePointContext, direction: u32) -> Result<(), i64> 
     if state.owner != tgid {
         serve(state, tgid);
     }
-    // Errors (EAGAIN) and EOF (0) move no data and do not turn the connection.
-    if ret <= 0 {
+    // EOF (0) moves no data and does not turn the connection.
+    if ret == 0 {
         return Ok(());
     }
     transfer(tgid, state, direction, ret as i64, user_buffer);
