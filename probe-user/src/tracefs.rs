@@ -19,8 +19,8 @@ pub enum TracefsError {
     #[error("{path} has no events/ directory after mounting tracefs: is CONFIG_FTRACE enabled?")]
     NoEvents { path: PathBuf },
     #[error(
-        "this kernel has no tracepoint {category}:{name} ({path}): flyprobe needs \
-         CONFIG_FTRACE_SYSCALLS and the sched tracepoints"
+        "this kernel has no tracepoint {category}:{name} ({path}){}",
+        missing_hint(category)
     )]
     MissingTracepoint {
         category: String,
@@ -141,6 +141,18 @@ impl Format {
             .filter(|(f, _)| !f.starts_with("common_") && f != "__syscall_nr")
             .map(|(f, off)| (f.as_str(), *off))
             .collect()
+    }
+}
+
+/// What a missing tracepoint's category means for the user.
+fn missing_hint(category: &str) -> &'static str {
+    match category {
+        "sock" => {
+            ": the socket hooks need Linux >= 6.3 (sock:sock_recv_length, sock_send_length); \
+             use --hooks auto or --hooks syscall"
+        }
+        "syscalls" => ": the syscall hooks need a kernel built with CONFIG_FTRACE_SYSCALLS",
+        _ => ": flyprobe needs the sched, signal and sock tracepoints",
     }
 }
 

@@ -216,7 +216,7 @@ http {{
 
 /// The plain TCP echo server built from tests/src/bin.
 pub fn echo_server() -> Server {
-    let (guard, port) = workspace_bin("FLYPROBE_ECHO_SERVER", "flyprobe-echo-server");
+    let (guard, port) = workspace_bin("FLYPROBE_ECHO_SERVER", "flyprobe-echo-server", &[]);
     eventually("the echo server to listen", Duration::from_secs(30), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())
     });
@@ -230,7 +230,7 @@ pub fn echo_server() -> Server {
 /// The io_uring server built from tests/src/bin (one thread, accept/recv/send/close through
 /// the ring).
 pub fn uring_server() -> Server {
-    let (guard, port) = workspace_bin("FLYPROBE_URING_SERVER", "flyprobe-uring-server");
+    let (guard, port) = workspace_bin("FLYPROBE_URING_SERVER", "flyprobe-uring-server", &[]);
     ready(guard, port)
 }
 
@@ -277,17 +277,37 @@ impl Lines {
 
 /// The direct children of `pid`, from /proc.
 pub fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
+    match std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        Ok(list) => list
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+        // A kernel without CONFIG_PROC_CHILDREN: every process's parent, from /proc.
+        Err(_) => procfs::process::all_processes()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.ok()?.stat().ok())
+            .filter(|s| s.ppid == pid as i32)
+            .map(|s| s.pid as u32)
+            .collect(),
+    }
 }
 
 /// The axum server built from tests/src/bin (tokio, 2 threads, one process).
 pub fn rust_server() -> Server {
-    let (guard, port) = workspace_bin("FLYPROBE_TEST_SERVER", "flyprobe-test-server");
+    let (guard, port) = workspace_bin("FLYPROBE_TEST_SERVER", "flyprobe-test-server", &[]);
     ready(guard, port)
+}
+
+/// The axum server with extra arguments (`--workers N`: a pre-fork parent and N workers,
+/// all of them forked before this returns).
+pub fn rust_server_with(extra: &[&str], workers: u32) -> Server {
+    let (guard, port) = workspace_bin("FLYPROBE_TEST_SERVER", "flyprobe-test-server", extra);
+    let server = ready(guard, port);
+    if workers > 0 {
+        all_forked(&server, workers, "");
+    }
+    server
 }
 
 /// The axum server on `port`, with `prepare` applied to its command (a cgroup, a netns), not
@@ -308,10 +328,15 @@ pub fn rust_server_unprobed(port: u16, prepare: impl FnOnce(&mut Command)) -> Se
 }
 
 /// A server binary built from tests/src/bin (path from `var`), on a free port.
-fn workspace_bin(var: &str, name: &str) -> (Guard, u16) {
+fn workspace_bin(var: &str, name: &str, extra: &[&str]) -> (Guard, u16) {
     let port = free_port();
     let bin = artifact(var, workspace().join("target/release").join(name));
-    let guard = Guard::spawn(name, Command::new(bin).args(["--port", &port.to_string()]));
+    let guard = Guard::spawn(
+        name,
+        Command::new(bin)
+            .args(["--port", &port.to_string()])
+            .args(extra),
+    );
     (guard, port)
 }
 

@@ -6,6 +6,7 @@ mod cmd;
 mod demo;
 mod setup;
 mod test;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -28,6 +29,9 @@ enum Task {
     Test(test::TestArgs),
     /// Set up, build, then measure flyprobe's overhead side by side (see README, Benchmarks).
     Bench(bench::BenchArgs),
+    /// Boot Debian's 6.1 and 6.12 kernels under QEMU and run the guest suite on each (see
+    /// README, Kernels).
+    VmTest(vm::VmArgs),
 }
 
 fn main() {
@@ -37,6 +41,7 @@ fn main() {
         Task::Demo(args) => setup_all().and_then(|()| demo::run(&args)),
         Task::Test(args) => setup_all().and_then(|()| test::run_all(&args)),
         Task::Bench(args) => setup_all().and_then(|()| bench::run(&args)),
+        Task::VmTest(args) => setup_all().and_then(|()| vm::run_all(&args)),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

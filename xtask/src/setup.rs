@@ -114,7 +114,12 @@ const DEBIAN: &[(&str, &str)] = &[
 ];
 
 pub fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN
+    install_debian(DEBIAN)
+}
+
+/// Install the packages of `wanted` whose binary is missing.
+pub fn install_debian(wanted: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = wanted
         .iter()
         .filter(|(bin, _)| which::which(bin).is_err() && !Path::new("/usr/sbin").join(bin).exists())
         .map(|(_, pkg)| *pkg)
@@ -124,7 +129,7 @@ pub fn debian_packages() -> Result<()> {
     if missing.is_empty() {
         eprintln!(
             "ok: {} installed",
-            DEBIAN
+            wanted
                 .iter()
                 .map(|(b, _)| *b)
                 .collect::<Vec<_>>()

@@ -1,7 +1,8 @@
 //! A Rust (tokio + axum/hyper) server for the end-to-end tests, with the same routes as
 //! tests/apps/app.py: any method on `/`, `/redirect` (302), `/error` (500), `POST /echo`,
 //! `/slow?ms=N`, `/big?kb=N`, 404 otherwise. Every response names the serving process in
-//! `x-worker-pid`.
+//! `x-worker-pid`. `--workers N` makes it a pre-fork server: the parent binds, forks N
+//! workers that serve the shared listener, and forks a new one for each that dies.
 
 use std::time::Duration;
 
@@ -26,17 +27,54 @@ struct Big {
 }
 
 fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let port: u16 = match (args.next().as_deref(), args.next()) {
-        (Some("--port"), Some(p)) => p.parse()?,
-        _ => anyhow::bail!("usage: flyprobe-test-server --port PORT"),
+    let usage = "usage: flyprobe-test-server --port PORT [--workers N]";
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (mut port, mut workers) = (None, 0u32);
+    for pair in args.chunks(2) {
+        match pair {
+            [flag, v] if flag == "--port" => port = Some(v.parse::<u16>()?),
+            [flag, v] if flag == "--workers" => workers = v.parse()?,
+            _ => anyhow::bail!(usage),
+        }
+    }
+    let Some(port) = port else {
+        anyhow::bail!(usage)
     };
     raise_fd_limit();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
+    if workers == 0 {
+        return run(listener);
+    }
+    // Fork before any runtime exists: a forked tokio runtime is not usable.
+    let mut alive = 0;
+    loop {
+        while alive < workers {
+            // SAFETY: single-threaded here; the child only builds a fresh runtime.
+            match unsafe { libc::fork() } {
+                0 => {
+                    // SAFETY: the worker dies with the parent (the harness kills the group
+                    // too; this covers a parent killed alone).
+                    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+                    return run(listener);
+                }
+                -1 => anyhow::bail!("fork: {}", std::io::Error::last_os_error()),
+                _ => alive += 1,
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waiting for any of our own children.
+        if unsafe { libc::wait(&mut status) } > 0 {
+            alive -= 1;
+        }
+    }
+}
+
+fn run(listener: std::net::TcpListener) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(serve(port))
+        .block_on(serve(listener))
 }
 
 /// The benchmark holds 10,000 idle connections: allow as many fds as the hard limit.
@@ -54,7 +92,7 @@ fn raise_fd_limit() {
     }
 }
 
-async fn serve(port: u16) -> anyhow::Result<()> {
+async fn serve(listener: std::net::TcpListener) -> anyhow::Result<()> {
     let pid = HeaderValue::from(std::process::id());
     let app = Router::new()
         // Read the body even when unused: hyper closes a keep-alive connection whose
@@ -102,7 +140,8 @@ async fn serve(port: u16) -> anyhow::Result<()> {
                 resp
             }
         }));
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     axum::serve(listener, app).await?;
     Ok(())
 }

@@ -1,0 +1,330 @@
+//! The guest suite of `cargo xtask vm-test`: runs inside a QEMU guest booted on another
+//! kernel (its initramfs carries flyprobe, this binary, the workspace's Rust server and
+//! Debian's nginx). For each hook set it is told to try it starts flyprobe watching a
+//! 2-worker Rust server and a 2-worker nginx, sends known traffic, and checks the counts
+//! against what it sent, the lifecycle of a SIGKILLed worker, and a clean stop. Hook sets the
+//! kernel must refuse are checked for a one-line error and a non-zero exit.
+//!
+//! Output, one line each on stdout (the serial console): `VMSUITE check SET NAME PASS|FAIL
+//! DETAIL`, `VMSUITE hooks SET CHOSEN PROGRAMS`, and last `VMSUITE done PASS|FAIL`.
+//!
+//! usage: flyprobe-vm-suite --auto EXPECTED [--set SET]... [--refuse SET]...
+
+use std::{
+    collections::BTreeMap,
+    panic::{AssertUnwindSafe, catch_unwind},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use flyprobe_tests::{
+    client::Conn,
+    flyprobe::{self, Flyprobe, Metrics},
+    servers::{self, Server},
+};
+
+/// Everything is emulated (TCG): generous, but a hang still ends.
+const SETTLE: Duration = Duration::from_secs(90);
+
+struct Args {
+    auto: String,
+    sets: Vec<String>,
+    refuse: Vec<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let usage = "usage: flyprobe-vm-suite --auto EXPECTED [--set SET]... [--refuse SET]...";
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut args = Args {
+        auto: String::new(),
+        sets: Vec::new(),
+        refuse: Vec::new(),
+    };
+    for pair in argv.chunks(2) {
+        match pair {
+            [flag, v] if flag == "--auto" => args.auto = v.clone(),
+            [flag, v] if flag == "--set" => args.sets.push(v.clone()),
+            [flag, v] if flag == "--refuse" => args.refuse.push(v.clone()),
+            _ => return Err(usage.into()),
+        }
+    }
+    if args.auto.is_empty() {
+        return Err(usage.into());
+    }
+    Ok(args)
+}
+
+struct Suite {
+    failed: usize,
+}
+
+impl Suite {
+    /// Run one check; a panic in it (the harness's helpers panic with what they saw) is a
+    /// failure with that message.
+    fn check(&mut self, set: &str, name: &str, f: impl FnOnce() -> Result<String, String>) {
+        let outcome = catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+            Err(panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panicked".into()))
+        });
+        let (verdict, detail) = match outcome {
+            Ok(detail) => ("PASS", detail),
+            Err(detail) => {
+                self.failed += 1;
+                ("FAIL", detail)
+            }
+        };
+        // One line per check: the host parses these.
+        let detail = detail.replace('\n', " | ");
+        println!("VMSUITE check {set} {name} {verdict} {detail}");
+    }
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(usage) => {
+            eprintln!("{usage}");
+            std::process::exit(2);
+        }
+    };
+    let mut suite = Suite { failed: 0 };
+    let mut first = true;
+    for set in &args.sets {
+        let expected = if set == "auto" { &args.auto } else { set };
+        run_set(&mut suite, set, expected, first);
+        first = false;
+    }
+    for set in &args.refuse {
+        suite.check(set, "refused", || refused(set));
+    }
+    let verdict = if suite.failed == 0 { "PASS" } else { "FAIL" };
+    println!("VMSUITE done {verdict}");
+}
+
+fn tracefs_mounted() -> bool {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("tracefs"))
+}
+
+fn run_set(suite: &mut Suite, set: &str, expected: &str, first: bool) {
+    let before = tracefs_mounted();
+    let rust = servers::rust_server_with(&["--workers", "2"], 2);
+    let nginx = servers::nginx(rust.port);
+    let fp = match catch_unwind(|| {
+        Flyprobe::start(&[
+            "--hooks",
+            set,
+            "--pid-tree",
+            &rust.pid().to_string(),
+            "--pid-tree",
+            &nginx.pid().to_string(),
+        ])
+    }) {
+        Ok(fp) => fp,
+        Err(_) => {
+            suite.check(set, "starts", || Err("flyprobe did not start".into()));
+            return;
+        }
+    };
+    if first {
+        suite.check(set, "mounts-tracefs", || {
+            if !before && tracefs_mounted() {
+                Ok("tracefs was not mounted; flyprobe mounted it".into())
+            } else {
+                Err(format!(
+                    "tracefs mounted before flyprobe: {before}, after: {}",
+                    tracefs_mounted()
+                ))
+            }
+        });
+    }
+    suite.check(set, "hook-set", || {
+        let log = fp.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("attached") && l.contains("programs"))
+            .ok_or_else(|| format!("no 'attached' line in the log:\n{log}"))?;
+        // "attached N programs (SET hooks) to M tracepoints; ..."
+        let programs = line
+            .split("attached ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or("?");
+        println!("VMSUITE hooks {set} {expected} {programs}");
+        let want = format!("({expected} hooks)");
+        let m = fp.scrape();
+        let info = m.get("flyprobe_build_info", &[("hooks", expected)]);
+        if line.contains(&want) && info == Some(1.0) {
+            Ok(format!("{expected}, {programs} programs"))
+        } else {
+            Err(format!("wanted {want}: {line}; build_info {info:?}"))
+        }
+    });
+    for (server, s) in [("flyprobe-test-server", &rust), ("nginx", &nginx)] {
+        suite.check(set, &format!("{server}-workers"), || {
+            let m = settle(&fp, "2 workers", |m| {
+                (gauge(m, "server_workers", server) == 2).then_some(())
+            });
+            Ok(format!("{} worker series", worker_pids(&m, server).len()))
+        });
+        suite.check(set, &format!("{server}-exact"), || {
+            exact(&fp, server, s.port)
+        });
+        suite.check(set, &format!("{server}-sigkill"), || {
+            sigkill(&fp, server, s)
+        });
+    }
+    suite.check(set, "stops", || {
+        let log = fp.stop();
+        Ok(log.lines().last().unwrap_or("").to_string())
+    });
+}
+
+/// Three keep-alive connections with a known mix of methods and statuses: every count equal
+/// to what was sent.
+fn exact(fp: &Flyprobe, server: &str, port: u16) -> Result<String, String> {
+    let base = fp.scrape();
+    let mut sent: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let plan = [
+        ("POST", "/echo", 1),
+        ("GET", "/", 4),
+        ("GET", "/missing", 2),
+        ("GET", "/error", 1),
+    ];
+    let mut total = 0;
+    for _ in 0..3 {
+        let mut conn = Conn::connect(port).map_err(|e| e.to_string())?;
+        for (method, path, n) in plan {
+            for _ in 0..n {
+                let resp = if method == "GET" {
+                    conn.get(path)
+                } else {
+                    conn.send(method, path, b"hello")
+                }
+                .map_err(|e| format!("{method} {path}: {e}"))?;
+                let class = format!("{}xx", resp.status / 100);
+                *sent.entry((method.into(), class)).or_default() += 1;
+                total += 1;
+            }
+        }
+        conn.close();
+    }
+    let counted = |m: &Metrics| {
+        let mut by: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for (labels, v) in m.series("server_requests_total", &[("server", server)]) {
+            *by.entry((labels["method"].clone(), labels["status"].clone()))
+                .or_default() += v as u64;
+        }
+        by
+    };
+    let was = counted(&base);
+    let accepted0 = base.total("server_connections_accepted_total", &[("server", server)]);
+    settle(fp, "the traffic", |m| {
+        let mut now = counted(m);
+        for (k, v) in &was {
+            *now.entry(k.clone()).or_default() -= v;
+        }
+        now.retain(|_, n| *n > 0);
+        let accepted = m.total("server_connections_accepted_total", &[("server", server)]);
+        (now == sent
+            && accepted - accepted0 == 3
+            && m.total("server_active_connections", &[("server", server)]) == 0
+            && m.total("server_in_flight_requests", &[("server", server)]) == 0)
+            .then_some(())
+    });
+    Ok(format!("{total} requests on 3 connections: {sent:?}"))
+}
+
+/// SIGKILL one worker: reported stopped by SIGKILL, its replacement started.
+fn sigkill(fp: &Flyprobe, server: &str, s: &Server) -> Result<String, String> {
+    let m = fp.scrape();
+    let started = m
+        .get("server_started_total", &[("server", server)])
+        .unwrap_or(0.0) as u64;
+    let killed = m
+        .get(
+            "server_stopped_total",
+            &[("server", server), ("reason", "signal_SIGKILL")],
+        )
+        .unwrap_or(0.0) as u64;
+    let victim = *worker_pids(&m, server)
+        .iter()
+        .next()
+        .ok_or("no worker to kill")?;
+    if servers::children(s.pid()).iter().all(|c| *c != victim) {
+        return Err(format!("{victim} is not a child of {}", s.pid()));
+    }
+    // SAFETY: kill(2) on a worker of a server this suite started.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    settle(fp, "the kill and the respawn", |m| {
+        let now_started = m
+            .get("server_started_total", &[("server", server)])
+            .unwrap_or(0.0) as u64;
+        let now_killed = m
+            .get(
+                "server_stopped_total",
+                &[("server", server), ("reason", "signal_SIGKILL")],
+            )
+            .unwrap_or(0.0) as u64;
+        let pids = worker_pids(m, server);
+        (now_killed == killed + 1
+            && now_started == started + 1
+            && gauge(m, "server_workers", server) == 2
+            && !pids.contains(&victim))
+        .then_some(())
+    });
+    Ok(format!(
+        "worker {victim}: stopped signal_SIGKILL, one started"
+    ))
+}
+
+/// A hook set this kernel lacks: one error line naming it, a non-zero exit.
+fn refused(set: &str) -> Result<String, String> {
+    let out = Command::new(flyprobe::bin())
+        .args(["--hooks", set, "--pid-tree", "1", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("flyprobe: error"))
+        .collect();
+    match (out.status.code(), errors.as_slice()) {
+        (Some(code), [line]) if code != 0 && line.contains(set) => {
+            Ok(format!("exit {code}: {line}"))
+        }
+        _ => Err(format!("exit {:?}, stderr: {stderr}", out.status.code())),
+    }
+}
+
+fn gauge(m: &Metrics, name: &str, server: &str) -> u64 {
+    m.get(name, &[("server", server)]).unwrap_or(-1.0) as u64
+}
+
+fn worker_pids(m: &Metrics, server: &str) -> std::collections::BTreeSet<u32> {
+    m.series("server_worker_info", &[("server", server)])
+        .into_iter()
+        .filter_map(|(labels, _)| labels.get("pid")?.parse().ok())
+        .collect()
+}
+
+/// Scrape until `ok` holds (or fail after SETTLE with the last scrape).
+fn settle<T>(fp: &Flyprobe, what: &str, ok: impl Fn(&Metrics) -> Option<T>) -> Metrics {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let m = fp.scrape();
+        if ok(&m).is_some() {
+            return m;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out waiting for {what}; last scrape:\n{}", m.text);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
