@@ -374,6 +374,13 @@ pub mod names {
     pub const PEEK_REGS: &str = "PEEK_REGS";
     /// Non-zero when untracked processes' listen() is announced (node-wide selectors).
     pub const ANNOUNCE_LISTEN: &str = "ANNOUNCE_LISTEN";
+    /// The fentry set's `struct msghdr` / `struct iov_iter` reads, from BTF.
+    pub const MSG_ITER_OFFSET: &str = "MSG_ITER_OFFSET";
+    pub const ITER_TYPE_OFFSET: &str = "ITER_TYPE_OFFSET";
+    pub const ITER_OFFSET_OFFSET: &str = "ITER_OFFSET_OFFSET";
+    pub const ITER_PTR_OFFSET: &str = "ITER_PTR_OFFSET";
+    pub const ITER_UBUF: &str = "ITER_UBUF";
+    pub const ITER_IOVEC: &str = "ITER_IOVEC";
 }
 
 /// Where syscall tracepoint records keep their arguments and return value (a stable ABI:

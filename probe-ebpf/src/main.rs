@@ -1,7 +1,9 @@
-//! flyprobe's kernel programs: tracepoints only (no kprobes, no fentry). Two hook sets share
-//! the request logic; the daemon attaches one:
-//! - socket (Linux >= 6.3, the default): `sockets`, raw tracepoints on the socket layer,
-//!   connections keyed by the kernel socket;
+//! flyprobe's kernel programs (no kprobes). Three hook sets share the request logic; the
+//! daemon attaches one:
+//! - fentry (where the kernel allows BPF trampolines): `tcp_calls`, fexit on tcp_recvmsg and
+//!   tcp_sendmsg, with the socket set's connection programs;
+//! - socket (Linux >= 6.3): `sockets`, raw tracepoints on the socket layer, connections
+//!   keyed by the kernel socket;
 //! - syscall (the fallback): `connections` (accept/close) and `io` (the read and write
 //!   syscall families), connections keyed by (process, fd).
 //!
@@ -21,6 +23,7 @@ mod maps;
 mod record;
 mod requests;
 mod sockets;
+mod tcp_calls;
 
 /// Does nothing: `cargo xtask bench` attaches it beside the real programs (hidden flag
 /// `--calibration-probe`) to measure what an empty program costs on this machine, the floor

@@ -44,6 +44,23 @@ pub static TASK_EXIT_CODE_OFFSET: Global<u32> = Global::new(0);
 pub static REGS_ARG1_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static PEEK_REGS: Global<u32> = Global::new(0);
+
+// The fentry set's iterator reads: `msghdr.msg_iter`, `iov_iter.{iter_type, iov_offset}`, the
+// union holding `ubuf` and the iovec pointer, and the `enum iter_type` values (they changed
+// order in 6.x), all from BTF.
+#[unsafe(no_mangle)]
+pub static MSG_ITER_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static ITER_TYPE_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static ITER_OFFSET_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static ITER_PTR_OFFSET: Global<u32> = Global::new(0);
+/// Never a real `iter_type` until the daemon sets it.
+#[unsafe(no_mangle)]
+pub static ITER_UBUF: Global<u32> = Global::new(255);
+#[unsafe(no_mangle)]
+pub static ITER_IOVEC: Global<u32> = Global::new(255);
 #[unsafe(no_mangle)]
 pub static ANNOUNCE_LISTEN: Global<u32> = Global::new(0);
 

@@ -64,26 +64,35 @@ pub fn sock_send(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn try_sock_data(ctx: &RawTracePointContext, direction: u32) -> Result<(), i64> {
-    let (_, tgid, _) = current();
-    // Untracked processes leave after one array load.
-    if !is_target(tgid) {
-        return Ok(());
-    }
     let sk: u64 = ctx.arg(0);
     let ret = ctx.arg::<u64>(1) as i32;
     let flags = ctx.arg::<u64>(2) as i32;
+    sock_data(sk, ret, flags, direction, user_buffer);
+    Ok(())
+}
+
+/// `ret` bytes (or an error) moved on socket `sk` by the current process: the data path both
+/// socket-layer hook sets share (the tracepoints here, the fexit programs of `tcp_calls`).
+/// `buffer` finds the data's first bytes when they must be peeked at.
+#[inline(always)]
+pub fn sock_data(sk: u64, ret: i32, flags: i32, direction: u32, buffer: impl Fn() -> (u32, u64)) {
+    let (_, tgid, _) = current();
+    // Untracked processes leave after one array load.
+    if !is_target(tgid) {
+        return;
+    }
     // Errors (EAGAIN after every batch of an event-loop server's reads) move nothing and
     // leave before the connection lookup; a worker whose first touch fails takes the
     // connection at its next read, write or close. A peek leaves the data to be read
     // again: the real read is the one that counts.
     if ret < 0 || (direction == dir::READ && flags & MSG_PEEK != 0) {
-        return Ok(());
+        return;
     }
     let state = match CONNS.get_ptr_mut(sk) {
         Some(state) => state,
         None => match adopt(sk) {
             Some(state) => state,
-            None => return Ok(()),
+            None => return,
         },
     };
     // SAFETY: the entry stays valid for this program's run (RCU); a connection is driven by
@@ -94,10 +103,9 @@ fn try_sock_data(ctx: &RawTracePointContext, direction: u32) -> Result<(), i64> 
     }
     // EOF (0) moves no data and does not turn the connection.
     if ret == 0 {
-        return Ok(());
+        return;
     }
-    transfer(tgid, state, direction, ret as i64, user_buffer);
-    Ok(())
+    transfer(tgid, state, direction, ret as i64, buffer);
 }
 
 /// `tgid` serves the connection from now on: a queued one is accepted; one another watched

@@ -1,7 +1,8 @@
 //! Field offsets of kernel structs from the running kernel's BTF (`/sys/kernel/btf/vmlinux`).
 //! Rust eBPF programs carry no CO-RE relocations, so the daemon looks the offsets up here and
 //! hands them to the programs as load-time constants. Only what that needs is parsed: the
-//! type section's structs and unions, their members, and the modifiers in between.
+//! type section's structs and unions, their members, and the modifiers in between; enums'
+//! values; functions and the number of their parameters.
 
 use std::{borrow::Cow, path::Path};
 
@@ -26,6 +27,8 @@ pub enum BtfError {
     NoField { ty: String, path: String },
     #[error("field {path} of struct {ty} is a bitfield")]
     Bitfield { ty: String, path: String },
+    #[error("the kernel's BTF has no value {value} in enum {ty}")]
+    NoEnumValue { ty: String, value: String },
 }
 
 const MAGIC: u16 = 0xeb9f;
@@ -37,6 +40,7 @@ const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_ENUM: u32 = 6;
 const KIND_TYPEDEF: u32 = 8;
+const KIND_FUNC: u32 = 12;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
@@ -64,6 +68,10 @@ struct Type {
     /// Size in bytes (int, struct, union, enum) or the referenced type (modifiers, pointers).
     size_or_type: u32,
     members: Vec<Member>,
+    /// An enum's (name, value) pairs.
+    values: Vec<(u32, i64)>,
+    /// A function prototype's parameter names.
+    params: Vec<u32>,
 }
 
 pub struct Btf {
@@ -114,6 +122,8 @@ impl Btf {
             kind: 0,
             size_or_type: 0,
             members: Vec::new(),
+            values: Vec::new(),
+            params: Vec::new(),
         }];
         let mut off = type_off;
         while off < end {
@@ -125,6 +135,8 @@ impl Btf {
             let vlen = (info & 0xffff) as usize;
             let kind_flag = info >> 31 == 1;
             let mut members = Vec::new();
+            let mut values = Vec::new();
+            let mut params = Vec::new();
             match kind {
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => off += 4,
                 KIND_ARRAY => off += 12,
@@ -146,8 +158,28 @@ impl Btf {
                     }
                     off += vlen * 12;
                 }
-                KIND_ENUM | KIND_FUNC_PROTO => off += vlen * 8,
-                KIND_DATASEC | KIND_ENUM64 => off += vlen * 12,
+                KIND_ENUM => {
+                    for i in 0..vlen {
+                        let m = off + i * 8;
+                        values.push((u32_at(m)?, i64::from(u32_at(m + 4)? as i32)));
+                    }
+                    off += vlen * 8;
+                }
+                KIND_FUNC_PROTO => {
+                    for i in 0..vlen {
+                        params.push(u32_at(off + i * 8)?);
+                    }
+                    off += vlen * 8;
+                }
+                KIND_ENUM64 => {
+                    for i in 0..vlen {
+                        let m = off + i * 12;
+                        let value = u64::from(u32_at(m + 4)?) | (u64::from(u32_at(m + 8)?) << 32);
+                        values.push((u32_at(m)?, value as i64));
+                    }
+                    off += vlen * 12;
+                }
+                KIND_DATASEC => off += vlen * 12,
                 0 | 20.. => return Err(BtfError::Malformed("unknown type kind")),
                 _ => {}
             }
@@ -156,6 +188,8 @@ impl Btf {
                 kind,
                 size_or_type,
                 members,
+                values,
+                params,
             });
         }
         Ok(Self { types, strings })
@@ -219,6 +253,36 @@ impl Btf {
         Ok(bits / 8)
     }
 
+    /// The value of `value` in `enum ty`.
+    pub fn enum_value(&self, ty: &str, value: &str) -> Result<i64, BtfError> {
+        self.types
+            .iter()
+            .filter(|t| (t.kind == KIND_ENUM || t.kind == KIND_ENUM64) && self.name(t.name) == ty)
+            .flat_map(|t| t.values.iter())
+            .find(|(name, _)| self.name(*name) == value)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| BtfError::NoEnumValue {
+                ty: ty.into(),
+                value: value.into(),
+            })
+    }
+
+    /// The parameter names of kernel function `name`, if the kernel's BTF has it.
+    pub fn function_params(&self, name: &str) -> Option<Vec<String>> {
+        let func = self
+            .types
+            .iter()
+            .find(|t| t.kind == KIND_FUNC && self.name(t.name) == name)?;
+        let proto = self.types.get(func.size_or_type as usize)?;
+        (proto.kind == KIND_FUNC_PROTO).then(|| {
+            proto
+                .params
+                .iter()
+                .map(|p| self.name(*p).into_owned())
+                .collect()
+        })
+    }
+
     /// `name` among `ty`'s members, or inside its anonymous ones: (bit offset, member).
     /// Nesting is bounded: malformed BTF that names a struct inside itself ends the search.
     fn find_member<'a>(
@@ -250,9 +314,10 @@ mod tests {
     use super::*;
 
     /// A BTF blob with: int (id 1), struct inner { int a; int b; } (id 2),
-    /// struct outer { int x; union { struct inner in; int y; }; } (ids 3, 4).
+    /// struct outer { int x; union { struct inner in; int y; }; } (ids 3, 4),
+    /// enum kind { K_A = 0, K_B = 7 } (id 5), int f(int, int) (ids 6, 7).
     fn blob() -> Vec<u8> {
-        let strings = b"\0int\0inner\0a\0b\0outer\0x\0in\0y\0".to_vec();
+        let strings = b"\0int\0inner\0a\0b\0outer\0x\0in\0y\0kind\0K_A\0K_B\0f\0p\0q\0".to_vec();
         let at = |s: &str| {
             let needle = format!("\0{s}\0");
             strings
@@ -270,6 +335,11 @@ mod tests {
         push(&[at("in"), 2, 0, at("y"), 1, 0]);
         push(&[at("outer"), (KIND_STRUCT << 24) | 2, 12]);
         push(&[at("x"), 1, 0, 0, 3, 32]);
+        push(&[at("kind"), (KIND_ENUM << 24) | 2, 4]);
+        push(&[at("K_A"), 0, at("K_B"), 7]);
+        push(&[0, (KIND_FUNC_PROTO << 24) | 2, 1]);
+        push(&[at("p"), 1, at("q"), 1]);
+        push(&[at("f"), KIND_FUNC << 24, 6]);
         let mut out = Vec::new();
         for w in [
             0x0001_eb9fu32,
@@ -303,6 +373,16 @@ mod tests {
     }
 
     #[test]
+    fn finds_enum_values_and_function_parameters() {
+        let btf = Btf::parse(&blob()).unwrap();
+        assert_eq!(btf.enum_value("kind", "K_A").unwrap(), 0);
+        assert_eq!(btf.enum_value("kind", "K_B").unwrap(), 7);
+        assert!(btf.enum_value("kind", "K_C").is_err());
+        assert_eq!(btf.function_params("f").unwrap(), ["p", "q"]);
+        assert_eq!(btf.function_params("g"), None);
+    }
+
+    #[test]
     fn rejects_what_is_not_btf() {
         assert!(Btf::parse(b"\x7fELF....").is_err());
         assert!(Btf::parse(&[]).is_err());
@@ -325,5 +405,19 @@ mod tests {
         let num = btf.offset_of("sock_common", &["skc_num"]).unwrap();
         assert!(family < 64 && num < 64, "{family} {num}");
         btf.offset_of("task_struct", &["exit_code"]).unwrap();
+        // The fentry set's functions and iterator.
+        // tcp_recvmsg lost its addr_len parameter in 6.16; flags stays fourth.
+        let recv = btf.function_params("tcp_recvmsg").unwrap();
+        assert_eq!(recv[..4], ["sk", "msg", "len", "flags"]);
+        assert_eq!(
+            btf.function_params("tcp_sendmsg").unwrap(),
+            ["sk", "msg", "size"]
+        );
+        btf.enum_value("iter_type", "ITER_UBUF").unwrap();
+        btf.enum_value("iter_type", "ITER_IOVEC").unwrap();
+        assert_eq!(
+            btf.offset_of("iov_iter", &["ubuf"]).unwrap(),
+            btf.offset_of("iov_iter", &["__iov"]).unwrap()
+        );
     }
 }

@@ -77,13 +77,16 @@ pub struct Cli {
     #[arg(long = "web.config.file", value_name = "FILE")]
     pub web_config: Option<PathBuf>,
 
-    /// Which kernel hooks carry connections and requests: `socket` (raw socket tracepoints,
-    /// Linux >= 6.3: nothing on the syscall path), `syscall` (syscall tracepoints: every
-    /// syscall on the node pays while attached), or `auto` (socket where the kernel has it).
+    /// Which kernel hooks carry connections and requests: `fentry` (fexit on tcp_recvmsg and
+    /// tcp_sendmsg, where the kernel allows BPF trampolines), `socket` (raw socket
+    /// tracepoints, Linux >= 6.3), both with nothing on the syscall path; `syscall` (syscall
+    /// tracepoints: every syscall on the node pays while attached); or `auto` (the first of
+    /// fentry, socket, syscall that works here).
     #[arg(long, value_enum, value_name = "SET", default_value_t = Hooks::Auto)]
     pub hooks: Hooks,
 
-    /// Attach only empty programs on the socket hooks' events (the benchmark's cost floor).
+    /// Attach only empty programs on the fentry or socket hooks' events (the benchmark's cost
+    /// floor).
     #[arg(long, hide = true)]
     pub empty_hooks: bool,
 
@@ -113,6 +116,7 @@ pub struct Cli {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Hooks {
     Auto,
+    Fentry,
     Socket,
     Syscall,
 }

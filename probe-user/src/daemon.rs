@@ -112,7 +112,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     log::info!(
-        "attached {} programs ({} hooks) to {} tracepoints; tracking {seeded} processes",
+        "attached {} programs ({} hooks) to {} tracepoints and kernel functions; tracking \
+         {seeded} processes",
         probe.program_count(),
         probe.hooks.name(),
         probe.links,
@@ -243,8 +244,8 @@ async fn serve(
     Ok(())
 }
 
-/// Load and attach the hook set `--hooks` asks for. `auto` takes the socket hooks where the
-/// kernel has them and they pass their self-test, else the syscall hooks, and says why.
+/// Load and attach the hook set `--hooks` asks for. `auto` takes the first of fentry, socket
+/// that the kernel has and that passes its self-test, else the syscall hooks, and says why.
 fn attach(
     cli: &Cli,
     options: impl Fn(HookSet) -> Options,
@@ -255,43 +256,53 @@ fn attach(
         let (maps, rings) = probe.take_maps().context("opening the probe's maps")?;
         Ok((probe, maps, rings))
     };
-    let socket = match cli.hooks {
+    // A socket-keyed set: what the kernel must have, then a load, then the self-test.
+    let socket_keyed = |set: HookSet| -> anyhow::Result<(Probe, KernelMaps, Rings)> {
+        let (probe, mut maps, rings) = match set {
+            HookSet::Fentry => SocketOffsets::probe_fentry(&cli.tracefs).map(|_| ()),
+            _ => SocketOffsets::probe(&cli.tracefs).map(|_| ()),
+        }
+        .map_err(anyhow::Error::new)
+        .and_then(|()| load(set))?;
+        if cli.empty_hooks {
+            log::info!(
+                "hooks: empty programs on the {} set's events only (--empty-hooks)",
+                set.name()
+            );
+            return Ok((probe, maps, rings));
+        }
+        selftest::run(&mut maps).context("the self-test failed")?;
+        let how = match set {
+            HookSet::Fentry => "fexit on tcp_recvmsg and tcp_sendmsg",
+            _ => "raw socket tracepoints",
+        };
+        log::info!(
+            "hooks: {} ({how}; self-test passed: one loopback GET seen with its method and \
+             status)",
+            set.name()
+        );
+        Ok((probe, maps, rings))
+    };
+    match cli.hooks {
         Hooks::Syscall => {
             log::info!("hooks: syscall (--hooks syscall)");
-            return load(HookSet::Syscall);
-        }
-        Hooks::Socket => {
-            SocketOffsets::probe(&cli.tracefs).context("--hooks socket")?;
-            load(HookSet::Socket)
-        }
-        Hooks::Auto => match SocketOffsets::probe(&cli.tracefs) {
-            Ok(_) => load(HookSet::Socket),
-            Err(err) => {
-                log::info!("hooks: syscall (the socket hooks need Linux >= 6.3 with BTF: {err})");
-                return load(HookSet::Syscall);
-            }
-        },
-    };
-    let (probe, mut maps, rings) = socket?;
-    if cli.empty_hooks {
-        log::info!("hooks: empty programs on the socket events only (--empty-hooks)");
-        return Ok((probe, maps, rings));
-    }
-    match selftest::run(&mut maps) {
-        Ok(()) => {
-            log::info!(
-                "hooks: socket (raw socket tracepoints; self-test passed: one loopback GET \
-                 seen with its method and status)"
-            );
-            Ok((probe, maps, rings))
-        }
-        Err(err) if cli.hooks == Hooks::Auto => {
-            log::warn!("the socket hooks failed their self-test ({err}): using the syscall hooks");
-            drop((probe, maps, rings));
             load(HookSet::Syscall)
         }
-        Err(err) => Err(anyhow::Error::new(err)
-            .context("--hooks socket: the self-test failed; run with --hooks syscall")),
+        Hooks::Fentry => socket_keyed(HookSet::Fentry).context(
+            "--hooks fentry (use --hooks auto to fall back to the socket or syscall hooks)",
+        ),
+        Hooks::Socket => socket_keyed(HookSet::Socket)
+            .context("--hooks socket (use --hooks auto to fall back to the syscall hooks)"),
+        Hooks::Auto => {
+            for set in [HookSet::Fentry, HookSet::Socket] {
+                match socket_keyed(set) {
+                    Ok(attached) => return Ok(attached),
+                    Err(err) => log::info!("hooks: not {} ({err:#})", set.name()),
+                }
+            }
+            log::info!("hooks: syscall (neither the fentry nor the socket hooks work here)");
+            load(HookSet::Syscall)
+        }
     }
 }
 

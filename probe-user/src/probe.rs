@@ -6,7 +6,7 @@ use std::path::Path;
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{MapData, MapError, RingBuf},
-    programs::{ProgramError, RawTracePoint, TracePoint},
+    programs::{FExit as FExitProgram, ProgramError, RawTracePoint, TracePoint},
 };
 use probe_common::{names, syscall_layout};
 use thiserror::Error;
@@ -20,24 +20,58 @@ use crate::{
 pub(crate) static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flyprobe"));
 
-/// A program and the tracepoints it serves. Syscall families share one program each: their
+/// A program and the events it serves. Syscall families share one program each: their
 /// records agree on where the first argument and the return value are (checked at attach).
 struct Hook {
     program: &'static str,
     /// The tracefs category (raw tracepoints are attached by event name alone; the category
-    /// says where to check that the event exists).
+    /// says where to check that the event exists); "" for fexit programs.
     category: &'static str,
+    /// Tracepoints, or for an fexit program its kernel function.
     tracepoints: &'static [&'static str],
-    /// A raw tracepoint (BPF_PROG_TYPE_RAW_TRACEPOINT: the event's arguments, none of the
-    /// perf-event glue), or a classic perf-event tracepoint.
-    raw: bool,
+    kind: Kind,
     /// The hook sets it belongs to.
     sets: &'static [HookSet],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// A classic perf-event tracepoint program.
+    Tracepoint,
+    /// A raw tracepoint (BPF_PROG_TYPE_RAW_TRACEPOINT: the event's arguments, none of the
+    /// perf-event glue).
+    Raw,
+    /// An fexit program (a BPF trampoline on a kernel function, found in BTF), attached
+    /// where the function has this many parameters: the program reads the return value
+    /// from the slot after them. Skipped elsewhere (and where the function does not exist).
+    FExit(usize),
+}
+
+impl Hook {
+    const fn new(
+        program: &'static str,
+        category: &'static str,
+        tracepoints: &'static [&'static str],
+        kind: Kind,
+        sets: &'static [HookSet],
+    ) -> Self {
+        Self {
+            program,
+            category,
+            tracepoints,
+            kind,
+            sets,
+        }
+    }
 }
 
 /// Which programs carry the requests and connections (`--hooks`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HookSet {
+    /// fexit programs on tcp_recvmsg / tcp_sendmsg (BPF trampolines, where the kernel allows
+    /// them), with the socket set's connection programs: nothing on the syscall path, and
+    /// Linux 6.1 has it.
+    Fentry,
     /// Raw tracepoints on the socket layer (Linux >= 6.3): nothing on the syscall path.
     Socket,
     /// syscalls:* tracepoints: every syscall of every task on the node takes the tracing
@@ -48,41 +82,45 @@ pub enum HookSet {
 impl HookSet {
     pub fn name(self) -> &'static str {
         match self {
+            Self::Fentry => "fentry",
             Self::Socket => "socket",
             Self::Syscall => "syscall",
         }
     }
 }
 
-const BOTH: &[HookSet] = &[HookSet::Socket, HookSet::Syscall];
+const ALL: &[HookSet] = &[HookSet::Fentry, HookSet::Socket, HookSet::Syscall];
+const BY_SOCKET: &[HookSet] = &[HookSet::Fentry, HookSet::Socket];
+const FENTRY: &[HookSet] = &[HookSet::Fentry];
 const SOCKET: &[HookSet] = &[HookSet::Socket];
 const SYSCALL: &[HookSet] = &[HookSet::Syscall];
 
-const CALIBRATION: Hook = Hook {
-    program: "calibration",
-    category: "syscalls",
-    tracepoints: &["sys_enter_read"],
-    raw: false,
-    sets: BOTH,
-};
+use Kind::{FExit, Raw, Tracepoint};
 
-/// Node-wide discovery: attached only for the selectors that need them. The socket set
-/// announces listen() from `sock_state` instead of this syscall hook.
-const EXEC_DISCOVER: Hook = Hook {
-    program: "exec_discover",
-    category: "sched",
-    tracepoints: &["sched_process_exec"],
-    raw: false,
-    sets: BOTH,
-};
+const CALIBRATION: Hook = Hook::new(
+    "calibration",
+    "syscalls",
+    &["sys_enter_read"],
+    Tracepoint,
+    ALL,
+);
 
-const LISTEN_DISCOVER: Hook = Hook {
-    program: "listen_discover",
-    category: "syscalls",
-    tracepoints: &["sys_exit_listen"],
-    raw: false,
-    sets: SYSCALL,
-};
+/// Node-wide discovery: attached only for the selectors that need them. The socket-keyed
+/// sets announce listen() from `sock_state` instead of this syscall hook.
+const EXEC_DISCOVER: Hook = Hook::new(
+    "exec_discover",
+    "sched",
+    &["sched_process_exec"],
+    Tracepoint,
+    ALL,
+);
+const LISTEN_DISCOVER: Hook = Hook::new(
+    "listen_discover",
+    "syscalls",
+    &["sys_exit_listen"],
+    Tracepoint,
+    SYSCALL,
+);
 
 /// The socket events a socket set needs from tracefs.
 const SOCKET_EVENTS: [&str; 3] = [
@@ -91,170 +129,61 @@ const SOCKET_EVENTS: [&str; 3] = [
     "inet_sock_set_state",
 ];
 
-/// Empty programs on the socket set's events, alone: the cost floor (`--empty-hooks`).
+/// Empty programs on each socket-keyed set's events, alone: the cost floor (`--empty-hooks`).
 const FLOOR: &[Hook] = &[
-    Hook {
-        program: "empty_recv",
-        category: "sock",
-        tracepoints: &["sock_recv_length"],
-        raw: true,
-        sets: SOCKET,
-    },
-    Hook {
-        program: "empty_send",
-        category: "sock",
-        tracepoints: &["sock_send_length"],
-        raw: true,
-        sets: SOCKET,
-    },
-    Hook {
-        program: "empty_state",
-        category: "sock",
-        tracepoints: &["inet_sock_set_state"],
-        raw: true,
-        sets: SOCKET,
-    },
+    Hook::new("empty_recv", "sock", &["sock_recv_length"], Raw, SOCKET),
+    Hook::new("empty_send", "sock", &["sock_send_length"], Raw, SOCKET),
+    Hook::new("empty_recv_exit", "", &["tcp_recvmsg"], FExit(5), FENTRY),
+    Hook::new("empty_recv_exit", "", &["tcp_recvmsg"], FExit(4), FENTRY),
+    Hook::new("empty_send_exit", "", &["tcp_sendmsg"], FExit(3), FENTRY),
+    Hook::new(
+        "empty_state",
+        "sock",
+        &["inet_sock_set_state"],
+        Raw,
+        BY_SOCKET,
+    ),
 ];
 
+#[rustfmt::skip]
 const HOOKS: &[Hook] = &[
-    Hook {
-        program: "process_fork",
-        category: "sched",
-        tracepoints: &["sched_process_fork"],
-        raw: false,
-        sets: BOTH,
-    },
-    Hook {
-        program: "process_exit",
-        category: "sched",
-        tracepoints: &["sched_process_exit"],
-        raw: false,
-        sets: BOTH,
-    },
-    // The socket set
-    Hook {
-        program: "sock_recv",
-        category: "sock",
-        tracepoints: &["sock_recv_length"],
-        raw: true,
-        sets: SOCKET,
-    },
-    Hook {
-        program: "sock_send",
-        category: "sock",
-        tracepoints: &["sock_send_length"],
-        raw: true,
-        sets: SOCKET,
-    },
-    Hook {
-        program: "sock_state",
-        category: "sock",
-        tracepoints: &["inet_sock_set_state"],
-        raw: true,
-        sets: SOCKET,
-    },
+    Hook::new("process_fork", "sched", &["sched_process_fork"], Tracepoint, ALL),
+    Hook::new("process_exit", "sched", &["sched_process_exit"], Tracepoint, ALL),
+    // Connections of the socket-keyed sets
+    Hook::new("sock_state", "sock", &["inet_sock_set_state"], Raw, BY_SOCKET),
+    // The fentry set's data
+    Hook::new("tcp_recv_exit", "", &["tcp_recvmsg"], FExit(5), FENTRY),
+    Hook::new("tcp_recv4_exit", "", &["tcp_recvmsg"], FExit(4), FENTRY),
+    Hook::new("tcp_send_exit", "", &["tcp_sendmsg"], FExit(3), FENTRY),
+    // sendfile before 6.5
+    Hook::new("tcp_sendpage_exit", "", &["tcp_sendpage"], FExit(5), FENTRY),
+    // The socket set's data
+    Hook::new("sock_recv", "sock", &["sock_recv_length"], Raw, SOCKET),
+    Hook::new("sock_send", "sock", &["sock_send_length"], Raw, SOCKET),
     // The syscall set
-    Hook {
-        program: "exit_group_enter",
-        category: "syscalls",
-        tracepoints: &["sys_enter_exit_group"],
-        raw: false,
-        sets: SYSCALL,
-    },
-    Hook {
-        program: "signal_generate",
-        category: "signal",
-        tracepoints: &["signal_generate"],
-        raw: false,
-        sets: SYSCALL,
-    },
-    Hook {
-        program: "accept_enter",
-        category: "syscalls",
-        tracepoints: &["sys_enter_accept", "sys_enter_accept4"],
-        raw: false,
-        sets: SYSCALL,
-    },
-    Hook {
-        program: "accept_exit",
-        category: "syscalls",
-        tracepoints: &["sys_exit_accept", "sys_exit_accept4"],
-        raw: false,
-        sets: SYSCALL,
-    },
-    Hook {
-        program: "close_enter",
-        category: "syscalls",
-        tracepoints: &["sys_enter_close"],
-        raw: false,
-        sets: SYSCALL,
-    },
-    Hook {
-        program: "read_enter",
-        category: "syscalls",
-        tracepoints: &["sys_enter_read", "sys_enter_recvfrom"],
-        raw: false,
-        sets: SYSCALL,
-    },
-    Hook {
-        program: "readv_enter",
-        category: "syscalls",
-        tracepoints: &["sys_enter_readv"],
-        raw: false,
-        sets: SYSCALL,
-    },
-    Hook {
-        program: "recvmsg_enter",
-        category: "syscalls",
-        tracepoints: &["sys_enter_recvmsg"],
-        raw: false,
-        sets: SYSCALL,
-    },
-    Hook {
-        program: "write_enter",
-        category: "syscalls",
-        tracepoints: &["sys_enter_write", "sys_enter_sendto"],
-        raw: false,
-        sets: SYSCALL,
-    },
-    Hook {
-        program: "writev_enter",
-        category: "syscalls",
-        tracepoints: &["sys_enter_writev"],
-        raw: false,
-        sets: SYSCALL,
-    },
-    Hook {
-        program: "sendmsg_enter",
-        category: "syscalls",
-        tracepoints: &["sys_enter_sendmsg"],
-        raw: false,
-        sets: SYSCALL,
-    },
-    Hook {
-        program: "sendfile_enter",
-        category: "syscalls",
-        tracepoints: &["sys_enter_sendfile64"],
-        raw: false,
-        sets: SYSCALL,
-    },
-    Hook {
-        program: "io_exit",
-        category: "syscalls",
-        tracepoints: &[
-            "sys_exit_read",
-            "sys_exit_readv",
-            "sys_exit_recvfrom",
-            "sys_exit_recvmsg",
-            "sys_exit_write",
-            "sys_exit_writev",
-            "sys_exit_sendto",
-            "sys_exit_sendmsg",
+    Hook::new("exit_group_enter", "syscalls", &["sys_enter_exit_group"], Tracepoint, SYSCALL),
+    Hook::new("signal_generate", "signal", &["signal_generate"], Tracepoint, SYSCALL),
+    Hook::new("accept_enter", "syscalls", &["sys_enter_accept", "sys_enter_accept4"], Tracepoint, SYSCALL),
+    Hook::new("accept_exit", "syscalls", &["sys_exit_accept", "sys_exit_accept4"], Tracepoint, SYSCALL),
+    Hook::new("close_enter", "syscalls", &["sys_enter_close"], Tracepoint, SYSCALL),
+    Hook::new("read_enter", "syscalls", &["sys_enter_read", "sys_enter_recvfrom"], Tracepoint, SYSCALL),
+    Hook::new("readv_enter", "syscalls", &["sys_enter_readv"], Tracepoint, SYSCALL),
+    Hook::new("recvmsg_enter", "syscalls", &["sys_enter_recvmsg"], Tracepoint, SYSCALL),
+    Hook::new("write_enter", "syscalls", &["sys_enter_write", "sys_enter_sendto"], Tracepoint, SYSCALL),
+    Hook::new("writev_enter", "syscalls", &["sys_enter_writev"], Tracepoint, SYSCALL),
+    Hook::new("sendmsg_enter", "syscalls", &["sys_enter_sendmsg"], Tracepoint, SYSCALL),
+    Hook::new("sendfile_enter", "syscalls", &["sys_enter_sendfile64"], Tracepoint, SYSCALL),
+    Hook::new(
+        "io_exit",
+        "syscalls",
+        &[
+            "sys_exit_read", "sys_exit_readv", "sys_exit_recvfrom", "sys_exit_recvmsg",
+            "sys_exit_write", "sys_exit_writev", "sys_exit_sendto", "sys_exit_sendmsg",
             "sys_exit_sendfile64",
         ],
-        raw: false,
-        sets: SYSCALL,
-    },
+        Tracepoint,
+        SYSCALL,
+    ),
 ];
 
 #[derive(Debug, Error)]
@@ -294,6 +223,13 @@ pub enum ProbeError {
     },
     #[error("the eBPF object has no map `{name}`")]
     MissingMap { name: &'static str },
+    #[error("the kernel's BTF has no function {function}: the fentry hooks need it")]
+    NoFunction { function: &'static str },
+    #[error("{function}({params}) is not what the fentry hooks read")]
+    Signature {
+        function: &'static str,
+        params: String,
+    },
     #[error("opening map {name}")]
     Map {
         name: &'static str,
@@ -327,7 +263,7 @@ pub struct Options {
     pub pins: Vec<(&'static str, std::path::PathBuf)>,
 }
 
-/// Offsets of kernel struct fields the socket set reads, from the kernel's BTF.
+/// Offsets of kernel struct fields the socket-keyed sets read, from the kernel's BTF.
 #[derive(Clone, Copy, Debug)]
 pub struct SocketOffsets {
     sk_family: u32,
@@ -339,8 +275,23 @@ pub struct SocketOffsets {
     task_exit_code: u32,
     /// `pt_regs.si`, followed by `di` and `orig_ax` (the syscall number).
     regs_arg1: u32,
-    /// The syscall's buffer is found through the saved user registers (x86_64 only).
+    /// The syscall's buffer is found through the saved user registers (the socket set on
+    /// x86_64).
     peek_regs: bool,
+    /// The fentry set's iterator reads.
+    iter: Option<IterOffsets>,
+}
+
+/// Where the fentry set finds the data of a `tcp_recvmsg` / `tcp_sendmsg` call.
+#[derive(Clone, Copy, Debug)]
+struct IterOffsets {
+    msg_iter: u32,
+    iter_type: u32,
+    iov_offset: u32,
+    /// The union of `ubuf` and the iovec pointer (`iov` before 6.4, `__iov` since).
+    iter_ptr: u32,
+    ubuf: u32,
+    iovec: u32,
 }
 
 impl SocketOffsets {
@@ -351,10 +302,11 @@ impl SocketOffsets {
             Format::read(tracefs, "sock", event)?;
         }
         let btf = Btf::from_sys_fs()?;
+        let mut offsets = Self::fields(&btf)?;
         let field = |ty: &str, path: &[&str]| btf.offset_of(ty, path);
         // The programs read `si`, `di` and `orig_ax` in one go: peek only where they are
         // adjacent, as the x86_64 ABI lays them out.
-        let (regs_arg1, peek_regs) = if cfg!(target_arch = "x86_64") {
+        if cfg!(target_arch = "x86_64") {
             let (si, orig_ax) = (field("pt_regs", &["si"])?, field("pt_regs", &["orig_ax"])?);
             let adjacent = field("pt_regs", &["di"])? == si + 8 && orig_ax == si + 16;
             if !adjacent {
@@ -363,10 +315,65 @@ impl SocketOffsets {
                      labels are off"
                 );
             }
-            (si, adjacent)
-        } else {
-            (0, false)
+            offsets.regs_arg1 = si;
+            offsets.peek_regs = adjacent;
+        }
+        Ok(offsets)
+    }
+
+    /// What the fentry set needs: `inet_sock_set_state`, the BTF of the functions its fexit
+    /// programs read (with the parameters where they expect them) and of the iterator.
+    /// Whether the kernel lets trampolines attach is only known by trying.
+    pub fn probe_fentry(tracefs: &Path) -> Result<Self, ProbeError> {
+        Format::read(tracefs, "sock", "inet_sock_set_state")?;
+        let btf = Btf::from_sys_fs()?;
+        let signature = |function: &'static str, want: &[&str]| match btf.function_params(function)
+        {
+            Some(params) if params.len() >= want.len() && params[..want.len()] == *want => Ok(()),
+            Some(params) => Err(ProbeError::Signature {
+                function,
+                params: params.join(", "),
+            }),
+            None => Err(ProbeError::NoFunction { function }),
         };
+        // tcp_recvmsg lost its trailing addr_len in 6.16: flags stays fourth, and one of
+        // the two programs reads the return value after the 4 or 5 parameters.
+        signature("tcp_recvmsg", &["sk", "msg", "len", "flags"])?;
+        let recv_params = btf.function_params("tcp_recvmsg").map_or(0, |p| p.len());
+        if !(4..=5).contains(&recv_params) {
+            return Err(ProbeError::Signature {
+                function: "tcp_recvmsg",
+                params: format!("{recv_params} parameters"),
+            });
+        }
+        signature("tcp_sendmsg", &["sk", "msg", "size"])?;
+        let field = |ty: &str, path: &[&str]| btf.offset_of(ty, path);
+        let iter_ptr = field("iov_iter", &["ubuf"])?;
+        let iov = field("iov_iter", &["__iov"]).or_else(|_| field("iov_iter", &["iov"]))?;
+        if iov != iter_ptr {
+            return Err(ProbeError::Signature {
+                function: "iov_iter",
+                params: format!("ubuf at {iter_ptr}, iovec pointer at {iov}"),
+            });
+        }
+        let kind = |value: &str| -> Result<u32, ProbeError> {
+            Ok(btf.enum_value("iter_type", value)? as u32)
+        };
+        let mut offsets = Self::fields(&btf)?;
+        offsets.iter = Some(IterOffsets {
+            msg_iter: field("msghdr", &["msg_iter"])?,
+            iter_type: field("iov_iter", &["iter_type"])?,
+            iov_offset: field("iov_iter", &["iov_offset"])?,
+            iter_ptr,
+            ubuf: kind("ITER_UBUF")?,
+            iovec: kind("ITER_IOVEC")?,
+        });
+        Ok(offsets)
+    }
+
+    /// The socket and task fields both sets read.
+    fn fields(btf: &Btf) -> Result<Self, ProbeError> {
+        let field = |ty: &str, path: &[&str]| btf.offset_of(ty, path);
         Ok(Self {
             sk_family: field("sock_common", &["skc_family"])?,
             sk_state: field("sock_common", &["skc_state"])?,
@@ -375,8 +382,9 @@ impl SocketOffsets {
             net_inum: field("net", &["ns", "inum"])?,
             sk_protocol: field("sock", &["sk_protocol"])?,
             task_exit_code: field("task_struct", &["exit_code"])?,
-            regs_arg1,
-            peek_regs,
+            regs_arg1: 0,
+            peek_regs: false,
+            iter: None,
         })
     }
 }
@@ -455,6 +463,10 @@ pub struct Probe {
     pub links: usize,
     programs: usize,
     pub hooks: HookSet,
+    /// The kernel's BTF as aya reads it, for fexit programs, and as flyprobe reads it, for
+    /// their functions' parameters (each read once, when first needed).
+    btf: Option<aya::Btf>,
+    kernel_btf: Option<Btf>,
 }
 
 impl Probe {
@@ -468,6 +480,7 @@ impl Probe {
         let offsets = Offsets::read(tracefs)?;
         let targets = pid_slots();
         let socket = match options.hooks {
+            HookSet::Fentry => Some(SocketOffsets::probe_fentry(tracefs)?),
             HookSet::Socket => Some(SocketOffsets::probe(tracefs)?),
             HookSet::Syscall => None,
         };
@@ -489,6 +502,15 @@ impl Probe {
                 .override_global(names::REGS_ARG1_OFFSET, &o.regs_arg1, true)
                 .override_global(names::PEEK_REGS, &peek, true)
                 .override_global(names::ANNOUNCE_LISTEN, &announce_listen, true);
+            if let Some(i) = &o.iter {
+                loader
+                    .override_global(names::MSG_ITER_OFFSET, &i.msg_iter, true)
+                    .override_global(names::ITER_TYPE_OFFSET, &i.iter_type, true)
+                    .override_global(names::ITER_OFFSET_OFFSET, &i.iov_offset, true)
+                    .override_global(names::ITER_PTR_OFFSET, &i.iter_ptr, true)
+                    .override_global(names::ITER_UBUF, &i.ubuf, true)
+                    .override_global(names::ITER_IOVEC, &i.iovec, true);
+            }
         }
         let ebpf = loader
             .override_global(names::FORK_CHILD_PID_OFFSET, &offsets.fork_child_pid, true)
@@ -508,14 +530,16 @@ impl Probe {
             links: 0,
             programs: 0,
             hooks: options.hooks,
+            btf: None,
+            kernel_btf: None,
         };
+        let set = options.hooks;
         if options.empty_hooks {
-            for hook in FLOOR {
+            for hook in FLOOR.iter().filter(|h| h.sets.contains(&set)) {
                 probe.attach(tracefs, hook)?;
             }
             return Ok(probe);
         }
-        let set = options.hooks;
         for hook in HOOKS.iter().filter(|h| h.sets.contains(&set)) {
             probe.attach(tracefs, hook)?;
         }
@@ -533,11 +557,6 @@ impl Probe {
 
     fn attach(&mut self, tracefs: &Path, hook: &Hook) -> Result<(), ProbeError> {
         let name = hook.program;
-        let program = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(ProbeError::MissingProgram { name })?;
-        self.programs += 1;
         let program_error = |e| ProbeError::Program {
             name,
             source: Box::new(e),
@@ -548,7 +567,43 @@ impl Probe {
             tracepoint: tp.into(),
             source: Box::new(e),
         };
-        if hook.raw {
+        if let FExit(params) = hook.kind {
+            let function = hook.tracepoints[0];
+            if self.kernel_btf.is_none() {
+                self.kernel_btf = Some(Btf::from_sys_fs()?);
+            }
+            let found = self
+                .kernel_btf
+                .as_ref()
+                .and_then(|btf| btf.function_params(function))
+                .map(|p| p.len());
+            if found != Some(params) {
+                log::debug!("{function} has {found:?} parameters here: {name} not attached");
+                return Ok(());
+            }
+            if self.btf.is_none() {
+                self.btf =
+                    Some(aya::Btf::from_sys_fs().map_err(|e| program_error(ProgramError::Btf(e)))?);
+            }
+            let btf = self.btf.as_ref().expect("read above");
+            let program = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(ProbeError::MissingProgram { name })?;
+            let program: &mut FExitProgram = program.try_into().map_err(program_error)?;
+            program.load(function, btf).map_err(program_error)?;
+            program.attach().map_err(|e| attach_error(function, e))?;
+            self.programs += 1;
+            self.links += 1;
+            log::debug!("attached {name} to fexit {function}");
+            return Ok(());
+        }
+        let program = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(ProbeError::MissingProgram { name })?;
+        self.programs += 1;
+        if hook.kind == Raw {
             let program: &mut RawTracePoint = program.try_into().map_err(program_error)?;
             program.load().map_err(program_error)?;
             for &tp in hook.tracepoints {

@@ -43,16 +43,16 @@ const KERNELS: &[Kernel] = &[
     Kernel {
         name: "6.1",
         package: "linux-image-6.1.0-57-cloud-amd64-unsigned",
+        auto: "fentry",
+        forced: &["fentry", "syscall"],
         // No sock:sock_{recv,send}_length before 6.3.
-        auto: "syscall",
-        forced: &["syscall"],
         refused: &["socket"],
     },
     Kernel {
         name: "6.12",
         package: "linux-image-6.12.117+deb12-cloud-amd64-unsigned",
-        auto: "socket",
-        forced: &["socket", "syscall"],
+        auto: "fentry",
+        forced: &["fentry", "socket", "syscall"],
         refused: &[],
     },
 ];
@@ -213,6 +213,8 @@ mount -t tmpfs tmpfs /tmp
 ip link set lo up
 echo "VMSUITE kernel $(uname -r) cpus $(nproc)"
 export FLYPROBE_BIN=/bin/flyprobe FLYPROBE_TEST_SERVER=/bin/flyprobe-test-server
+export FLYPROBE_ECHO_SERVER=/bin/flyprobe-echo-server FLYPROBE_URING_SERVER=/bin/flyprobe-uring-server
+export CI=true
 /bin/flyprobe-vm-suite "$@" 2>/tmp/suite.err
 status=$?
 [ $status -eq 0 ] || { echo "VMSUITE exit $status"; tail -n 40 /tmp/suite.err; }
@@ -266,10 +268,21 @@ fn write_initramfs(path: &Path, busybox: &Path) -> Result<()> {
             "bin/flyprobe-vm-suite".into(),
         ),
         (
+            artifact("flyprobe-echo-server"),
+            "bin/flyprobe-echo-server".into(),
+        ),
+        (
+            artifact("flyprobe-uring-server"),
+            "bin/flyprobe-uring-server".into(),
+        ),
+        (
             nginx.clone(),
             nginx.to_string_lossy().trim_start_matches('/').into(),
         ),
     ];
+    for (name, binary) in e2e_binaries()? {
+        elves.push((binary, format!("bin/e2e-{name}")));
+    }
     let mut libs = BTreeSet::new();
     for (elf, _) in &elves {
         libs.extend(shared_libraries(elf)?);
@@ -302,6 +315,46 @@ fn write_initramfs(path: &Path, busybox: &Path) -> Result<()> {
         bytes.len() as f64 / f64::from(1 << 20)
     );
     Ok(())
+}
+
+/// End-to-end test binaries the guest suite runs (the Rust-only tests of each; see E2E in
+/// tests/src/bin/flyprobe-vm-suite.rs), built as `cargo xtask test` builds them.
+const E2E_BINARIES: [&str; 3] = ["http_matrix", "watch_servers", "sockets"];
+
+fn e2e_binaries() -> Result<Vec<(&'static str, PathBuf)>> {
+    let out = Command::new("cargo")
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "flyprobe-tests",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .current_dir(workspace_root())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the end-to-end test binaries failed");
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let name = msg["target"]["name"].as_str().unwrap_or("");
+        if let (Some(name), Some(exe)) = (
+            E2E_BINARIES.iter().find(|b| **b == name),
+            msg["executable"].as_str(),
+        ) {
+            found.push((*name, PathBuf::from(exe)));
+        }
+    }
+    if found.len() != E2E_BINARIES.len() {
+        bail!("cargo test --no-run built {found:?}, not all of {E2E_BINARIES:?}");
+    }
+    Ok(found)
 }
 
 /// The absolute paths `ldd` resolves for `elf` (its loader included), symlinks resolved to

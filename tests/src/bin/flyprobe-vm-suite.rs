@@ -62,13 +62,8 @@ impl Suite {
     /// Run one check; a panic in it (the harness's helpers panic with what they saw) is a
     /// failure with that message.
     fn check(&mut self, set: &str, name: &str, f: impl FnOnce() -> Result<String, String>) {
-        let outcome = catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-            Err(panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panicked".into()))
-        });
+        let outcome = catch_unwind(AssertUnwindSafe(f))
+            .unwrap_or_else(|panic| Err(panic_message(panic.as_ref())));
         let (verdict, detail) = match outcome {
             Ok(detail) => ("PASS", detail),
             Err(detail) => {
@@ -80,6 +75,14 @@ impl Suite {
         let detail = detail.replace('\n', " | ");
         println!("VMSUITE check {set} {name} {verdict} {detail}");
     }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panicked".into())
 }
 
 fn main() {
@@ -99,6 +102,17 @@ fn main() {
     }
     for set in &args.refuse {
         suite.check(set, "refused", || refused(set));
+    }
+    // The end-to-end tests that need nothing but Rust servers and nginx, as `cargo xtask test`
+    // runs them, on every hook set.
+    for set in &args.sets {
+        let hooks = if set == "auto" { &args.auto } else { set };
+        if set == "auto" && args.sets.iter().any(|s| s == &args.auto) {
+            continue;
+        }
+        for (binary, tests) in E2E.iter().filter(|(b, _)| runs_on(b, hooks)) {
+            suite.check(set, &format!("e2e-{binary}"), || e2e(binary, tests, hooks));
+        }
     }
     let verdict = if suite.failed == 0 { "PASS" } else { "FAIL" };
     println!("VMSUITE done {verdict}");
@@ -126,8 +140,11 @@ fn run_set(suite: &mut Suite, set: &str, expected: &str, first: bool) {
         ])
     }) {
         Ok(fp) => fp,
-        Err(_) => {
-            suite.check(set, "starts", || Err("flyprobe did not start".into()));
+        Err(panic) => {
+            let why = panic_message(panic.as_ref());
+            suite.check(set, "starts", || {
+                Err(format!("flyprobe did not start: {why}"))
+            });
             return;
         }
     };
@@ -281,6 +298,79 @@ fn sigkill(fp: &Flyprobe, server: &str, s: &Server) -> Result<String, String> {
     Ok(format!(
         "worker {victim}: stopped signal_SIGKILL, one started"
     ))
+}
+
+/// End-to-end test binaries (tests/tests/*.rs, copied into the guest as /bin/e2e-NAME) and
+/// the tests of each that run here: those whose servers are the workspace's or nginx.
+const E2E: &[(&str, &[&str])] = &[
+    (
+        "http_matrix",
+        &[
+            "rust_axum",
+            "nginx_two_workers_with_sendfile",
+            "non_http_traffic_counts_turns_by_protocol",
+        ],
+    ),
+    ("watch_servers", &["rust_axum_server"]),
+    (
+        "sockets",
+        &["sockets_driven_through_io_uring_count_exactly"],
+    ),
+];
+
+/// io_uring does its I/O without syscalls: only the socket-keyed sets see it.
+fn runs_on(binary: &str, hooks: &str) -> bool {
+    binary != "sockets" || hooks != "syscall"
+}
+
+fn e2e(binary: &str, tests: &[&str], hooks: &str) -> Result<String, String> {
+    let out = Command::new(format!("/bin/e2e-{binary}"))
+        .arg("--exact")
+        .args(tests)
+        .args(["--test-threads", "1"])
+        .env("FLYPROBE_HOOKS", hooks)
+        .output()
+        .map_err(|e| format!("/bin/e2e-{binary}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result = stdout
+        .lines()
+        .find(|l| l.starts_with("test result:"))
+        .unwrap_or("no test result")
+        .to_string();
+    let passed = format!("{} passed", tests.len());
+    if out.status.success() && result.contains(&passed) {
+        Ok(format!("{} ({result})", tests.join(", ")))
+    } else {
+        // Each failure's panic line and the message after it.
+        let lines: Vec<&str> = stdout.lines().collect();
+        let failures: Vec<String> = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.contains("panicked at"))
+            .map(|(i, l)| {
+                // The message's first line, and an assertion's two sides.
+                let sides = lines[i..]
+                    .iter()
+                    .take_while(|l| !l.starts_with("note:"))
+                    .filter(|l| {
+                        l.trim_start().starts_with("left:") || l.trim_start().starts_with("right:")
+                    });
+                let mut out = vec![l.to_string(), lines.get(i + 1).unwrap_or(&"").to_string()];
+                out.extend(sides.map(|s| s.to_string()));
+                out.join(" ")
+            })
+            .collect();
+        Err(format!(
+            "{result}; {}; stderr tail: {}",
+            failures.join("; "),
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join(" / ")
+        ))
+    }
 }
 
 /// A hook set this kernel lacks: one error line naming it, a non-zero exit.
