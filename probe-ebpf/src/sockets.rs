@@ -81,11 +81,8 @@ pub fn sock_data(sk: u64, ret: i32, flags: i32, direction: u32, buffer: impl Fn(
     if !is_target(tgid) {
         return;
     }
-    // Errors (EAGAIN after every batch of an event-loop server's reads) move nothing and
-    // leave before the connection lookup; a worker whose first touch fails takes the
-    // connection at its next read, write or close. A peek leaves the data to be read
-    // again: the real read is the one that counts.
-    if ret < 0 || (direction == dir::READ && flags & MSG_PEEK != 0) {
+    // A peek leaves the data to be read again: the real read is the one that counts.
+    if direction == dir::READ && flags & MSG_PEEK != 0 {
         return;
     }
     let state = match CONNS.get_ptr_mut(sk) {
@@ -101,8 +98,9 @@ pub fn sock_data(sk: u64, ret: i32, flags: i32, direction: u32, buffer: impl Fn(
     if state.owner != tgid {
         serve(state, tgid);
     }
-    // EOF (0) moves no data and does not turn the connection.
-    if ret == 0 {
+    // Errors and EOF move no data and do not turn the connection; they are a worker's touch
+    // all the same (an accepted connection reset before its first byte was accepted).
+    if ret <= 0 {
         return;
     }
     transfer(tgid, state, direction, ret as i64, buffer);

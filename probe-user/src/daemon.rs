@@ -297,13 +297,27 @@ fn attach(
             for set in [HookSet::Fentry, HookSet::Socket] {
                 match socket_keyed(set) {
                     Ok(attached) => return Ok(attached),
-                    Err(err) => log::info!("hooks: not {} ({err:#})", set.name()),
+                    Err(err) => {
+                        log::info!("hooks: not {} ({})", set.name(), why_not(&err));
+                        log::debug!("hooks: {} failed with: {err:#}", set.name());
+                    }
                 }
             }
             log::info!("hooks: syscall (neither the fentry nor the socket hooks work here)");
             load(HookSet::Syscall)
         }
     }
+}
+
+/// Why `auto` passed over a hook set, in one short clause (the whole chain is at debug level):
+/// an expected refusal is not an error line in the log.
+fn why_not(err: &anyhow::Error) -> String {
+    let full = format!("{err:#}");
+    if full.contains("Operation not permitted") {
+        return "the kernel refused to load its programs: EPERM".into();
+    }
+    let reason = full.split(". Verifier output").next().unwrap_or(&full);
+    reason.replace(" (os error ", " (errno ")
 }
 
 /// Scrapers, dashboards and /proc walks all take descriptors: use the hard limit, not the

@@ -276,6 +276,10 @@ fn write_initramfs(path: &Path, busybox: &Path) -> Result<()> {
             "bin/flyprobe-uring-server".into(),
         ),
         (
+            PathBuf::from("/usr/sbin/bpftool"),
+            "usr/sbin/bpftool".into(),
+        ),
+        (
             nginx.clone(),
             nginx.to_string_lossy().trim_start_matches('/').into(),
         ),
@@ -447,6 +451,10 @@ struct Report {
     checks: Vec<(String, String, String, String)>,
     done: Option<String>,
     seconds: f64,
+    /// (set, program, runs, ns per run), the empty programs' under "SET-empty".
+    costs: Vec<(String, String, String, String)>,
+    /// (set, ns of programs per request, the same for the empty programs)
+    per_request: Vec<(String, String, String)>,
 }
 
 impl Report {
@@ -525,6 +533,8 @@ fn boot(
         checks: Vec::new(),
         done: None,
         seconds: 0.0,
+        costs: Vec::new(),
+        per_request: Vec::new(),
     };
     let deadline = start + Duration::from_secs(args.timeout);
     loop {
@@ -584,6 +594,17 @@ fn parse_line(report: &mut Report, line: &str) {
             verdict.to_string(),
             detail.join(" "),
         )),
+        ["VMSUITE", "cost", set, program, runs, ns] => report.costs.push((
+            set.to_string(),
+            program.to_string(),
+            runs.to_string(),
+            ns.to_string(),
+        )),
+        ["VMSUITE", "costreq", set, real, empty] => {
+            report
+                .per_request
+                .push((set.to_string(), real.to_string(), empty.to_string()))
+        }
         ["VMSUITE", "done", verdict] => report.done = Some(verdict.to_string()),
         ["VMSUITE", "exit", status] => report.checks.push((
             "-".into(),
@@ -621,6 +642,26 @@ fn print_table(reports: &[Report]) {
                 "| {} | {} | {} | {} ({}) | | {} | |",
                 r.kernel, r.release, c.0, c.1, c.3, c.2
             );
+        }
+    }
+    println!(
+        "\nper-hook cost in the guest (bpf_stats over 2000 requests to the Rust server, 4 keep-alive connections; TCG \
+         inflates absolute times, so compare each set with its own empty programs)\n"
+    );
+    println!(
+        "| kernel | hook set | programs, ns per request | empty programs, ns per request | ratio |\n|---|---|---|---|---|"
+    );
+    for r in reports {
+        for (set, real, empty) in &r.per_request {
+            let ratio =
+                real.parse::<f64>().unwrap_or(0.0) / empty.parse::<f64>().unwrap_or(1.0).max(1.0);
+            println!("| {} | {set} | {real} | {empty} | {ratio:.1}x |", r.kernel);
+        }
+    }
+    println!("\n| kernel | programs of | program | runs | ns per run |\n|---|---|---|---|---|");
+    for r in reports {
+        for (set, program, runs, ns) in &r.costs {
+            println!("| {} | {set} | {program} | {runs} | {ns} |", r.kernel);
         }
     }
     println!();

@@ -11,7 +11,7 @@
 //! usage: flyprobe-vm-suite --auto EXPECTED [--set SET]... [--refuse SET]...
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     panic::{AssertUnwindSafe, catch_unwind},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -112,6 +112,14 @@ fn main() {
         }
         for (binary, tests) in E2E.iter().filter(|(b, _)| runs_on(b, hooks)) {
             suite.check(set, &format!("e2e-{binary}"), || e2e(binary, tests, hooks));
+        }
+    }
+    // What each set costs here, next to empty programs on the same events.
+    let mut measured = BTreeSet::new();
+    for set in &args.sets {
+        let hooks = if set == "auto" { &args.auto } else { set };
+        if measured.insert(hooks.clone()) {
+            suite.check(hooks, "cost", || cost(hooks));
         }
     }
     let verdict = if suite.failed == 0 { "PASS" } else { "FAIL" };
@@ -371,6 +379,124 @@ fn e2e(binary: &str, tests: &[&str], hooks: &str) -> Result<String, String> {
                 .join(" / ")
         ))
     }
+}
+
+/// Requests per cost measurement: enough that the per-request figure is steady in a guest.
+const COST_REQUESTS: u64 = 2000;
+
+/// The kernel programs' run time (bpf_stats) per request of a Rust server under `hooks`, and
+/// the same for the set's empty programs on the same events (fentry, socket: `--empty-hooks`;
+/// syscall: the empty `--calibration-probe` program beside the real ones). Prints
+/// `VMSUITE cost SET PROGRAM RUNS NS_PER_RUN` lines and returns the per-request summary.
+fn cost(hooks: &str) -> Result<String, String> {
+    let stats = |enable: bool| {
+        std::fs::write(
+            "/proc/sys/kernel/bpf_stats_enabled",
+            if enable { "1" } else { "0" },
+        )
+        .map_err(|e| format!("bpf_stats_enabled: {e}"))
+    };
+    let run = |extra: &[&str]| -> Result<Vec<(String, u64, u64)>, String> {
+        let server = servers::rust_server();
+        let mut args = vec!["--hooks", hooks];
+        args.extend_from_slice(extra);
+        let pid = server.pid().to_string();
+        args.extend(["--pid-tree", pid.as_str()]);
+        let fp = Flyprobe::start(&args);
+        stats(true)?;
+        let mut conns: Vec<Conn> = (0..4)
+            .map(|_| Conn::connect(server.port))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
+        for i in 0..COST_REQUESTS {
+            conns[(i % 4) as usize]
+                .get("/")
+                .map_err(|e| e.to_string())?;
+        }
+        for conn in conns {
+            conn.close();
+        }
+        let progs = programs(fp.pid())?;
+        stats(false)?;
+        fp.stop();
+        Ok(progs)
+    };
+    let per_request = |progs: &[(String, u64, u64)]| {
+        progs.iter().map(|p| p.1).sum::<u64>() as f64 / COST_REQUESTS as f64
+    };
+    let real = run(&[])?;
+    let floor_args: &[&str] = if hooks == "syscall" {
+        &["--calibration-probe"]
+    } else {
+        &["--empty-hooks"]
+    };
+    let floor = run(floor_args)?;
+    for (label, progs) in [
+        (hooks.to_string(), &real),
+        (format!("{hooks}-empty"), &floor),
+    ] {
+        for (name, ns, runs) in progs.iter() {
+            if *runs > 0 {
+                println!(
+                    "VMSUITE cost {label} {name} {runs} {:.0}",
+                    *ns as f64 / *runs as f64
+                );
+            }
+        }
+    }
+    let (r, f) = if hooks == "syscall" {
+        // The calibration program ran beside the real ones: subtract its share.
+        let calibration = |p: &[(String, u64, u64)]| {
+            p.iter()
+                .filter(|x| x.0 == "calibration")
+                .map(|x| x.1)
+                .sum::<u64>() as f64
+                / COST_REQUESTS as f64
+        };
+        (per_request(&real), calibration(&floor))
+    } else {
+        (per_request(&real), per_request(&floor))
+    };
+    println!("VMSUITE costreq {hooks} {r:.0} {f:.0}");
+    Ok(format!(
+        "{r:.0} ns of programs per request, empty programs {f:.0} ns ({:.1}x)",
+        r / f.max(1.0)
+    ))
+}
+
+/// flyprobe's programs (by the fds it holds) with their bpf_stats: (name, run ns, runs).
+fn programs(pid: u32) -> Result<Vec<(String, u64, u64)>, String> {
+    let mut ids = BTreeSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).map_err(|e| e.to_string())? {
+        let text =
+            std::fs::read_to_string(entry.map_err(|e| e.to_string())?.path()).unwrap_or_default();
+        if let Some(id) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("prog_id:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            ids.insert(id);
+        }
+    }
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .map_err(|e| format!("bpftool: {e}"))?;
+    let progs: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("bpftool output: {e}"))?;
+    Ok(progs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["id"].as_u64().is_some_and(|id| ids.contains(&id)))
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or("?").to_string(),
+                p["run_time_ns"].as_u64().unwrap_or(0),
+                p["run_cnt"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect())
 }
 
 /// A hook set this kernel lacks: one error line naming it, a non-zero exit.
