@@ -100,6 +100,9 @@ pub fn run_all(args: &VmArgs) -> Result<()> {
         reports.push(boot(kernel, &vmlinuz, &initramfs, args, &dir)?);
     }
     print_table(&reports);
+    let costs = dir.join("costs.md");
+    fs::write(&costs, cost_tables(&reports))?;
+    eprintln!("==> the cost tables are in {}", costs.display());
     let failed: Vec<&str> = reports
         .iter()
         .filter(|r| !r.passed())
@@ -644,26 +647,7 @@ fn print_table(reports: &[Report]) {
             );
         }
     }
-    println!(
-        "\nper-hook cost in the guest (bpf_stats over 2000 requests to the Rust server, 4 keep-alive connections; TCG \
-         inflates absolute times, so compare each set with its own empty programs)\n"
-    );
-    println!(
-        "| kernel | hook set | programs, ns per request | empty programs, ns per request | ratio |\n|---|---|---|---|---|"
-    );
-    for r in reports {
-        for (set, real, empty) in &r.per_request {
-            let ratio =
-                real.parse::<f64>().unwrap_or(0.0) / empty.parse::<f64>().unwrap_or(1.0).max(1.0);
-            println!("| {} | {set} | {real} | {empty} | {ratio:.1}x |", r.kernel);
-        }
-    }
-    println!("\n| kernel | programs of | program | runs | ns per run |\n|---|---|---|---|---|");
-    for r in reports {
-        for (set, program, runs, ns) in &r.costs {
-            println!("| {} | {set} | {program} | {runs} | {ns} |", r.kernel);
-        }
-    }
+    print!("{}", cost_tables(reports));
     println!();
     for r in reports {
         for (set, name, verdict, detail) in r.checks.iter().filter(|c| c.2 != "PASS") {
@@ -673,4 +657,42 @@ fn print_table(reports: &[Report]) {
             println!("FAIL {}: the guest suite did not finish", r.kernel);
         }
     }
+}
+
+/// The guests' per-hook costs as markdown (printed, and kept in target/vm/costs.md).
+fn cost_tables(reports: &[Report]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nper-hook cost in the guest (bpf_stats over 2000 requests to the Rust server, 4 \
+         keep-alive connections; TCG inflates absolute times, so compare each set with its own \
+         empty programs: fentry and socket with `--empty-hooks` on the same events, syscall \
+         with as many runs of an empty tracepoint program)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| kernel | hook set | programs, ns per request | empty programs, ns per request | ratio |\n|---|---|---|---|---|"
+    );
+    for r in reports {
+        for (set, real, empty) in &r.per_request {
+            let ratio =
+                real.parse::<f64>().unwrap_or(0.0) / empty.parse::<f64>().unwrap_or(1.0).max(1.0);
+            let _ = writeln!(
+                out,
+                "| {} | {set} | {real} | {empty} | {ratio:.1}x |",
+                r.kernel
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n| kernel | programs of | program | runs | ns per run |\n|---|---|---|---|---|"
+    );
+    for r in reports {
+        for (set, program, runs, ns) in &r.costs {
+            let _ = writeln!(out, "| {} | {set} | {program} | {runs} | {ns} |", r.kernel);
+        }
+    }
+    out
 }

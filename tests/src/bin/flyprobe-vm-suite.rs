@@ -267,16 +267,19 @@ fn exact(fp: &Flyprobe, server: &str, port: u16) -> Result<String, String> {
 
 /// SIGKILL one worker: reported stopped by SIGKILL, its replacement started.
 fn sigkill(fp: &Flyprobe, server: &str, s: &Server) -> Result<String, String> {
-    let m = fp.scrape();
-    let started = m
-        .get("server_started_total", &[("server", server)])
-        .unwrap_or(0.0) as u64;
-    let killed = m
-        .get(
-            "server_stopped_total",
-            &[("server", server), ("reason", "signal_SIGKILL")],
+    // (workers started, workers stopped by SIGKILL)
+    let lifecycle = |m: &Metrics| {
+        let count = |name: &str, labels: &[(&str, &str)]| m.get(name, labels).unwrap_or(0.0) as u64;
+        (
+            count("server_started_total", &[("server", server)]),
+            count(
+                "server_stopped_total",
+                &[("server", server), ("reason", "signal_SIGKILL")],
+            ),
         )
-        .unwrap_or(0.0) as u64;
+    };
+    let m = fp.scrape();
+    let (started, killed) = lifecycle(&m);
     let victim = *worker_pids(&m, server)
         .iter()
         .next()
@@ -287,15 +290,7 @@ fn sigkill(fp: &Flyprobe, server: &str, s: &Server) -> Result<String, String> {
     // SAFETY: kill(2) on a worker of a server this suite started.
     unsafe { libc::kill(victim as i32, libc::SIGKILL) };
     settle(fp, "the kill and the respawn", |m| {
-        let now_started = m
-            .get("server_started_total", &[("server", server)])
-            .unwrap_or(0.0) as u64;
-        let now_killed = m
-            .get(
-                "server_stopped_total",
-                &[("server", server), ("reason", "signal_SIGKILL")],
-            )
-            .unwrap_or(0.0) as u64;
+        let (now_started, now_killed) = lifecycle(m);
         let pids = worker_pids(m, server);
         (now_killed == killed + 1
             && now_started == started + 1
@@ -436,7 +431,9 @@ fn cost(hooks: &str) -> Result<String, String> {
         (format!("{hooks}-empty"), &floor),
     ] {
         for (name, ns, runs) in progs.iter() {
-            if *runs > 0 {
+            // The syscall set's floor run carries the real programs beside the empty one.
+            let real_in_floor = hooks == "syscall" && label != hooks && name != "calibration";
+            if *runs > 0 && !real_in_floor {
                 println!(
                     "VMSUITE cost {label} {name} {runs} {:.0}",
                     *ns as f64 / *runs as f64
@@ -445,15 +442,17 @@ fn cost(hooks: &str) -> Result<String, String> {
         }
     }
     let (r, f) = if hooks == "syscall" {
-        // The calibration program ran beside the real ones: subtract its share.
-        let calibration = |p: &[(String, u64, u64)]| {
-            p.iter()
-                .filter(|x| x.0 == "calibration")
-                .map(|x| x.1)
-                .sum::<u64>() as f64
-                / COST_REQUESTS as f64
-        };
-        (per_request(&real), calibration(&floor))
+        // The empty calibration program (on sys_enter_read) costs this much a run: as many
+        // empty runs as the real programs made per request are the floor.
+        let calibration = floor
+            .iter()
+            .find(|x| x.0 == "calibration" && x.2 > 0)
+            .map_or(0.0, |x| x.1 as f64 / x.2 as f64);
+        let runs: u64 = real.iter().map(|x| x.2).sum();
+        (
+            per_request(&real),
+            calibration * runs as f64 / COST_REQUESTS as f64,
+        )
     } else {
         (per_request(&real), per_request(&floor))
     };
