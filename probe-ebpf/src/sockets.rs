@@ -85,12 +85,25 @@ pub fn sock_data(sk: u64, ret: i32, flags: i32, direction: u32, buffer: impl Fn(
     if direction == dir::READ && flags & MSG_PEEK != 0 {
         return;
     }
+    let Some(state) = take(sk, tgid) else {
+        return;
+    };
+    // Errors and EOF move no data and do not turn the connection; they are a worker's touch
+    // all the same (an accepted connection reset before its first byte was accepted).
+    if ret <= 0 {
+        return;
+    }
+    transfer(tgid, state, direction, ret as i64, buffer);
+}
+
+/// The connection of `sk`, served by `tgid` from now on (its first touch or its accept): a
+/// queued one, or one established before flyprobe attached. None for a socket that is not a
+/// served connection of a watched listener.
+#[inline(always)]
+pub fn take(sk: u64, tgid: u32) -> Option<&'static mut ConnState> {
     let state = match CONNS.get_ptr_mut(sk) {
         Some(state) => state,
-        None => match adopt(sk) {
-            Some(state) => state,
-            None => return,
-        },
+        None => adopt(sk)?,
     };
     // SAFETY: the entry stays valid for this program's run (RCU); a connection is driven by
     // one thread at a time, so the state is not written concurrently.
@@ -98,12 +111,7 @@ pub fn sock_data(sk: u64, ret: i32, flags: i32, direction: u32, buffer: impl Fn(
     if state.owner != tgid {
         serve(state, tgid);
     }
-    // Errors and EOF move no data and do not turn the connection; they are a worker's touch
-    // all the same (an accepted connection reset before its first byte was accepted).
-    if ret <= 0 {
-        return;
-    }
-    transfer(tgid, state, direction, ret as i64, buffer);
+    Some(state)
 }
 
 /// `tgid` serves the connection from now on: a queued one is accepted; one another watched

@@ -1,8 +1,9 @@
-//! The fentry hook set's data path: fexit programs on `tcp_recvmsg` and `tcp_sendmsg` (and
-//! `tcp_sendpage`, sendfile's path before 6.5). They are BPF trampolines, a direct call from
-//! the function itself, and exist where the socket tracepoints do not (6.1); the rest of the
-//! set (connections from `inet_sock_set_state`, fork and exit) is the socket set's, and so is
-//! everything a transfer does (`sockets::sock_data`).
+//! The fentry hook set's own programs: fexit on `tcp_recvmsg` and `tcp_sendmsg` (and
+//! `tcp_sendpage`, sendfile's path before 6.5) for the data, and on `inet_csk_accept` for the
+//! moment a worker takes a connection. They are BPF trampolines, a direct call from the
+//! function itself, and exist where the socket tracepoints do not (6.1); the rest of the set
+//! (connections queued and ended from `inet_sock_set_state`, fork and exit) is the socket
+//! set's, and so is everything a transfer does (`sockets::sock_data`).
 //!
 //! fexit sees the `struct msghdr` after the copy: its iterator has moved past the data, so
 //! the first bytes are found by walking back over what this call moved. Struct offsets and
@@ -12,11 +13,12 @@ use aya_ebpf::{macros::fexit, programs::FExitContext};
 use probe_common::{buf_kind, dir};
 
 use crate::{
+    maps::is_target,
     record::{
         ITER_IOVEC, ITER_OFFSET_OFFSET, ITER_PTR_OFFSET, ITER_TYPE_OFFSET, ITER_UBUF,
-        MSG_ITER_OFFSET, kernel_at,
+        MSG_ITER_OFFSET, current, kernel_at,
     },
-    sockets::sock_data,
+    sockets::{sock_data, take},
 };
 
 /// int tcp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags, int *addr_len)
@@ -65,6 +67,31 @@ pub fn tcp_sendpage_exit(ctx: FExitContext) -> i32 {
     let ret = ctx.arg::<u64>(5) as i32;
     sock_data(sk, ret, 0, dir::WRITE, || (buf_kind::NONE, 0));
     0
+}
+
+/// struct sock *inet_csk_accept(struct sock *sk, int flags, int *err, bool kern) (before
+/// 6.10): the accepting process serves the returned connection from now on.
+#[fexit(function = "inet_csk_accept")]
+pub fn accept4_exit(ctx: FExitContext) -> i32 {
+    accepted(ctx.arg::<u64>(4));
+    0
+}
+
+/// struct sock *inet_csk_accept(struct sock *sk, struct proto_accept_arg *arg) (6.10 on).
+#[fexit(function = "inet_csk_accept")]
+pub fn accept2_exit(ctx: FExitContext) -> i32 {
+    accepted(ctx.arg::<u64>(2));
+    0
+}
+
+/// A watched process accepted `sk` (NULL when accept failed): it leaves the queue now, not at
+/// the worker's first read or write.
+#[inline(always)]
+fn accepted(sk: u64) {
+    let (_, tgid, _) = current();
+    if sk != 0 && is_target(tgid) {
+        let _ = take(sk, tgid);
+    }
 }
 
 /// Where the `moved` bytes this call copied start, in user memory: a single user buffer

@@ -86,6 +86,23 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 fn main() {
+    // The accept check's server: accept one connection and hold it, never reading.
+    let argv: Vec<String> = std::env::args().collect();
+    if let [_, flag, port] = argv.as_slice()
+        && flag == "--accept-and-hold"
+    {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port.parse().unwrap_or(0)))
+            .expect("binding the accept check's port");
+        println!("listening");
+        // Accept only when told: after flyprobe attached (the syscall hooks miss an accept
+        // already blocked when they attach).
+        let mut go = String::new();
+        let _ = std::io::stdin().read_line(&mut go);
+        let held = listener.accept().expect("accepting");
+        std::thread::sleep(Duration::from_secs(3600));
+        drop(held);
+        return;
+    }
     let args = match parse_args() {
         Ok(args) => args,
         Err(usage) => {
@@ -190,6 +207,7 @@ fn run_set(suite: &mut Suite, set: &str, expected: &str, first: bool) {
             Err(format!("wanted {want}: {line}; build_info {info:?}"))
         }
     });
+    suite.check(set, "accept", || accept(expected));
     for (server, s) in [("flyprobe-test-server", &rust), ("nginx", &nginx)] {
         suite.check(set, &format!("{server}-workers"), || {
             let m = settle(&fp, "2 workers", |m| {
@@ -263,6 +281,42 @@ fn exact(fp: &Flyprobe, server: &str, port: u16) -> Result<String, String> {
             .then_some(())
     });
     Ok(format!("{total} requests on 3 connections: {sent:?}"))
+}
+
+/// A server that accepts a connection and never reads it: the fentry and syscall sets see the
+/// accept (active), the socket set cannot (queued until the first read, write or close).
+fn accept(hooks: &str) -> Result<String, String> {
+    let port = flyprobe_tests::free_port();
+    let mut server = flyprobe_tests::procs::Guard::spawn(
+        "accept-and-hold",
+        Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+            .args(["--accept-and-hold", &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    // It says when it listens (a probe connection would be the one it accepts).
+    let mut line = String::new();
+    let stdout = server.child.stdout.take().ok_or("no stdout")?;
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+        .map_err(|e| e.to_string())?;
+    if line.trim() != "listening" {
+        return Err(format!("the accept-and-hold server said {line:?}"));
+    }
+    let fp = Flyprobe::start(&["--hooks", hooks, "--pid-tree", &server.pid().to_string()]);
+    let client = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    let mut stdin = server.child.stdin.take().ok_or("no stdin")?;
+    std::io::Write::write_all(&mut stdin, b"accept\n").map_err(|e| e.to_string())?;
+    let (active, queued) = if hooks == "socket" { (0, 1) } else { (1, 0) };
+    settle(&fp, "the held connection", |m| {
+        (m.total("server_active_connections", &[]) == active
+            && m.total("server_queued_connections", &[]) == queued
+            && m.total("server_connections_accepted_total", &[]) == active)
+            .then_some(())
+    });
+    drop(client);
+    Ok(format!(
+        "an accepted, never-read connection: active {active}, queued {queued}"
+    ))
 }
 
 /// SIGKILL one worker: reported stopped by SIGKILL, its replacement started.
