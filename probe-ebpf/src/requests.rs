@@ -2,9 +2,13 @@
 //! turn (the only payload ever read), recording completed and aborted requests, and the
 //! optional access-log record.
 
-use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_user};
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_user},
+};
 use probe_common::{
-    AccessRecord, ConnState, DURATION_BOUNDS_NS, ReqKey, ReqStats, buf_kind, drop_reason,
+    ACCESS_WAKE_BYTES, AccessRecord, ConnState, DURATION_BOUNDS_NS, ReqKey, ReqStats, buf_kind,
+    drop_reason,
     http::{Head, PEEK, status_class},
 };
 
@@ -108,7 +112,12 @@ pub fn log_access(tgid: u32, state: &ConnState) {
         method: state.method,
         protocol: state.protocol,
     };
-    if ACCESS.output::<AccessRecord>(&record, 0).is_err() {
+    let wake = if ACCESS.query(BPF_RB_AVAIL_DATA as u64) >= ACCESS_WAKE_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if ACCESS.output::<AccessRecord>(&record, wake as u64).is_err() {
         count_drop(drop_reason::ACCESS_RING_FULL);
     }
 }

@@ -100,7 +100,7 @@ pub fn sock_data(sk: u64, ret: i32, flags: i32, direction: u32, buffer: impl Fn(
 /// queued one, or one established before flyprobe attached. None for a socket that is not a
 /// served connection of a watched listener.
 #[inline(always)]
-pub fn take(sk: u64, tgid: u32) -> Option<&'static mut ConnState> {
+fn take(sk: u64, tgid: u32) -> Option<&'static mut ConnState> {
     let state = match CONNS.get_ptr_mut(sk) {
         Some(state) => state,
         None => adopt(sk)?,

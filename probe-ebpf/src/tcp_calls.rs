@@ -1,24 +1,25 @@
 //! The fentry hook set's own programs: fexit on `tcp_recvmsg` and `tcp_sendmsg` (and
-//! `tcp_sendpage`, sendfile's path before 6.5) for the data, and on `inet_csk_accept` for the
-//! moment a worker takes a connection. They are BPF trampolines, a direct call from the
-//! function itself, and exist where the socket tracepoints do not (6.1); the rest of the set
-//! (connections queued and ended from `inet_sock_set_state`, fork and exit) is the socket
-//! set's, and so is everything a transfer does (`sockets::sock_data`).
+//! `tcp_sendpage`, sendfile's path before 6.5). They are BPF trampolines, a direct call from
+//! the function itself, and exist where the socket tracepoints do not (6.1); the rest of the
+//! set (connections queued and ended from `inet_sock_set_state`, fork and exit) is the socket
+//! set's, and so is everything a transfer does (`sockets::sock_data`): a worker takes a
+//! connection at its first touch there too. (An fexit on `inet_csk_accept` would take it at
+//! accept, but a process that accepts and hands the socket on — fork per connection,
+//! SCM_RIGHTS — would then count it as well as the one that serves it.)
 //!
 //! fexit sees the `struct msghdr` after the copy: its iterator has moved past the data, so
 //! the first bytes are found by walking back over what this call moved. Struct offsets and
 //! the iterator kinds come from the kernel's BTF (`iov_iter` changed between 6.1 and 6.12).
 
 use aya_ebpf::{macros::fexit, programs::FExitContext};
-use probe_common::{buf_kind, dir};
+use probe_common::{buf_kind, dir, http::PEEK};
 
 use crate::{
-    maps::is_target,
     record::{
         ITER_IOVEC, ITER_OFFSET_OFFSET, ITER_PTR_OFFSET, ITER_TYPE_OFFSET, ITER_UBUF,
-        MSG_ITER_OFFSET, current, kernel_at,
+        MSG_ITER_OFFSET, kernel_at,
     },
-    sockets::{sock_data, take},
+    sockets::sock_data,
 };
 
 /// int tcp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags, int *addr_len)
@@ -46,6 +47,11 @@ fn recv_exit(ctx: &FExitContext, ret: i32) {
     let sk: u64 = ctx.arg(0);
     let msg: u64 = ctx.arg(1);
     let flags = ctx.arg::<u64>(3) as i32;
+    // MSG_TRUNC returns more than it copied: the iterator did not move that far.
+    if flags & MSG_TRUNC != 0 {
+        sock_data(sk, ret, flags, dir::READ, || (buf_kind::NONE, 0));
+        return;
+    }
     sock_data(sk, ret, flags, dir::READ, || moved_from(msg, ret));
 }
 
@@ -69,31 +75,6 @@ pub fn tcp_sendpage_exit(ctx: FExitContext) -> i32 {
     0
 }
 
-/// struct sock *inet_csk_accept(struct sock *sk, int flags, int *err, bool kern) (before
-/// 6.10): the accepting process serves the returned connection from now on.
-#[fexit(function = "inet_csk_accept")]
-pub fn accept4_exit(ctx: FExitContext) -> i32 {
-    accepted(ctx.arg::<u64>(4));
-    0
-}
-
-/// struct sock *inet_csk_accept(struct sock *sk, struct proto_accept_arg *arg) (6.10 on).
-#[fexit(function = "inet_csk_accept")]
-pub fn accept2_exit(ctx: FExitContext) -> i32 {
-    accepted(ctx.arg::<u64>(2));
-    0
-}
-
-/// A watched process accepted `sk` (NULL when accept failed): it leaves the queue now, not at
-/// the worker's first read or write.
-#[inline(always)]
-fn accepted(sk: u64) {
-    let (_, tgid, _) = current();
-    if sk != 0 && is_target(tgid) {
-        let _ = take(sk, tgid);
-    }
-}
-
 /// Where the `moved` bytes this call copied start, in user memory: a single user buffer
 /// (`ITER_UBUF`: the iterator's offset counts from its base, which never moves), or an
 /// iovec array (`ITER_IOVEC`: the iterator points at the current segment, so walk back over
@@ -101,6 +82,7 @@ fn accepted(sk: u64) {
 /// 16 buffers, nginx up to 64). Kernel-memory iterators (splice, sendfile
 /// since 6.5) have no user bytes.
 const SEGMENTS_BACK: u32 = 64;
+const MSG_TRUNC: i32 = 0x20;
 
 #[inline(always)]
 fn moved_from(msg: u64, moved: i32) -> (u32, u64) {
@@ -112,20 +94,25 @@ fn moved_from(msg: u64, moved: i32) -> (u32, u64) {
     let Ok(ptr) = kernel_at::<u64>(iter, ITER_PTR_OFFSET.load()) else {
         return NONE;
     };
-    if kind as u32 == ITER_UBUF.load() {
-        return (buf_kind::PLAIN, ptr);
-    }
-    if kind as u32 != ITER_IOVEC.load() {
-        return NONE;
-    }
     let Ok(offset) = kernel_at::<u64>(iter, ITER_OFFSET_OFFSET.load()) else {
         return NONE;
     };
     let moved = moved as u64;
+    if kind as u32 == ITER_UBUF.load() {
+        // The offset counts everything this iterator moved, this call's bytes last (io_uring
+        // reuses an iterator when it retries a partial send).
+        return match offset.checked_sub(moved) {
+            Some(start) => (buf_kind::PLAIN, ptr + start),
+            None => NONE,
+        };
+    }
+    if kind as u32 != ITER_IOVEC.load() {
+        return NONE;
+    }
     if offset >= moved {
         // Still in the segment it started in.
-        return match kernel_at::<u64>(ptr, 0) {
-            Ok(base) => (buf_kind::PLAIN, base + offset - moved),
+        return match kernel_at::<[u64; 2]>(ptr, 0) {
+            Ok([base, len]) => peekable(base, len, offset - moved, moved),
             Err(_) => NONE,
         };
     }
@@ -139,12 +126,25 @@ fn moved_from(msg: u64, moved: i32) -> (u32, u64) {
             return NONE;
         };
         if len >= left {
-            return (buf_kind::PLAIN, base + len - left);
+            return peekable(base, len, len - left, moved);
         }
         left -= len;
         i += 1;
     }
     NONE
+}
+
+/// Data starting `start` bytes into a segment of `len` at `base`: peeked only when the
+/// segment holds the whole peek (or all the call moved), so the bytes parsed are this
+/// call's, never what lies past the segment.
+#[inline(always)]
+fn peekable(base: u64, len: u64, start: u64, moved: u64) -> (u32, u64) {
+    let avail = len - start;
+    if avail >= PEEK as u64 || avail >= moved {
+        (buf_kind::PLAIN, base + start)
+    } else {
+        (buf_kind::NONE, 0)
+    }
 }
 
 /// Empty programs on the same functions: the fentry set's cost floor (`--empty-hooks`).

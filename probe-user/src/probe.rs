@@ -157,9 +157,6 @@ const HOOKS: &[Hook] = &[
     Hook::new("tcp_send_exit", "", &["tcp_sendmsg"], FExit(3), FENTRY),
     // sendfile before 6.5
     Hook::new("tcp_sendpage_exit", "", &["tcp_sendpage"], FExit(5), FENTRY),
-    // The accept: its arguments became one struct in 6.10
-    Hook::new("accept4_exit", "", &["inet_csk_accept"], FExit(4), FENTRY),
-    Hook::new("accept2_exit", "", &["inet_csk_accept"], FExit(2), FENTRY),
     // The socket set's data
     Hook::new("sock_recv", "sock", &["sock_recv_length"], Raw, SOCKET),
     Hook::new("sock_send", "sock", &["sock_send_length"], Raw, SOCKET),
@@ -344,7 +341,7 @@ impl SocketOffsets {
         signature("tcp_recvmsg", &["sk", "msg", "len", "flags"])?;
         // Each function's return value is read after its parameters: one of the programs
         // on it must match their number here.
-        for (function, counts) in [("tcp_recvmsg", &[4, 5][..]), ("inet_csk_accept", &[2, 4])] {
+        for (function, counts) in [("tcp_recvmsg", &[4, 5][..]), ("tcp_sendmsg", &[3])] {
             let params = btf.function_params(function).map_or(0, |p| p.len());
             if !counts.contains(&params) {
                 return Err(ProbeError::Signature {

@@ -819,9 +819,18 @@ fn untracked(r: &mut Report, args: &BenchArgs, rng: &mut Rng) -> Result<()> {
 /// One program's runs and ns per run over a load.
 type HookCost = (String, u64, f64);
 
+/// Every program's run time over a load, per request the load completed. The load
+/// generator's own socket events run the programs too (as untracked runs), so per-run
+/// figures blend the server's runs with the client's; per request, the difference between
+/// two runs of the same load is the server's alone.
+fn ns_per_request(costs: &[HookCost], requests: u64) -> f64 {
+    let ns: f64 = costs.iter().map(|x| x.2 * x.1 as f64).sum();
+    ns / requests.max(1) as f64
+}
+
 /// ns per run of each of flyprobe's programs, from kernel.bpf_stats_enabled, over one
 /// saturation load of `load`.
-fn hook_costs(fp_args: &[&str], load: &Server, args: &BenchArgs) -> Result<Vec<HookCost>> {
+fn hook_costs(fp_args: &[&str], load: &Server, args: &BenchArgs) -> Result<(Vec<HookCost>, u64)> {
     let first_id = prog_stats(None)?.keys().max().map_or(0, |id| id + 1);
     let fp = Flyprobe::start(fp_args);
     let owner = (fp.pid(), first_id);
@@ -829,7 +838,7 @@ fn hook_costs(fp_args: &[&str], load: &Server, args: &BenchArgs) -> Result<Vec<H
     fs::write("/proc/sys/kernel/bpf_stats_enabled", "1")?;
     let out = saturate(load, args);
     fs::write("/proc/sys/kernel/bpf_stats_enabled", "0")?;
-    out?;
+    let requests = out?.completed;
     let after = prog_stats(Some(owner))?;
     fp.stop();
     let mut out: Vec<HookCost> = after
@@ -841,7 +850,7 @@ fn hook_costs(fp_args: &[&str], load: &Server, args: &BenchArgs) -> Result<Vec<H
         })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
+    Ok((out, requests))
 }
 
 /// Programs' (name, run_time_ns, run_cnt) by id, from bpftool. With `owner` (flyprobe's
@@ -898,8 +907,8 @@ fn hooks(r: &mut Report, args: &BenchArgs, bin: &std::path::Path) -> Result<()> 
     if calibration {
         fp_args.push("--calibration-probe");
     }
-    let tracked = hook_costs(&fp_args, &watched, args)?;
-    let untracked = hook_costs(&fp_args, &other, args)?;
+    let (tracked, tracked_req) = hook_costs(&fp_args, &watched, args)?;
+    let (untracked, untracked_req) = hook_costs(&fp_args, &other, args)?;
     r.code("tracked traffic (flyprobe watches the loaded server):");
     for (name, runs, ns) in &tracked {
         r.code(format!("  {name:<16} {runs:>10} runs  {ns:>7.1} ns/run"));
@@ -910,11 +919,22 @@ fn hooks(r: &mut Report, args: &BenchArgs, bin: &std::path::Path) -> Result<()> 
     }
     let calib = |v: &[HookCost]| v.iter().find(|x| x.0 == "calibration").map(|x| x.2);
     let (floor_t, floor_u) = if empty_hooks {
-        let empty = hook_costs(&["--empty-hooks", "--pid-tree", &pid], &watched, args)?;
+        let (empty, empty_req) =
+            hook_costs(&["--empty-hooks", "--pid-tree", &pid], &watched, args)?;
         r.code("empty programs (--empty-hooks), same load:");
         for (name, runs, ns) in &empty {
             r.code(format!("  {name:<16} {runs:>10} runs  {ns:>7.1} ns/run"));
         }
+        let (t, u, e) = (
+            ns_per_request(&tracked, tracked_req),
+            ns_per_request(&untracked, untracked_req),
+            ns_per_request(&empty, empty_req),
+        );
+        r.code(format!(
+            "program time per request (server's and wrk's runs): empty {e:.0} ns, untracked {u:.0} ns, \
+             tracked {t:.0} ns; watching the server adds {:.0} ns per request to the empty programs",
+            t - e
+        ));
         // ns per run over all of them: the busy ones dominate.
         let runs: u64 = empty.iter().map(|x| x.1).sum();
         let ns: f64 = empty.iter().map(|x| x.2 * x.1 as f64).sum();

@@ -375,6 +375,13 @@ fn shared_libraries(elf: &Path) -> Result<Vec<PathBuf>> {
     if text.contains("not a dynamic executable") {
         return Ok(Vec::new());
     }
+    if let Some(missing) = text.lines().find(|l| l.contains("not found")) {
+        bail!(
+            "{}: a library is missing on this machine: {}",
+            elf.display(),
+            missing.trim()
+        );
+    }
     Ok(text
         .lines()
         .filter_map(|l| {

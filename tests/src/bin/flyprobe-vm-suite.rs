@@ -99,6 +99,7 @@ fn main() {
         let mut go = String::new();
         let _ = std::io::stdin().read_line(&mut go);
         let held = listener.accept().expect("accepting");
+        println!("accepted");
         std::thread::sleep(Duration::from_secs(3600));
         drop(held);
         return;
@@ -283,8 +284,9 @@ fn exact(fp: &Flyprobe, server: &str, port: u16) -> Result<String, String> {
     Ok(format!("{total} requests on 3 connections: {sent:?}"))
 }
 
-/// A server that accepts a connection and never reads it: the fentry and syscall sets see the
-/// accept (active), the socket set cannot (queued until the first read, write or close).
+/// A server that accepts a connection and never reads it: the syscall set sees the accept
+/// (active); the socket-keyed sets take a connection at a worker's first read, write or close,
+/// so it stays queued.
 fn accept(hooks: &str) -> Result<String, String> {
     let port = flyprobe_tests::free_port();
     let mut server = flyprobe_tests::procs::Guard::spawn(
@@ -295,18 +297,26 @@ fn accept(hooks: &str) -> Result<String, String> {
             .stdout(Stdio::piped()),
     );
     // It says when it listens (a probe connection would be the one it accepts).
-    let mut line = String::new();
-    let stdout = server.child.stdout.take().ok_or("no stdout")?;
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
-        .map_err(|e| e.to_string())?;
-    if line.trim() != "listening" {
-        return Err(format!("the accept-and-hold server said {line:?}"));
-    }
+    let mut said = std::io::BufReader::new(server.child.stdout.take().ok_or("no stdout")?);
+    let mut expect = |word: &str| -> Result<(), String> {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut said, &mut line).map_err(|e| e.to_string())?;
+        if line.trim() == word {
+            Ok(())
+        } else {
+            Err(format!(
+                "the accept-and-hold server said {line:?}, not {word}"
+            ))
+        }
+    };
+    expect("listening")?;
     let fp = Flyprobe::start(&["--hooks", hooks, "--pid-tree", &server.pid().to_string()]);
     let client = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     let mut stdin = server.child.stdin.take().ok_or("no stdin")?;
     std::io::Write::write_all(&mut stdin, b"accept\n").map_err(|e| e.to_string())?;
-    let (active, queued) = if hooks == "socket" { (0, 1) } else { (1, 0) };
+    // Checked only once the accept happened, so a wrongly counted accept cannot hide.
+    expect("accepted")?;
+    let (active, queued) = if hooks == "syscall" { (1, 0) } else { (0, 1) };
     settle(&fp, "the held connection", |m| {
         (m.total("server_active_connections", &[]) == active
             && m.total("server_queued_connections", &[]) == queued
@@ -453,6 +463,14 @@ fn cost(hooks: &str) -> Result<String, String> {
         args.extend(["--pid-tree", pid.as_str()]);
         let fp = Flyprobe::start(&args);
         stats(true)?;
+        // Off again however this run ends.
+        struct StatsOff;
+        impl Drop for StatsOff {
+            fn drop(&mut self) {
+                let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+            }
+        }
+        let _off = StatsOff;
         let mut conns: Vec<Conn> = (0..4)
             .map(|_| Conn::connect(server.port))
             .collect::<Result<_, _>>()
