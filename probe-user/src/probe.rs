@@ -25,7 +25,7 @@ pub(crate) static OBJECT: &[u8] =
 struct Hook {
     program: &'static str,
     /// The tracefs category (raw tracepoints are attached by event name alone; the category
-    /// says where to check that the event exists); "" for fexit programs.
+    /// says where to check that the event exists); "fexit" for fexit programs.
     category: &'static str,
     /// Tracepoints, or for an fexit program its kernel function.
     tracepoints: &'static [&'static str],
@@ -130,12 +130,13 @@ const SOCKET_EVENTS: [&str; 3] = [
 ];
 
 /// Empty programs on each socket-keyed set's events, alone: the cost floor (`--empty-hooks`).
+#[rustfmt::skip]
 const FLOOR: &[Hook] = &[
     Hook::new("empty_recv", "sock", &["sock_recv_length"], Raw, SOCKET),
     Hook::new("empty_send", "sock", &["sock_send_length"], Raw, SOCKET),
-    Hook::new("empty_recv_exit", "", &["tcp_recvmsg"], FExit(5), FENTRY),
-    Hook::new("empty_recv_exit", "", &["tcp_recvmsg"], FExit(4), FENTRY),
-    Hook::new("empty_send_exit", "", &["tcp_sendmsg"], FExit(3), FENTRY),
+    Hook::new("empty_recv_exit", "fexit", &["tcp_recvmsg"], FExit(5), FENTRY),
+    Hook::new("empty_recv_exit", "fexit", &["tcp_recvmsg"], FExit(4), FENTRY),
+    Hook::new("empty_send_exit", "fexit", &["tcp_sendmsg"], FExit(3), FENTRY),
     Hook::new(
         "empty_state",
         "sock",
@@ -152,11 +153,11 @@ const HOOKS: &[Hook] = &[
     // Connections of the socket-keyed sets
     Hook::new("sock_state", "sock", &["inet_sock_set_state"], Raw, BY_SOCKET),
     // The fentry set's data
-    Hook::new("tcp_recv_exit", "", &["tcp_recvmsg"], FExit(5), FENTRY),
-    Hook::new("tcp_recv4_exit", "", &["tcp_recvmsg"], FExit(4), FENTRY),
-    Hook::new("tcp_send_exit", "", &["tcp_sendmsg"], FExit(3), FENTRY),
+    Hook::new("tcp_recv_exit", "fexit", &["tcp_recvmsg"], FExit(5), FENTRY),
+    Hook::new("tcp_recv4_exit", "fexit", &["tcp_recvmsg"], FExit(4), FENTRY),
+    Hook::new("tcp_send_exit", "fexit", &["tcp_sendmsg"], FExit(3), FENTRY),
     // sendfile before 6.5
-    Hook::new("tcp_sendpage_exit", "", &["tcp_sendpage"], FExit(5), FENTRY),
+    Hook::new("tcp_sendpage_exit", "fexit", &["tcp_sendpage"], FExit(5), FENTRY),
     // The socket set's data
     Hook::new("sock_recv", "sock", &["sock_recv_length"], Raw, SOCKET),
     Hook::new("sock_send", "sock", &["sock_send_length"], Raw, SOCKET),
