@@ -26,6 +26,7 @@ use crate::{
 };
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    check_pid_namespace()?;
     raise_fd_limit();
     let mut watched = Watched::discover(&cli.pid_tree, cli.server_name.as_deref())?;
     let selectors = Selectors::new(&cli.port, &cli.comm, &cli.cgroup, cli.all_listeners);
@@ -306,6 +307,20 @@ fn attach(
             log::info!("hooks: syscall (neither the fentry nor the socket hooks work here)");
             load(HookSet::Syscall)
         }
+    }
+}
+
+/// The kernel's programs report PIDs of the initial PID namespace; from a child namespace
+/// (a sidecar without hostPID, `unshare --pid`) the daemon would look them up in the wrong
+/// one and report nothing. Refuse rather than serve zeros that look like an idle server.
+fn check_pid_namespace() -> Result<(), StartError> {
+    // PROC_PID_INIT_INO: the initial PID namespace's fixed inode (include/linux/proc_ns.h).
+    const INITIAL: &str = "pid:[4026531836]";
+    match std::fs::read_link("/proc/self/ns/pid") {
+        Ok(link) if link.as_os_str() != INITIAL => Err(StartError::PidNamespace {
+            ns: link.display().to_string(),
+        }),
+        _ => Ok(()),
     }
 }
 

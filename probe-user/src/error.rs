@@ -24,6 +24,12 @@ pub enum StartError {
     )]
     ExitedDuringStartup { pid: u32 },
     #[error(
+        "flyprobe runs in a child PID namespace ({ns}): its kernel programs see the host's PIDs, \
+         which this namespace cannot name, so every count would be 0; run it in the host's PID \
+         namespace (Kubernetes: hostPID: true; docker: --pid=host)"
+    )]
+    PidNamespace { ns: String },
+    #[error(
         "flyprobe needs root, or the capabilities CAP_BPF and CAP_PERFMON, to load eBPF \
          programs (it has neither: {detail}); run it with sudo"
     )]
@@ -52,7 +58,8 @@ impl StartError {
             Self::NoSuchProcess { .. }
             | Self::KernelThread { .. }
             | Self::Thread { .. }
-            | Self::ExitedDuringStartup { .. } => EXIT_USAGE,
+            | Self::ExitedDuringStartup { .. }
+            | Self::PidNamespace { .. } => EXIT_USAGE,
             Self::NotPrivileged { .. }
             | Self::ListenInUse { .. }
             | Self::Listen { .. }

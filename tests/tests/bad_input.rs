@@ -247,3 +247,18 @@ fn pid_that_exits_during_start_up() {
         &format!("PID {pid} exited while flyprobe was starting"),
     );
 }
+
+/// From a child PID namespace the kernel's PIDs cannot be named: one line, exit 2, never a
+/// daemon that serves zeros.
+#[test]
+fn run_in_a_child_pid_namespace() {
+    require_root();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(flyprobe::bin())
+        .args(["--pid-tree", "1", "--listen", &listen])
+        .output()
+        .expect("unshare (util-linux, installed by `cargo xtask setup`)");
+    assert_fails(&out, 2, "child PID namespace");
+}
