@@ -369,6 +369,8 @@ pub mod names {
     pub const NET_INUM_OFFSET: &str = "NET_INUM_OFFSET";
     pub const SK_PROTOCOL_OFFSET: &str = "SK_PROTOCOL_OFFSET";
     pub const TASK_EXIT_CODE_OFFSET: &str = "TASK_EXIT_CODE_OFFSET";
+    pub const TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
+    pub const TASK_TGID_OFFSET: &str = "TASK_TGID_OFFSET";
     pub const REGS_ARG1_OFFSET: &str = "REGS_ARG1_OFFSET";
     /// Non-zero when the syscall's buffer may be found through the task's saved registers.
     pub const PEEK_REGS: &str = "PEEK_REGS";

@@ -3,12 +3,19 @@
 //! the way (its exit_group code, the signals sent to it) and reported with its exit, since
 //! sched_process_exit itself carries no exit status.
 
-use aya_ebpf::{bindings::BPF_ANY, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
 use probe_common::{ExitInfo, drop_reason, event_kind, exit_flags};
 
 use crate::{
     maps::{EVENTS, EXITS, PENDING_IO, count_drop, is_target, send_event, set_target},
-    record::{TASK_EXIT_CODE_OFFSET, current, fork_child_pid, signal_generated, syscall_arg0},
+    record::{
+        TASK_EXIT_CODE_OFFSET, TASK_PID_OFFSET, TASK_TGID_OFFSET, current, fork_child_pid,
+        kernel_at, signal_generated, syscall_arg0,
+    },
     sockets::current_exit_code,
 };
 
@@ -30,6 +37,35 @@ fn try_process_fork(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     emit(event_kind::FORK, child, parent, ExitInfo::default());
+    Ok(())
+}
+
+/// sched_process_fork(struct task_struct *parent, struct task_struct *child) as a raw
+/// tracepoint (the socket-keyed sets, which have BTF): no perf event to open, which Debian's
+/// perf_event_paranoid=3 refuses without CAP_SYS_ADMIN, and the child's task says whether it
+/// is a new process or a thread of one. Threads are neither targets nor lifecycle events.
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn process_fork_raw(ctx: RawTracePointContext) -> i32 {
+    let _ = try_process_fork_raw(&ctx);
+    0
+}
+
+fn try_process_fork_raw(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let (_, parent, _) = current();
+    if !is_target(parent) {
+        return Ok(());
+    }
+    let child: u64 = ctx.arg(1);
+    let pid: i32 = kernel_at(child, TASK_PID_OFFSET.load())?;
+    let tgid: i32 = kernel_at(child, TASK_TGID_OFFSET.load())?;
+    if pid != tgid {
+        return Ok(());
+    }
+    if !set_target(pid as u32, true) {
+        count_drop(drop_reason::TARGET_MAP_FULL);
+        return Ok(());
+    }
+    emit(event_kind::FORK, pid as u32, parent, ExitInfo::default());
     Ok(())
 }
 
@@ -106,19 +142,33 @@ fn update_exit(tgid: u32, f: impl FnOnce(&mut ExitInfo)) {
 
 /// sched:sched_process_exit, once per exiting thread.
 #[tracepoint]
-pub fn process_exit(ctx: TracePointContext) -> u32 {
-    let _ = ctx;
+pub fn process_exit(_ctx: TracePointContext) -> u32 {
+    exit_current();
+    0
+}
+
+/// The same as a raw tracepoint (the socket-keyed sets: no perf event to open).
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn process_exit_raw(_ctx: RawTracePointContext) -> i32 {
+    exit_current();
+    0
+}
+
+/// The current thread exits: clean up after it, and report its process's end when it is the
+/// leader.
+#[inline(always)]
+fn exit_current() {
     let (id, tgid, tid) = current();
     // The leader often exits before the other threads of a dying process: a thread must be
     // cleaned up even when its process is no longer in the set.
     let thread_tracked = is_target(tid);
     if !thread_tracked && !is_target(tgid) {
-        return 0;
+        return;
     }
     // The thread's pending-syscall slot, if it did socket I/O.
     let _ = PENDING_IO.remove(id);
     if !thread_tracked {
-        return 0; // a thread that was there before flyprobe: not in the set
+        return; // a thread that was there before flyprobe: not in the set
     }
     set_target(tid, false);
     let exit = EXITS.get_ptr(tid).map(|p| unsafe { *p });
@@ -135,7 +185,6 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
         };
         emit(event_kind::EXIT, tgid, 0, exit);
     }
-    0
 }
 
 /// `task_struct.exit_code` as `ExitInfo`: the killing signal in the low 7 bits (0x80 marks

@@ -41,6 +41,10 @@ pub static SK_PROTOCOL_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static TASK_EXIT_CODE_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
+pub static TASK_PID_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static TASK_TGID_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
 pub static REGS_ARG1_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static PEEK_REGS: Global<u32> = Global::new(0);

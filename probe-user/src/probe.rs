@@ -148,8 +148,12 @@ const FLOOR: &[Hook] = &[
 
 #[rustfmt::skip]
 const HOOKS: &[Hook] = &[
-    Hook::new("process_fork", "sched", &["sched_process_fork"], Tracepoint, ALL),
-    Hook::new("process_exit", "sched", &["sched_process_exit"], Tracepoint, ALL),
+    // Lifecycle: raw where BTF names the task's fields (no perf event: Debian's
+    // perf_event_paranoid=3 wants CAP_SYS_ADMIN for one), else classic
+    Hook::new("process_fork_raw", "sched", &["sched_process_fork"], Raw, BY_SOCKET),
+    Hook::new("process_exit_raw", "sched", &["sched_process_exit"], Raw, BY_SOCKET),
+    Hook::new("process_fork", "sched", &["sched_process_fork"], Tracepoint, SYSCALL),
+    Hook::new("process_exit", "sched", &["sched_process_exit"], Tracepoint, SYSCALL),
     // Connections of the socket-keyed sets
     Hook::new("sock_state", "sock", &["inet_sock_set_state"], Raw, BY_SOCKET),
     // The fentry set's data
@@ -274,6 +278,8 @@ pub struct SocketOffsets {
     net_inum: u32,
     sk_protocol: u32,
     task_exit_code: u32,
+    task_pid: u32,
+    task_tgid: u32,
     /// `pt_regs.si`, followed by `di` and `orig_ax` (the syscall number).
     regs_arg1: u32,
     /// The syscall's buffer is found through the saved user registers (the socket set on
@@ -387,6 +393,8 @@ impl SocketOffsets {
             net_inum: field("net", &["ns", "inum"])?,
             sk_protocol: field("sock", &["sk_protocol"])?,
             task_exit_code: field("task_struct", &["exit_code"])?,
+            task_pid: field("task_struct", &["pid"])?,
+            task_tgid: field("task_struct", &["tgid"])?,
             regs_arg1: 0,
             peek_regs: false,
             iter: None,
@@ -504,6 +512,8 @@ impl Probe {
                 .override_global(names::NET_INUM_OFFSET, &o.net_inum, true)
                 .override_global(names::SK_PROTOCOL_OFFSET, &o.sk_protocol, true)
                 .override_global(names::TASK_EXIT_CODE_OFFSET, &o.task_exit_code, true)
+                .override_global(names::TASK_PID_OFFSET, &o.task_pid, true)
+                .override_global(names::TASK_TGID_OFFSET, &o.task_tgid, true)
                 .override_global(names::REGS_ARG1_OFFSET, &o.regs_arg1, true)
                 .override_global(names::PEEK_REGS, &peek, true)
                 .override_global(names::ANNOUNCE_LISTEN, &announce_listen, true);

@@ -24,13 +24,15 @@ fn loaded_programs() -> Vec<String> {
         .output()
         .expect("bpftool (installed by `cargo xtask setup`)");
     let progs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
-    const OURS: [&str; 9] = [
+    const OURS: [&str; 11] = [
         "accept_enter",
         "accept_exit",
         "close_enter",
         "io_exit",
         "process_fork",
         "process_exit",
+        "process_fork_raw",
+        "process_exit_raw",
         "sock_recv",
         "sock_send",
         "sock_state",

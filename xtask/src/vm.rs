@@ -282,6 +282,7 @@ fn write_initramfs(path: &Path, busybox: &Path) -> Result<()> {
             PathBuf::from("/usr/sbin/bpftool"),
             "usr/sbin/bpftool".into(),
         ),
+        (PathBuf::from("/usr/bin/setpriv"), "usr/bin/setpriv".into()),
         (
             nginx.clone(),
             nginx.to_string_lossy().trim_start_matches('/').into(),
