@@ -31,13 +31,18 @@ fn try_process_fork(ctx: &TracePointContext) -> Result<(), i64> {
     if !is_target(parent) {
         return Ok(());
     }
-    let child = fork_child_pid(ctx)? as u32;
+    track_child(fork_child_pid(ctx)? as u32, parent);
+    Ok(())
+}
+
+/// A tracked process forked `child`: tracked from now on, and announced to the daemon.
+#[inline(always)]
+fn track_child(child: u32, parent: u32) {
     if !set_target(child, true) {
         count_drop(drop_reason::TARGET_MAP_FULL);
-        return Ok(());
+        return;
     }
     emit(event_kind::FORK, child, parent, ExitInfo::default());
-    Ok(())
 }
 
 /// sched_process_fork(struct task_struct *parent, struct task_struct *child) as a raw
@@ -58,14 +63,9 @@ fn try_process_fork_raw(ctx: &RawTracePointContext) -> Result<(), i64> {
     let child: u64 = ctx.arg(1);
     let pid: i32 = kernel_at(child, TASK_PID_OFFSET.load())?;
     let tgid: i32 = kernel_at(child, TASK_TGID_OFFSET.load())?;
-    if pid != tgid {
-        return Ok(());
+    if pid == tgid {
+        track_child(pid as u32, parent);
     }
-    if !set_target(pid as u32, true) {
-        count_drop(drop_reason::TARGET_MAP_FULL);
-        return Ok(());
-    }
-    emit(event_kind::FORK, pid as u32, parent, ExitInfo::default());
     Ok(())
 }
 

@@ -155,6 +155,44 @@ pub fn hypercorn(workers: u32) -> Server {
     ready(guard, port)
 }
 
+/// Debian's nginx binary, if installed.
+pub fn nginx_bin() -> Option<PathBuf> {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// An nginx configuration for a test or benchmark server: everything it writes goes under
+/// `dir`, it runs in the foreground as root with `workers` workers and no access log;
+/// `keepalive` is the http block's keep-alive setting, `server` the server block's body.
+pub fn nginx_conf(dir: &std::path::Path, workers: u32, keepalive: &str, server: &str) -> String {
+    let d = dir.display();
+    format!(
+        "user root;
+worker_processes {workers};
+daemon off;
+master_process on;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  sendfile on;
+  {keepalive}
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  server {{
+    {server}
+  }}
+}}
+"
+    )
+}
+
 /// nginx (Debian package) with 2 worker processes, configured like the apps: `return` for
 /// the fixed routes, a 1 MiB static file served with sendfile, and /slow proxied to
 /// `upstream` (the axum server, which is not watched).
@@ -164,25 +202,12 @@ pub fn nginx(upstream: u16) -> Server {
     std::fs::create_dir_all(dir.join("static")).expect("nginx dir");
     std::fs::write(dir.join("static/big.bin"), vec![b'x'; 1 << 20]).expect("static file");
     let d = dir.display();
-    let conf = format!(
-        "user root;
-worker_processes 2;
-daemon off;
-master_process on;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  sendfile on;
-  keepalive_requests 100000;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  server {{
-    listen 127.0.0.1:{port};
+    let conf = nginx_conf(
+        &dir,
+        2,
+        "keepalive_requests 100000;",
+        &format!(
+            "listen 127.0.0.1:{port};
     add_header x-worker-pid $pid always;
     location = / {{ return 200 'ok'; }}
     location = /echo {{ return 200 'received'; }}
@@ -190,16 +215,11 @@ http {{
     location = /error {{ return 500; }}
     location = /slow {{ proxy_pass http://127.0.0.1:{upstream}; }}
     location = /big {{ proxy_pass http://127.0.0.1:{upstream}; }}
-    location /static/ {{ root {d}; }}
-  }}
-}}
-"
+    location /static/ {{ root {d}; }}"
+        ),
     );
     std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
-    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("nginx is not installed: run `cargo xtask setup`");
+    let nginx = nginx_bin().expect("nginx is not installed: run `cargo xtask setup`");
     let guard = Guard::spawn(
         "nginx",
         Command::new(nginx)

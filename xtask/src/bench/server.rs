@@ -99,36 +99,14 @@ pub fn nginx(workers: u32, cpu: Option<u32>) -> Result<Server> {
     let d = dir.display();
     fs::write(
         dir.join("nginx.conf"),
-        format!(
-            "user root;
-worker_processes {workers};
-daemon off;
-master_process on;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  sendfile on;
-  keepalive_requests 1000000;
-  keepalive_timeout 75s;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  server {{
-    listen 127.0.0.1:{port};
-    root {d}/www;
-  }}
-}}
-"
+        servers::nginx_conf(
+            &dir,
+            workers,
+            "keepalive_requests 1000000;\n  keepalive_timeout 75s;",
+            &format!("listen 127.0.0.1:{port};\n    root {d}/www;"),
         ),
     )?;
-    let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .context("nginx is not installed: run `cargo xtask setup`")?;
+    let bin = servers::nginx_bin().context("nginx is not installed: run `cargo xtask setup`")?;
     let guard = Guard::spawn(
         "nginx",
         pinned(cpu, bin)
