@@ -23,6 +23,27 @@ pub mod conn_flags {
     /// Established for a watched listener, not yet read, written or closed by any watched
     /// process: waiting in the accept queue, or accepted and not yet touched.
     pub const QUEUED: u8 = 1;
+    /// A unix-domain stream connection (`transport="unix"`); `ConnState::ino` names its
+    /// socket, since no kernel event marks its close.
+    pub const UNIX: u8 = 2;
+}
+
+/// `ReqKey::transport`, the `transport` label.
+pub mod transport {
+    pub const TCP: u8 = 0;
+    pub const UNIX: u8 = 1;
+    /// Label values, indexed by transport.
+    pub const NAMES: [&str; 2] = ["tcp", "unix"];
+
+    /// The transport of a connection with these `conn_flags`.
+    #[inline(always)]
+    pub const fn of(flags: u8) -> u8 {
+        if flags & super::conn_flags::UNIX != 0 {
+            UNIX
+        } else {
+            TCP
+        }
+    }
 }
 
 /// Where a connection is in its request/response turn.
@@ -66,6 +87,9 @@ pub struct ConnState {
     /// Bytes read and written in this turn.
     pub rx: u64,
     pub tx: u64,
+    /// The socket's inode number (unix-domain connections of the socket-keyed sets): a
+    /// `struct sock` freed and reused for another connection has another one.
+    pub ino: u64,
 }
 
 /// Per-process counters, kept per CPU and summed by userspace. All of them only grow, so the
@@ -209,7 +233,9 @@ pub struct ReqKey {
     /// Status class 1..=5, or 0 (no response, or not HTTP).
     pub status: u8,
     pub protocol: u8,
-    pub _pad: u8,
+    /// `transport::*` (absent from ledgers written before it: TCP).
+    #[cfg_attr(feature = "user", serde(default))]
+    pub transport: u8,
 }
 
 /// Histogram bucket bounds for request durations, in ns (0.5 ms to 10 s).
@@ -352,6 +378,9 @@ pub mod names {
     pub const DROPPED: &str = "DROPPED";
     pub const PENDING_ACCEPT: &str = "PENDING_ACCEPT";
     pub const ACCESS: &str = "ACCESS";
+    /// The program the daemon runs (BPF_PROG_TEST_RUN) to end unix connections whose
+    /// socket is gone.
+    pub const UNIX_SWEEP: &str = "unix_sweep";
     /// Non-zero when --access-log is on; records are only built then.
     pub const ACCESS_LOG_ENABLED: &str = "ACCESS_LOG_ENABLED";
 
@@ -383,6 +412,19 @@ pub mod names {
     pub const ITER_PTR_OFFSET: &str = "ITER_PTR_OFFSET";
     pub const ITER_UBUF: &str = "ITER_UBUF";
     pub const ITER_IOVEC: &str = "ITER_IOVEC";
+    /// Unix-domain sockets: `sock.sk_type`, `sock.sk_socket`, `unix_sock.addr`, the inode
+    /// number of a `struct socket` (`socket_alloc.vfs_inode.i_ino`), `socket.sk`.
+    pub const SK_TYPE_OFFSET: &str = "SK_TYPE_OFFSET";
+    pub const SK_SOCKET_OFFSET: &str = "SK_SOCKET_OFFSET";
+    pub const UNIX_ADDR_OFFSET: &str = "UNIX_ADDR_OFFSET";
+    pub const SOCKET_INO_OFFSET: &str = "SOCKET_INO_OFFSET";
+    pub const SOCKET_SK_OFFSET: &str = "SOCKET_SK_OFFSET";
+    /// The syscall set's fd -> socket walk: `task_struct.files`, `files_struct.fdt`,
+    /// `fdtable.fd`, `file.private_data`.
+    pub const TASK_FILES_OFFSET: &str = "TASK_FILES_OFFSET";
+    pub const FILES_FDT_OFFSET: &str = "FILES_FDT_OFFSET";
+    pub const FDT_FD_OFFSET: &str = "FDT_FD_OFFSET";
+    pub const FILE_PRIVATE_DATA_OFFSET: &str = "FILE_PRIVATE_DATA_OFFSET";
 }
 
 /// Where syscall tracepoint records keep their arguments and return value (a stable ABI:
@@ -443,7 +485,7 @@ mod pod {
 }
 
 // No implicit padding anywhere: the sizes are the sums of the fields.
-const _: () = assert!(core::mem::size_of::<ConnState>() == 56);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 64);
 const _: () = assert!(core::mem::size_of::<ListenKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ProcStats>() == 56);
 const _: () = assert!(core::mem::size_of::<PendingIo>() == 24);

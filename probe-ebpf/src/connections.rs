@@ -5,18 +5,23 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_probe_read_user,
+    helpers::{bpf_get_current_task, bpf_probe_read_user},
     macros::tracepoint,
     programs::TracePointContext,
 };
-use probe_common::{ConnState, ProcStats, drop_reason, fd_key, phase};
+use probe_common::{ConnState, ProcStats, conn_flags, drop_reason, fd_key, phase};
 
 use crate::{
     maps::{CONNS, PENDING_ACCEPT, count_drop, is_target, stats_mut},
-    record::{current, syscall_arg0, syscall_arg1, syscall_ret},
+    record::{
+        FDT_FD_OFFSET, FILE_PRIVATE_DATA_OFFSET, FILES_FDT_OFFSET, SK_FAMILY_OFFSET,
+        SOCKET_SK_OFFSET, TASK_FILES_OFFSET, current, kernel_at, syscall_arg0, syscall_arg1,
+        syscall_ret,
+    },
     requests::{log_access, record_aborted},
 };
 
+const AF_UNIX: u16 = 1;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const EEXIST: i64 = 17;
@@ -60,21 +65,26 @@ fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i64> {
     if fd < 0 {
         return Ok(());
     }
-    // accept only returns stream sockets; the family tells TCP from a unix socket. Without an
-    // address buffer the family is unknown and the connection is counted.
-    if sockaddr != 0
-        && let Ok(family) = unsafe { bpf_probe_read_user(sockaddr as *const u16) }
-        && family != AF_INET
-        && family != AF_INET6
-    {
-        return Ok(());
-    }
+    // accept only returns stream sockets: TCP or unix-domain ones, told apart by the
+    // family: the socket's own, through the fd table where BTF gave the offsets, else the
+    // peer address's (many servers pass no address buffer: then it is TCP).
+    let family = match fd_family(fd as u32) {
+        Some(family) => Some(family),
+        None if sockaddr != 0 => unsafe { bpf_probe_read_user(sockaddr as *const u16) }.ok(),
+        None => None,
+    };
+    let flags = match family {
+        Some(AF_UNIX) => conn_flags::UNIX,
+        Some(AF_INET | AF_INET6) | None => 0,
+        Some(_) => return Ok(()),
+    };
     let Some(stats) = stats_mut(tgid) else {
         return Ok(());
     };
     let key = fd_key(tgid, fd as u32);
     let fresh = ConnState {
         owner: tgid,
+        flags,
         ..ConnState::default()
     };
     match CONNS.insert(key, fresh, BPF_NOEXIST as u64) {
@@ -93,6 +103,24 @@ fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i64> {
     }
     stats.accepted += 1;
     Ok(())
+}
+
+/// The address family of the socket open as `fd` in the current process: task -> files ->
+/// fdt -> fd[fd] -> file.private_data (the `struct socket`) -> sk. None without the offsets.
+#[inline(always)]
+fn fd_family(fd: u32) -> Option<u16> {
+    let files_offset = TASK_FILES_OFFSET.load();
+    if files_offset == 0 || fd >= 1 << 20 {
+        return None;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = kernel_at(task, files_offset).ok()?;
+    let fdt: u64 = kernel_at(files, FILES_FDT_OFFSET.load()).ok()?;
+    let table: u64 = kernel_at(fdt, FDT_FD_OFFSET.load()).ok()?;
+    let file: u64 = kernel_at(table, fd * 8).ok()?;
+    let socket: u64 = kernel_at(file, FILE_PRIVATE_DATA_OFFSET.load()).ok()?;
+    let sk: u64 = kernel_at(socket, SOCKET_SK_OFFSET.load()).ok()?;
+    kernel_at(sk, SK_FAMILY_OFFSET.load()).ok()
 }
 
 /// sys_enter_close: the fd is released whatever close returns (except EBADF, where it was

@@ -11,7 +11,8 @@
 //! - `io::transfer`: the request/response turn;
 //! - `requests`: what a turn records (labelled counts, durations, the access log);
 //! - `lifecycle`: fork extends the target set in the kernel, exit ends a process;
-//! - `discovery`: exec and listen of untracked processes, for node-wide selectors.
+//! - `discovery`: exec and listen of untracked processes, for node-wide selectors;
+//! - `unix`: unix-domain stream connections in the socket-keyed sets.
 #![no_std]
 #![no_main]
 
@@ -24,6 +25,7 @@ mod record;
 mod requests;
 mod sockets;
 mod tcp_calls;
+mod unix;
 
 /// Does nothing: `cargo xtask bench` attaches it beside the real programs (hidden flag
 /// `--calibration-probe`) to measure what an empty program costs on this machine, the floor

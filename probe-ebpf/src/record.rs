@@ -65,6 +65,26 @@ pub static ITER_PTR_OFFSET: Global<u32> = Global::new(0);
 pub static ITER_UBUF: Global<u32> = Global::new(255);
 #[unsafe(no_mangle)]
 pub static ITER_IOVEC: Global<u32> = Global::new(255);
+// Unix-domain sockets (socket-keyed sets), from BTF; UNIX_ADDR_OFFSET 0: not counted.
+#[unsafe(no_mangle)]
+pub static SK_TYPE_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static SK_SOCKET_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static UNIX_ADDR_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static SOCKET_INO_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static SOCKET_SK_OFFSET: Global<u32> = Global::new(0);
+// The syscall set's way from an fd to its socket's family, from BTF; 0: not read.
+#[unsafe(no_mangle)]
+pub static TASK_FILES_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static FILES_FDT_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static FDT_FD_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static FILE_PRIVATE_DATA_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static ANNOUNCE_LISTEN: Global<u32> = Global::new(0);
 

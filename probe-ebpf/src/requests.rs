@@ -10,6 +10,7 @@ use probe_common::{
     ACCESS_WAKE_BYTES, AccessRecord, ConnState, DURATION_BOUNDS_NS, ReqKey, ReqStats, buf_kind,
     drop_reason,
     http::{Head, PEEK, status_class},
+    transport,
 };
 
 use crate::{
@@ -57,7 +58,7 @@ fn labels(tgid: u32, state: &ConnState, status: u8) -> ReqKey {
         method: state.method,
         status,
         protocol: state.protocol,
-        _pad: 0,
+        transport: transport::of(state.flags),
     }
 }
 

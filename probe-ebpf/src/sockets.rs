@@ -32,8 +32,10 @@ use crate::{
         ANNOUNCE_LISTEN, NET_INUM_OFFSET, PEEK_REGS, REGS_ARG1_OFFSET, SK_FAMILY_OFFSET,
         SK_NET_OFFSET, SK_NUM_OFFSET, SK_PROTOCOL_OFFSET, SK_STATE_OFFSET, current, kernel_at,
     },
+    unix,
 };
 
+const AF_UNIX: u16 = 1;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u16 = 6;
@@ -102,8 +104,11 @@ pub fn sock_data(sk: u64, ret: i32, flags: i32, direction: u32, buffer: impl Fn(
 #[inline(always)]
 fn take(sk: u64, tgid: u32) -> Option<&'static mut ConnState> {
     let state = match CONNS.get_ptr_mut(sk) {
-        Some(state) => state,
-        None => adopt(sk)?,
+        // SAFETY: valid for this run (RCU).
+        Some(state) if unsafe { (*state).flags } & conn_flags::UNIX == 0 => state,
+        // A unix socket's entry may be a closed socket's whose memory this one reuses.
+        Some(state) if !unix::ended(sk, unsafe { &*state }) => state,
+        _ => adopt(sk)?,
     };
     // SAFETY: the entry stays valid for this program's run (RCU); a connection is driven by
     // one thread at a time, so the state is not written concurrently.
@@ -124,8 +129,10 @@ fn serve(state: &mut ConnState, tgid: u32) {
     {
         end_connection(state.owner, stats, state);
         *state = ConnState {
+            flags: state.flags & conn_flags::UNIX,
             port: state.port,
             netns: state.netns,
+            ino: state.ino,
             ..ConnState::default()
         };
     }
@@ -138,10 +145,14 @@ fn serve(state: &mut ConnState, tgid: u32) {
 
 /// A socket not in the map, read or written by a watched process: its connection if it is
 /// the passive side of an open TCP connection on a watched listener's port, established
-/// before flyprobe attached (or before the daemon told the kernel of the listener).
+/// before flyprobe attached (or before the daemon told the kernel of the listener), or the
+/// served side of a unix stream connection.
 #[inline(always)]
 fn adopt(sk: u64) -> Option<*mut ConnState> {
     let family: u16 = kernel_at(sk, SK_FAMILY_OFFSET.load()).ok()?;
+    if family == AF_UNIX {
+        return unix::adopt(sk);
+    }
     if family != AF_INET && family != AF_INET6 {
         return None;
     }

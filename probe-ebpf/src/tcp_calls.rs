@@ -1,5 +1,6 @@
 //! The fentry hook set's own programs: fexit on `tcp_recvmsg` and `tcp_sendmsg` (and
-//! `tcp_sendpage`, sendfile's path before 6.5). They are BPF trampolines, a direct call from
+//! `tcp_sendpage`, sendfile's path before 6.5), and on `unix_stream_recvmsg` and
+//! `unix_stream_sendmsg` for unix-domain stream connections. They are BPF trampolines, a direct call from
 //! the function itself, and exist where the socket tracepoints do not (6.1); the rest of the
 //! set (connections queued and ended from `inet_sock_set_state`, fork and exit) is the socket
 //! set's, and so is everything a transfer does (`sockets::sock_data`): a worker takes a
@@ -17,7 +18,7 @@ use probe_common::{buf_kind, dir, http::PEEK};
 use crate::{
     record::{
         ITER_IOVEC, ITER_OFFSET_OFFSET, ITER_PTR_OFFSET, ITER_TYPE_OFFSET, ITER_UBUF,
-        MSG_ITER_OFFSET, kernel_at,
+        MSG_ITER_OFFSET, SOCKET_SK_OFFSET, kernel_at,
     },
     sockets::sock_data,
 };
@@ -63,6 +64,46 @@ pub fn tcp_send_exit(ctx: FExitContext) -> i32 {
     let ret = ctx.arg::<u64>(3) as i32;
     sock_data(sk, ret, 0, dir::WRITE, || moved_from(msg, ret));
     0
+}
+
+/// int unix_stream_recvmsg(struct socket *sock, struct msghdr *msg, size_t size, int flags):
+/// unix-domain stream sockets, whose reads do not pass tcp_recvmsg.
+#[fexit(function = "unix_stream_recvmsg")]
+pub fn unix_recv_exit(ctx: FExitContext) -> i32 {
+    let Some(sk) = socket_sk(ctx.arg(0)) else {
+        return 0;
+    };
+    let msg: u64 = ctx.arg(1);
+    let flags = ctx.arg::<u64>(3) as i32;
+    let ret = ctx.arg::<u64>(4) as i32;
+    if flags & MSG_TRUNC != 0 {
+        sock_data(sk, ret, flags, dir::READ, || (buf_kind::NONE, 0));
+        return 0;
+    }
+    sock_data(sk, ret, flags, dir::READ, || moved_from(msg, ret));
+    0
+}
+
+/// int unix_stream_sendmsg(struct socket *sock, struct msghdr *msg, size_t len)
+#[fexit(function = "unix_stream_sendmsg")]
+pub fn unix_send_exit(ctx: FExitContext) -> i32 {
+    let Some(sk) = socket_sk(ctx.arg(0)) else {
+        return 0;
+    };
+    let msg: u64 = ctx.arg(1);
+    let ret = ctx.arg::<u64>(3) as i32;
+    sock_data(sk, ret, 0, dir::WRITE, || moved_from(msg, ret));
+    0
+}
+
+/// `socket->sk`, for the functions that take a `struct socket *`.
+#[inline(always)]
+fn socket_sk(socket: u64) -> Option<u64> {
+    let offset = SOCKET_SK_OFFSET.load();
+    if offset == 0 {
+        return None;
+    }
+    kernel_at::<u64>(socket, offset).ok().filter(|&sk| sk != 0)
 }
 
 /// int tcp_sendpage(struct sock *sk, struct page *page, int offset, size_t size, int flags):
@@ -155,5 +196,15 @@ pub fn empty_recv_exit(_ctx: FExitContext) -> i32 {
 
 #[fexit(function = "tcp_sendmsg")]
 pub fn empty_send_exit(_ctx: FExitContext) -> i32 {
+    0
+}
+
+#[fexit(function = "unix_stream_recvmsg")]
+pub fn empty_unix_recv_exit(_ctx: FExitContext) -> i32 {
+    0
+}
+
+#[fexit(function = "unix_stream_sendmsg")]
+pub fn empty_unix_send_exit(_ctx: FExitContext) -> i32 {
     0
 }

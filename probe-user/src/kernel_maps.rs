@@ -3,13 +3,16 @@
 
 use std::collections::BTreeMap;
 
+use std::os::fd::{AsFd as _, AsRawFd as _};
+
 use aya::{
     Ebpf, Pod,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    programs::ProgramFd,
 };
 use probe_common::{
     ConnKey, ConnState, ListenKey, PendingIo, ProcStats, ReqKey, ReqStats, conn_flags, drop_reason,
-    names, phase,
+    names, phase, transport,
 };
 
 use crate::probe::{ProbeError, take};
@@ -22,6 +25,8 @@ pub struct KernelMaps {
     stats: PerCpuHashMap<MapData, u32, ProcStats>,
     reqs: PerCpuHashMap<MapData, ReqKey, ReqStats>,
     drops: PerCpuArray<MapData, u64>,
+    /// Ends unix connections whose socket is gone (socket-keyed sets).
+    pub unix: Option<UnixSweep>,
 }
 
 /// What the sweep reads of the maps as a whole.
@@ -53,6 +58,7 @@ impl KernelMaps {
             stats: take(ebpf, names::STATS)?,
             reqs: take(ebpf, names::REQS)?,
             drops: take(ebpf, names::DROPS)?,
+            unix: None,
         })
     }
 
@@ -137,7 +143,7 @@ impl KernelMaps {
                     method: state.method,
                     status: 0,
                     protocol: state.protocol,
-                    _pad: 0,
+                    transport: transport::of(state.flags),
                 };
                 let aborted = ReqStats {
                     count: 1,
@@ -175,14 +181,27 @@ impl KernelMaps {
     /// Entries in the bounded maps, by `flyprobe_map_entries` label, and the connections
     /// no watched process has touched yet, by listening port (`conn_flags::QUEUED`). Walks
     /// the maps, so it runs in the 1 s sweep, not at scrape time.
+    /// Unix connections whose socket is gone are ended on the way (no kernel event marks
+    /// their close).
     pub fn census(&self) -> Census {
         let mut queued: BTreeMap<(u32, u16), u64> = BTreeMap::new();
         let mut connections = 0;
-        for (_, state) in self.conns.iter().filter_map(Result::ok) {
+        let mut unix_ended = 0;
+        for (sk, state) in self.conns.iter().filter_map(Result::ok) {
+            if state.flags & conn_flags::UNIX != 0
+                && let Some(sweep) = &self.unix
+                && sweep.ended(sk)
+            {
+                unix_ended += 1;
+                continue;
+            }
             connections += 1;
             if state.flags & conn_flags::QUEUED != 0 {
                 *queued.entry((state.netns, state.port)).or_default() += 1;
             }
+        }
+        if unix_ended > 0 {
+            log::debug!("{unix_ended} unix connections ended (their sockets are gone)");
         }
         Census {
             entries: vec![
@@ -203,6 +222,78 @@ impl KernelMaps {
         }
         out
     }
+}
+
+/// The kernel program that ends a unix connection whose socket is gone, run on demand with
+/// BPF_PROG_TEST_RUN (its bookkeeping must be the kernel's: the connection's counters are
+/// per-CPU values the kernel programs write).
+#[derive(Debug)]
+pub struct UnixSweep {
+    program: ProgramFd,
+}
+
+impl UnixSweep {
+    pub fn new(program: ProgramFd) -> Self {
+        Self { program }
+    }
+
+    /// Whether the connection of socket `sk` ended (and is now counted closed).
+    pub fn ended(&self, sk: ConnKey) -> bool {
+        match test_run_raw_tp(self.program.as_fd().as_raw_fd(), &[sk]) {
+            Ok(ret) => ret == 1,
+            Err(err) => {
+                log::warn!("cannot run {}: {err}", names::UNIX_SWEEP);
+                false
+            }
+        }
+    }
+}
+
+/// BPF_PROG_TEST_RUN of a raw-tracepoint program with `args` as its arguments; its return
+/// value. (aya runs a test only through the program object, which the probe keeps.)
+fn test_run_raw_tp(prog_fd: i32, args: &[u64]) -> std::io::Result<u32> {
+    /// `union bpf_attr`'s `test` member (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestRun {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    let mut attr = TestRun {
+        prog_fd: prog_fd as u32,
+        ctx_size_in: std::mem::size_of_val(args) as u32,
+        ctx_in: args.as_ptr() as u64,
+        ..TestRun::default()
+    };
+    // SAFETY: attr is a valid bpf_attr prefix of the size given; ctx_in points at `args`,
+    // which outlives the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestRun,
+            std::mem::size_of::<TestRun>(),
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(attr.retval)
 }
 
 /// Every entry of a per-CPU hash, its CPUs' values added up with `add`.

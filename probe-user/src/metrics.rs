@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use probe_common::{
     DURATION_BOUNDS_NS, ReqStats, drop_reason,
     http::{METHODS, PROTOCOLS, STATUS_CLASSES, name_of},
+    transport,
 };
 use prometheus::{
     Encoder as _, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -65,7 +66,7 @@ impl Catalog {
         Ok(Self {
             active: gauge(
                 "server_active_connections",
-                "TCP connections accepted and not yet closed.",
+                "Connections accepted and not yet closed.",
                 SERVER_PID,
             )?,
             queued: gauge(
@@ -77,12 +78,12 @@ impl Catalog {
             )?,
             accepted: counter(
                 "server_connections_accepted_total",
-                "TCP connections accepted.",
+                "Connections accepted (TCP and unix-domain).",
                 SERVER_PID,
             )?,
             closed: counter(
                 "server_connections_closed_total",
-                "TCP connections closed (by close or by process exit).",
+                "Connections closed (by close or by process exit).",
                 SERVER_PID,
             )?,
             requests: counter(
@@ -95,6 +96,7 @@ impl Catalog {
                     "method",
                     "status",
                     "protocol",
+                    "transport",
                     "container_id",
                     "pod_uid",
                     "unit",
@@ -305,6 +307,7 @@ impl Catalog {
                         name_of(&METHODS, key.method),
                         name_of(&STATUS_CLASSES, key.status),
                         name_of(&PROTOCOLS, key.protocol),
+                        name_of(&transport::NAMES, key.transport),
                     ],
                     stats.count,
                 );
@@ -505,7 +508,7 @@ mod tests {
                         method: 1,
                         status: 2,
                         protocol: 1,
-                        _pad: 0,
+                        transport: 0,
                     },
                     ReqStats {
                         count: 11,
@@ -527,7 +530,7 @@ mod tests {
             "server_active_connections{pid=\"42\",server=\"uvicorn\"} 2",
             "server_connections_accepted_total{pid=\"42\",server=\"uvicorn\"} 7",
             "server_connections_closed_total{pid=\"42\",server=\"uvicorn\"} 5",
-            "server_requests_total{method=\"GET\",pid=\"42\",protocol=\"http1\",server=\"uvicorn\",status=\"2xx\"} 11",
+            "server_requests_total{method=\"GET\",pid=\"42\",protocol=\"http1\",server=\"uvicorn\",status=\"2xx\",transport=\"tcp\"} 11",
             "server_request_duration_seconds_bucket{method=\"GET\",server=\"uvicorn\",status=\"2xx\",le=\"0.001\"} 0",
             "server_request_duration_seconds_bucket{method=\"GET\",server=\"uvicorn\",status=\"2xx\",le=\"0.0025\"} 4",
             "server_request_duration_seconds_bucket{method=\"GET\",server=\"uvicorn\",status=\"2xx\",le=\"0.005\"} 10",

@@ -13,7 +13,7 @@ use thiserror::Error;
 
 use crate::{
     btf::{Btf, BtfError},
-    kernel_maps::KernelMaps,
+    kernel_maps::{KernelMaps, UnixSweep},
     tracefs::{Format, TracefsError},
 };
 
@@ -137,6 +137,8 @@ const FLOOR: &[Hook] = &[
     Hook::new("empty_recv_exit", "fexit", &["tcp_recvmsg"], FExit(5), FENTRY),
     Hook::new("empty_recv_exit", "fexit", &["tcp_recvmsg"], FExit(4), FENTRY),
     Hook::new("empty_send_exit", "fexit", &["tcp_sendmsg"], FExit(3), FENTRY),
+    Hook::new("empty_unix_recv_exit", "fexit", &["unix_stream_recvmsg"], FExit(4), FENTRY),
+    Hook::new("empty_unix_send_exit", "fexit", &["unix_stream_sendmsg"], FExit(3), FENTRY),
     Hook::new(
         "empty_state",
         "sock",
@@ -162,6 +164,8 @@ const HOOKS: &[Hook] = &[
     Hook::new("tcp_send_exit", "fexit", &["tcp_sendmsg"], FExit(3), FENTRY),
     // sendfile before 6.5
     Hook::new("tcp_sendpage_exit", "fexit", &["tcp_sendpage"], FExit(5), FENTRY),
+    Hook::new("unix_recv_exit", "fexit", &["unix_stream_recvmsg"], FExit(4), FENTRY),
+    Hook::new("unix_send_exit", "fexit", &["unix_stream_sendmsg"], FExit(3), FENTRY),
     // The socket set's data
     Hook::new("sock_recv", "sock", &["sock_recv_length"], Raw, SOCKET),
     Hook::new("sock_send", "sock", &["sock_send_length"], Raw, SOCKET),
@@ -282,11 +286,72 @@ pub struct SocketOffsets {
     task_tgid: u32,
     /// `pt_regs.si`, followed by `di` and `orig_ax` (the syscall number).
     regs_arg1: u32,
+    /// Unix-domain sockets; all 0 where BTF lacks `unix_sock` (af_unix built as a module).
+    unix: UnixOffsets,
     /// The syscall's buffer is found through the saved user registers (the socket set on
     /// x86_64).
     peek_regs: bool,
     /// The fentry set's iterator reads.
     iter: Option<IterOffsets>,
+}
+
+/// What the socket-keyed sets read of unix-domain sockets.
+#[derive(Clone, Copy, Debug, Default)]
+struct UnixOffsets {
+    sk_type: u32,
+    sk_socket: u32,
+    addr: u32,
+    /// `socket_alloc.vfs_inode` + `inode.i_ino`: a `struct socket`'s inode number.
+    socket_ino: u32,
+    socket_sk: u32,
+}
+
+impl UnixOffsets {
+    fn read(btf: &Btf) -> Result<Self, ProbeError> {
+        let field = |ty: &str, path: &[&str]| btf.offset_of(ty, path);
+        Ok(Self {
+            sk_type: field("sock", &["sk_type"])?,
+            sk_socket: field("sock", &["sk_socket"])?,
+            addr: field("unix_sock", &["addr"])?,
+            socket_ino: field("socket_alloc", &["vfs_inode"])? + field("inode", &["i_ino"])?,
+            socket_sk: field("socket", &["sk"])?,
+        })
+    }
+}
+
+/// The syscall set's way from an accepted fd to its socket's family (TCP or unix), from BTF.
+#[derive(Clone, Copy, Debug, Default)]
+struct FdOffsets {
+    task_files: u32,
+    files_fdt: u32,
+    fdt_fd: u32,
+    file_private_data: u32,
+    socket_sk: u32,
+    sk_family: u32,
+}
+
+impl FdOffsets {
+    /// The offsets, or zeros (and a warning) where the kernel has no BTF for them.
+    fn probe() -> Self {
+        let read = || -> Result<Self, ProbeError> {
+            let btf = Btf::from_sys_fs()?;
+            let field = |ty: &str, path: &[&str]| btf.offset_of(ty, path);
+            Ok(Self {
+                task_files: field("task_struct", &["files"])?,
+                files_fdt: field("files_struct", &["fdt"])?,
+                fdt_fd: field("fdtable", &["fd"])?,
+                file_private_data: field("file", &["private_data"])?,
+                socket_sk: field("socket", &["sk"])?,
+                sk_family: field("sock_common", &["skc_family"])?,
+            })
+        };
+        read().unwrap_or_else(|err| {
+            log::warn!(
+                "unix-domain connections accepted without a peer address are counted as tcp: {err}"
+            );
+            Self::default()
+        })
+    }
 }
 
 /// Where the fentry set finds the data of a `tcp_recvmsg` / `tcp_sendmsg` call.
@@ -396,6 +461,10 @@ impl SocketOffsets {
             task_pid: field("task_struct", &["pid"])?,
             task_tgid: field("task_struct", &["tgid"])?,
             regs_arg1: 0,
+            unix: UnixOffsets::read(btf).unwrap_or_else(|err| {
+                log::warn!("unix-domain connections are not counted: {err}");
+                UnixOffsets::default()
+            }),
             peek_regs: false,
             iter: None,
         })
@@ -516,6 +585,11 @@ impl Probe {
                 .override_global(names::TASK_TGID_OFFSET, &o.task_tgid, true)
                 .override_global(names::REGS_ARG1_OFFSET, &o.regs_arg1, true)
                 .override_global(names::PEEK_REGS, &peek, true)
+                .override_global(names::SK_TYPE_OFFSET, &o.unix.sk_type, true)
+                .override_global(names::SK_SOCKET_OFFSET, &o.unix.sk_socket, true)
+                .override_global(names::UNIX_ADDR_OFFSET, &o.unix.addr, true)
+                .override_global(names::SOCKET_INO_OFFSET, &o.unix.socket_ino, true)
+                .override_global(names::SOCKET_SK_OFFSET, &o.unix.socket_sk, true)
                 .override_global(names::ANNOUNCE_LISTEN, &announce_listen, true);
             if let Some(i) = &o.iter {
                 loader
@@ -526,6 +600,19 @@ impl Probe {
                     .override_global(names::ITER_UBUF, &i.ubuf, true)
                     .override_global(names::ITER_IOVEC, &i.iovec, true);
             }
+        }
+        let fd_offsets = match options.hooks {
+            HookSet::Syscall => Some(FdOffsets::probe()),
+            _ => None,
+        };
+        if let Some(f) = &fd_offsets {
+            loader
+                .override_global(names::TASK_FILES_OFFSET, &f.task_files, true)
+                .override_global(names::FILES_FDT_OFFSET, &f.files_fdt, true)
+                .override_global(names::FDT_FD_OFFSET, &f.fdt_fd, true)
+                .override_global(names::FILE_PRIVATE_DATA_OFFSET, &f.file_private_data, true)
+                .override_global(names::SOCKET_SK_OFFSET, &f.socket_sk, true)
+                .override_global(names::SK_FAMILY_OFFSET, &f.sk_family, true);
         }
         let ebpf = loader
             .override_global(names::FORK_CHILD_PID_OFFSET, &offsets.fork_child_pid, true)
@@ -644,13 +731,38 @@ impl Probe {
 
     /// The maps and the rings.
     pub fn take_maps(&mut self) -> Result<(KernelMaps, Rings), ProbeError> {
-        let maps = KernelMaps::take(&mut self.ebpf)?;
+        let mut maps = KernelMaps::take(&mut self.ebpf)?;
+        if self.hooks != HookSet::Syscall {
+            maps.unix = Some(self.unix_sweep()?);
+        }
         let rings = Rings {
             events: take(&mut self.ebpf, names::EVENTS)?,
             discoveries: take(&mut self.ebpf, names::DISCOVERIES)?,
             access: take(&mut self.ebpf, names::ACCESS)?,
         };
         Ok((maps, rings))
+    }
+
+    /// The program that ends unix connections whose socket is gone, loaded, not attached:
+    /// the daemon runs it.
+    fn unix_sweep(&mut self) -> Result<UnixSweep, ProbeError> {
+        let name = names::UNIX_SWEEP;
+        let program_error = |e| ProbeError::Program {
+            name,
+            source: Box::new(e),
+        };
+        let program: &mut RawTracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(ProbeError::MissingProgram { name })?
+            .try_into()
+            .map_err(program_error)?;
+        program.load().map_err(program_error)?;
+        let fd = program.fd().map_err(program_error)?;
+        let fd = fd
+            .try_clone()
+            .map_err(|e| program_error(ProgramError::IOError(e)))?;
+        Ok(UnixSweep::new(fd))
     }
 
     /// Programs loaded and attached.

@@ -1,5 +1,6 @@
-//! Which processes hold a listening TCP socket, from /proc: the basis of "worker".
-//! /proc/<pid>/net/tcp{,6} is read once per network namespace per call.
+//! Which processes hold a listening socket (TCP, or unix-domain stream), from /proc: the
+//! basis of "worker". /proc/<pid>/net/{tcp,tcp6,unix} are read once per network namespace
+//! per call.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -7,7 +8,10 @@ use std::{
     io::{BufRead as _, BufReader},
 };
 
-use procfs::process::{FDTarget, Process};
+use procfs::{
+    net::UnixState,
+    process::{FDTarget, Process},
+};
 
 use crate::containers;
 
@@ -22,9 +26,11 @@ pub fn listening(pids: impl IntoIterator<Item = u32>) -> BTreeMap<u32, BTreeSet<
         let Some(netns) = containers::netns_id(process.pid) else {
             continue;
         };
-        let listeners = by_netns
-            .entry(netns)
-            .or_insert_with(|| listening_inodes(process.pid).into_keys().collect());
+        let listeners = by_netns.entry(netns).or_insert_with(|| {
+            let mut inodes: BTreeSet<u64> = listening_inodes(process.pid).into_keys().collect();
+            inodes.extend(unix_listening_inodes(process.pid));
+            inodes
+        });
         let Ok(fds) = process.fd() else {
             continue;
         };
@@ -119,6 +125,24 @@ fn listening_inodes(pid: i32) -> BTreeMap<u64, u16> {
         }
     }
     inodes
+}
+
+/// The listening unix-domain stream sockets in `pid`'s network namespace, by inode: bound
+/// (a path, or an abstract name) and not connected. (The sockets accepted from them show
+/// the same path, connected; procfs does not parse the `__SO_ACCEPTCON` flag.)
+fn unix_listening_inodes(pid: i32) -> BTreeSet<u64> {
+    let Ok(sockets) = Process::new(pid).and_then(|p| p.unix()) else {
+        return BTreeSet::new();
+    };
+    sockets
+        .into_iter()
+        .filter(|s| {
+            s.socket_type == libc::SOCK_STREAM as u16
+                && s.state == UnixState::UNCONNECTED
+                && s.path.is_some()
+        })
+        .map(|s| s.inode)
+        .collect()
 }
 
 /// Holders of listening sockets split into supervisors and workers: a holder with a

@@ -1,12 +1,73 @@
-//! A minimal HTTP/1.1 client over one TCP connection, so tests control exactly how many
+//! A minimal HTTP/1.1 client over one TCP (or unix-domain) connection, so tests control exactly how many
 //! connections and requests the server sees, and count every byte each way. Responses are
 //! parsed with httparse (heads and chunk sizes).
 
 use std::{
     io::{self, Read, Write},
     net::{Shutdown, TcpStream},
+    os::{
+        fd::{AsRawFd, RawFd},
+        unix::net::UnixStream,
+    },
+    path::Path,
     time::Duration,
 };
+
+/// The connection under a `Conn`.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_read_timeout(t),
+            Self::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.shutdown(how),
+            Self::Unix(s) => s.shutdown(how),
+        }
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Self::Tcp(s) => s.as_raw_fd(),
+            Self::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.read(buf),
+            Self::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write(buf),
+            Self::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.flush(),
+            Self::Unix(s) => s.flush(),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Response {
@@ -19,7 +80,7 @@ pub struct Response {
 }
 
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: Vec<u8>,
     /// Bytes written to and read from the server on this connection.
     pub sent: u64,
@@ -33,8 +94,17 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
 impl Conn {
     pub fn connect(port: u16) -> io::Result<Self> {
         let stream = TcpStream::connect(("127.0.0.1", port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         stream.set_nodelay(true)?;
+        Self::over(Stream::Tcp(stream))
+    }
+
+    /// A connection to the unix-domain stream socket at `path`.
+    pub fn connect_unix(path: &Path) -> io::Result<Self> {
+        Self::over(Stream::Unix(UnixStream::connect(path)?))
+    }
+
+    fn over(stream: Stream) -> io::Result<Self> {
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         Ok(Self {
             stream,
             buf: Vec::new(),
@@ -212,7 +282,6 @@ impl Conn {
 
     /// Abort with a reset (SO_LINGER 0, then close) instead of a FIN.
     pub fn reset(self) {
-        use std::os::fd::AsRawFd as _;
         let linger = libc::linger {
             l_onoff: 1,
             l_linger: 0,

@@ -74,6 +74,119 @@ pub fn uvicorn_app(workers: u32, app: &str, env: &[(&str, &str)], extra: &[&str]
     server
 }
 
+/// A unix-domain socket path in a scratch directory of its own (removed with the server).
+fn unix_socket(name: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("flyprobe-{name}-{}", free_port()));
+    std::fs::create_dir_all(&dir).expect("socket dir");
+    let path = dir.join(format!("{name}.sock"));
+    (dir, path)
+}
+
+/// Wait until the server on unix socket `path` answers GET /.
+fn ready_unix(guard: Guard, path: &std::path::Path, dir: PathBuf) -> Server {
+    eventually(
+        "the server to answer GET / on its unix socket",
+        Duration::from_secs(30),
+        || {
+            let resp = Conn::connect_unix(path)
+                .and_then(|mut c| c.get("/"))
+                .map_err(|e| e.to_string())?;
+            (resp.status == 200)
+                .then_some(())
+                .ok_or(resp.status.to_string())
+        },
+    );
+    Server {
+        guard,
+        port: 0,
+        scratch: Some(dir),
+    }
+}
+
+/// `uvicorn app:app --uds PATH --workers N`: the server and its socket's path.
+pub fn uvicorn_uds(workers: u32) -> (Server, PathBuf) {
+    let (dir, path) = unix_socket("uvicorn");
+    let guard = Guard::spawn(
+        "uvicorn",
+        Command::new(python())
+            .args(["-m", "uvicorn", "app:app", "--app-dir"])
+            .arg(apps_dir())
+            .arg("--uds")
+            .arg(&path)
+            .args(["--workers", &workers.to_string(), "--log-level", "warning"]),
+    );
+    let server = ready_unix(guard, &path, dir);
+    all_forked(&server, workers, "spawn_main");
+    (server, path)
+}
+
+/// The axum server on a unix socket (one process, 2 threads): the server and its path.
+pub fn rust_server_uds() -> (Server, PathBuf) {
+    let (dir, path) = unix_socket("axum");
+    let bin = artifact(
+        "FLYPROBE_TEST_SERVER",
+        workspace().join("target/release/flyprobe-test-server"),
+    );
+    let guard = Guard::spawn(
+        "flyprobe-test-server",
+        Command::new(bin).arg("--unix").arg(&path),
+    );
+    (ready_unix(guard, &path, dir), path)
+}
+
+/// `gunicorn --bind unix:PATH -k uvicorn_worker.UvicornWorker -w N`: the server and its
+/// socket's path.
+pub fn gunicorn_uds(workers: u32) -> (Server, PathBuf) {
+    let (dir, path) = unix_socket("gunicorn");
+    let guard = Guard::spawn(
+        "gunicorn",
+        Command::new(python())
+            .args(["-m", "gunicorn", "app:app", "--chdir"])
+            .arg(apps_dir())
+            .args(["--bind", &format!("unix:{}", path.display())])
+            .args(["--workers", &workers.to_string()])
+            .args(["--worker-class", "uvicorn_worker.UvicornWorker"])
+            .args(["--graceful-timeout", "5", "--log-level", "warning"]),
+    );
+    let server = ready_unix(guard, &path, dir);
+    all_forked(&server, workers, "");
+    (server, path)
+}
+
+/// nginx with 1 worker in front of the unix socket `upstream` (proxy_pass, nginx's default
+/// HTTP/1.0 upstream connection per request), and its own counters at `/stub`
+/// (stub_status).
+pub fn nginx_to_unix(upstream: &std::path::Path) -> Server {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("flyprobe-nginx-{port}"));
+    std::fs::create_dir_all(&dir).expect("nginx dir");
+    let conf = nginx_conf(
+        &dir,
+        1,
+        "keepalive_requests 100000;",
+        &format!(
+            "listen 127.0.0.1:{port};
+    location = /stub {{ stub_status; }}
+    location / {{ proxy_pass http://unix:{}:; }}",
+            upstream.display()
+        ),
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
+    let nginx = nginx_bin().expect("nginx is not installed: run `cargo xtask setup`");
+    let guard = Guard::spawn(
+        "nginx",
+        Command::new(nginx)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-p")
+            .arg(&dir),
+    );
+    let mut server = ready(guard, port);
+    server.scratch = Some(dir);
+    all_forked(&server, 1, "");
+    server
+}
+
 /// `gunicorn -k uvicorn_worker.UvicornWorker -w N`: a forking supervisor.
 pub fn gunicorn(workers: u32) -> Server {
     let port = free_port();

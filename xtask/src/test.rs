@@ -42,6 +42,8 @@ pub fn run_all(args: &TestArgs) -> Result<()> {
         "http_matrix",
         "--test",
         "lifecycle",
+        "--test",
+        "unix_sockets",
     ])
     .env("FLYPROBE_HOOKS", "syscall"));
     all.and(syscall)

@@ -3,6 +3,7 @@
 //! `/slow?ms=N`, `/big?kb=N`, 404 otherwise. Every response names the serving process in
 //! `x-worker-pid`. `--workers N` makes it a pre-fork server: the parent binds, forks N
 //! workers that serve the shared listener, and forks a new one for each that dies.
+//! `--unix PATH` serves a unix-domain stream socket instead of a TCP port.
 
 use std::time::Duration;
 
@@ -27,21 +28,23 @@ struct Big {
 }
 
 fn main() -> anyhow::Result<()> {
-    let usage = "usage: flyprobe-test-server --port PORT [--workers N]";
+    let usage = "usage: flyprobe-test-server (--port PORT | --unix PATH) [--workers N]";
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (mut port, mut workers) = (None, 0u32);
+    let (mut port, mut unix, mut workers) = (None, None, 0u32);
     for pair in args.chunks(2) {
         match pair {
             [flag, v] if flag == "--port" => port = Some(v.parse::<u16>()?),
+            [flag, v] if flag == "--unix" => unix = Some(v.clone()),
             [flag, v] if flag == "--workers" => workers = v.parse()?,
             _ => anyhow::bail!(usage),
         }
     }
-    let Some(port) = port else {
-        anyhow::bail!(usage)
-    };
     raise_fd_limit();
-    let listener = std::net::TcpListener::bind(("127.0.0.1", port))?;
+    let listener = match (port, unix) {
+        (Some(port), None) => Listener::Tcp(std::net::TcpListener::bind(("127.0.0.1", port))?),
+        (None, Some(path)) => Listener::Unix(std::os::unix::net::UnixListener::bind(path)?),
+        _ => anyhow::bail!(usage),
+    };
     if workers == 0 {
         return run(listener);
     }
@@ -69,7 +72,12 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn run(listener: std::net::TcpListener) -> anyhow::Result<()> {
+enum Listener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+fn run(listener: Listener) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -92,7 +100,7 @@ fn raise_fd_limit() {
     }
 }
 
-async fn serve(listener: std::net::TcpListener) -> anyhow::Result<()> {
+async fn serve(listener: Listener) -> anyhow::Result<()> {
     let pid = HeaderValue::from(std::process::id());
     let app = Router::new()
         // Read the body even when unused: hyper closes a keep-alive connection whose
@@ -140,8 +148,17 @@ async fn serve(listener: std::net::TcpListener) -> anyhow::Result<()> {
                 resp
             }
         }));
-    listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    axum::serve(listener, app).await?;
+    match listener {
+        Listener::Tcp(listener) => {
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            axum::serve(listener, app).await?;
+        }
+        Listener::Unix(listener) => {
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::UnixListener::from_std(listener)?;
+            axum::serve(listener, app).await?;
+        }
+    }
     Ok(())
 }

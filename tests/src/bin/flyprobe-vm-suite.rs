@@ -425,6 +425,13 @@ const E2E: &[(&str, &[&str])] = &[
         "sockets",
         &["sockets_driven_through_io_uring_count_exactly"],
     ),
+    (
+        "unix_sockets",
+        &[
+            "rust_axum_on_a_unix_socket_counts_every_connection_and_request_exactly",
+            "rust_axum_behind_nginx_over_a_unix_socket_counts_both_hops_and_no_outbound_connection",
+        ],
+    ),
 ];
 
 /// io_uring does its I/O without syscalls: only the socket-keyed sets see it.
