@@ -281,6 +281,35 @@ impl ReqStats {
     }
 }
 
+/// What the kernel counts per watched listening port (socket-keyed sets): how long its
+/// connections waited for a worker, and the resets on its connections. Per CPU, summed by
+/// userspace; written once per connection or reset, never per request.
+#[repr(C)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortStats {
+    /// Handshake completed -> a worker's first read, write or close of the connection, for
+    /// the connections established while flyprobe watched (`count` = `timed`).
+    pub waited: ReqStats,
+    /// TCP resets sent on the port's connections (an abort, a close with unread data).
+    pub resets_sent: u64,
+    /// TCP resets received on them (a client that aborted).
+    pub resets_received: u64,
+    /// Handshakes completed while the accept queue was full, dropped (`skb:kfree_skb` with
+    /// reason TCP_LISTEN_OVERFLOW). The listener's drop counter holds each of them twice
+    /// (the overflow, then the packet's discard): the daemon takes them out once.
+    pub handshakes_dropped: u64,
+}
+
+impl PortStats {
+    pub fn add(&mut self, other: &Self) {
+        self.waited.add(&other.waited);
+        self.resets_sent += other.resets_sent;
+        self.resets_received += other.resets_received;
+        self.handshakes_dropped += other.handshakes_dropped;
+    }
+}
+
 /// One access-log record, sent when a request's turn ends (only with --access-log).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -375,6 +404,7 @@ pub mod names {
     pub const PENDING_IO: &str = "PENDING_IO";
     pub const REQS: &str = "REQS";
     pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
+    pub const PORT_STATS: &str = "PORT_STATS";
     pub const DROPPED: &str = "DROPPED";
     pub const PENDING_ACCEPT: &str = "PENDING_ACCEPT";
     pub const ACCESS: &str = "ACCESS";
@@ -397,6 +427,10 @@ pub mod names {
     pub const SK_NET_OFFSET: &str = "SK_NET_OFFSET";
     pub const NET_INUM_OFFSET: &str = "NET_INUM_OFFSET";
     pub const SK_PROTOCOL_OFFSET: &str = "SK_PROTOCOL_OFFSET";
+    /// `inet_sock.inet_sport`: the local port of a socket already unhashed (an abort).
+    pub const INET_SPORT_OFFSET: &str = "INET_SPORT_OFFSET";
+    /// `enum skb_drop_reason`'s SKB_DROP_REASON_TCP_LISTEN_OVERFLOW, from BTF.
+    pub const DROP_REASON_LISTEN_OVERFLOW: &str = "DROP_REASON_LISTEN_OVERFLOW";
     pub const TASK_EXIT_CODE_OFFSET: &str = "TASK_EXIT_CODE_OFFSET";
     pub const TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
     pub const TASK_TGID_OFFSET: &str = "TASK_TGID_OFFSET";
@@ -468,6 +502,9 @@ pub const DEFAULT_MAX_REQUEST_SERIES: u32 = 8_192;
 pub const DROPPED_ENTRIES: u32 = 4_096;
 /// Listening ports of watched processes (per network namespace).
 pub const MAX_LISTEN_PORTS: u32 = 4_096;
+/// Ports with wait and reset counters (`PortStats`, per CPU): a node's watched servers
+/// rarely listen on more.
+pub const MAX_PORT_STATS: u32 = 1_024;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -481,6 +518,7 @@ mod pod {
     unsafe impl aya::Pod for ExitInfo {}
     unsafe impl aya::Pod for ReqKey {}
     unsafe impl aya::Pod for ReqStats {}
+    unsafe impl aya::Pod for PortStats {}
     unsafe impl aya::Pod for AccessRecord {}
 }
 
@@ -491,6 +529,7 @@ const _: () = assert!(core::mem::size_of::<ProcStats>() == 56);
 const _: () = assert!(core::mem::size_of::<PendingIo>() == 24);
 const _: () = assert!(core::mem::size_of::<ReqKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ReqStats>() == 136);
+const _: () = assert!(core::mem::size_of::<PortStats>() == 160);
 const _: () = assert!(core::mem::size_of::<AccessRecord>() == 40);
 const _: () = assert!(core::mem::size_of::<ExitInfo>() == 12);
 const _: () = assert!(core::mem::size_of::<ProcEvent>() == 32);

@@ -12,7 +12,8 @@
 //! - `requests`: what a turn records (labelled counts, durations, the access log);
 //! - `lifecycle`: fork extends the target set in the kernel, exit ends a process;
 //! - `discovery`: exec and listen of untracked processes, for node-wide selectors;
-//! - `unix`: unix-domain stream connections in the socket-keyed sets.
+//! - `unix`: unix-domain stream connections in the socket-keyed sets;
+//! - `ports`: per watched listening port, the wait for a worker and the resets.
 #![no_std]
 #![no_main]
 
@@ -21,6 +22,7 @@ mod discovery;
 mod io;
 mod lifecycle;
 mod maps;
+mod ports;
 mod record;
 mod requests;
 mod sockets;

@@ -9,8 +9,8 @@ use aya_ebpf::{
 use probe_common::{
     ACCESS_BYTES, ConnKey, ConnState, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PROCESSES,
     DEFAULT_MAX_REQUEST_SERIES, DEFAULT_PID_SLOTS, DISCOVERY_BYTES, DROPPED_ENTRIES, EVENTS_BYTES,
-    ExitInfo, ListenKey, MAX_LISTEN_PORTS, NO_PREALLOC, PENDING_ENTRIES, PendingIo, ProcEvent,
-    ProcStats, ReqKey, ReqStats, drop_reason,
+    ExitInfo, ListenKey, MAX_LISTEN_PORTS, MAX_PORT_STATS, NO_PREALLOC, PENDING_ENTRIES, PendingIo,
+    PortStats, ProcEvent, ProcStats, ReqKey, ReqStats, drop_reason,
 };
 
 /// The target set: `TARGETS[pid] != 0` when `pid` is tracked. An array indexed by PID (sized
@@ -39,6 +39,12 @@ pub static DROPPED: LruHashMap<ConnKey, u8> = LruHashMap::with_max_entries(DROPP
 /// for sockets that listened before it attached.
 #[map]
 pub static LISTEN_PORTS: HashMap<ListenKey, u8> = HashMap::with_max_entries(MAX_LISTEN_PORTS, 0);
+
+/// Per listening port of a watched server: waits for a worker and resets (socket-keyed
+/// sets), per CPU (no atomics); entries allocated on use.
+#[map]
+pub static PORT_STATS: PerCpuHashMap<ListenKey, PortStats> =
+    PerCpuHashMap::with_max_entries(MAX_PORT_STATS, NO_PREALLOC);
 
 /// Per-process counters, per CPU (no atomics on the hot path); entries allocated on use.
 #[map]

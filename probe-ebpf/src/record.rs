@@ -37,6 +37,11 @@ pub static SK_NET_OFFSET: Global<u32> = Global::new(0);
 pub static NET_INUM_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static SK_PROTOCOL_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static INET_SPORT_OFFSET: Global<u32> = Global::new(0);
+/// Never a real reason until the daemon sets it.
+#[unsafe(no_mangle)]
+pub static DROP_REASON_LISTEN_OVERFLOW: Global<u32> = Global::new(u32::MAX);
 /// 0: exit reasons come from exit_group and signal_generate (syscall hook set).
 #[unsafe(no_mangle)]
 pub static TASK_EXIT_CODE_OFFSET: Global<u32> = Global::new(0);

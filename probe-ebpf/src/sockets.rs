@@ -16,7 +16,7 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_task, bpf_get_current_task_btf, bpf_task_pt_regs},
+    helpers::{bpf_get_current_task, bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_task_pt_regs},
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
@@ -28,6 +28,7 @@ use crate::{
     connections::end_connection,
     io::transfer,
     maps::{CONNS, DROPPED, LISTEN_PORTS, count_drop, is_target, stats_mut},
+    ports,
     record::{
         ANNOUNCE_LISTEN, NET_INUM_OFFSET, PEEK_REGS, REGS_ARG1_OFFSET, SK_FAMILY_OFFSET,
         SK_NET_OFFSET, SK_NUM_OFFSET, SK_PROTOCOL_OFFSET, SK_STATE_OFFSET, current, kernel_at,
@@ -136,6 +137,10 @@ fn serve(state: &mut ConnState, tgid: u32) {
             ..ConnState::default()
         };
     }
+    if state.flags & conn_flags::QUEUED != 0 {
+        ports::taken(state);
+        state.start_ns = 0;
+    }
     state.flags &= !conn_flags::QUEUED;
     state.owner = tgid;
     if let Some(stats) = stats_mut(tgid) {
@@ -191,7 +196,7 @@ fn insert(sk: ConnKey, key: &ListenKey, flags: u8) -> Option<*mut ConnState> {
 
 /// The local port and network namespace of `sk`.
 #[inline(always)]
-fn listen_key(sk: u64) -> Option<ListenKey> {
+pub fn listen_key(sk: u64) -> Option<ListenKey> {
     let port: u16 = kernel_at(sk, SK_NUM_OFFSET.load()).ok()?;
     let net: u64 = kernel_at(sk, SK_NET_OFFSET.load()).ok()?;
     let netns: u32 = kernel_at(net, NET_INUM_OFFSET.load()).ok()?;
@@ -224,13 +229,19 @@ fn try_sock_state(ctx: &RawTracePointContext) -> Result<(), i64> {
 }
 
 /// The passive side of a new connection: queued for the listener's processes when the
-/// port is a watched one.
+/// port is a watched one, with the time its handshake completed (how long it then waits
+/// for a worker is `ports::taken`'s).
 #[inline(always)]
 fn established(sk: u64) {
     if let Some(key) = listen_key(sk)
         && LISTEN_PORTS.get_ptr(key).is_some()
+        && let Some(state) = insert(sk, &key, conn_flags::QUEUED)
     {
-        let _ = insert(sk, &key, conn_flags::QUEUED);
+        // SAFETY: valid for this run; nobody has touched a new entry yet.
+        let state = unsafe { &mut *state };
+        if state.owner == 0 && state.flags & conn_flags::QUEUED != 0 {
+            state.start_ns = unsafe { bpf_ktime_get_ns() };
+        }
     }
 }
 

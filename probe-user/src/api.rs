@@ -42,6 +42,17 @@ pub struct ApiServer {
     pub requests_total: u64,
     pub status_classes: BTreeMap<&'static str, u64>,
     pub latency: Latency,
+    /// Waiting for a worker: handshake done to a worker's first touch (fentry and socket
+    /// hooks; empty with the syscall hooks).
+    pub queue_latency: Latency,
+    /// The accept queues of its listening ports right now, summed.
+    pub listen_queue_length: u64,
+    pub listen_queue_limit: u64,
+    /// Connections its listeners dropped (accept or SYN queue full; listeners in flyprobe's
+    /// network namespace).
+    pub listen_overflows: u64,
+    pub resets_sent: u64,
+    pub resets_received: u64,
     pub started_total: u64,
     pub stopped_total: BTreeMap<String, u64>,
     pub worker_list: Vec<ApiWorker>,
@@ -88,6 +99,9 @@ pub struct Rates {
     pub error_rate: f64,
     pub p50_seconds: Option<f64>,
     pub p99_seconds: Option<f64>,
+    /// Quantiles of the wait for a worker over the interval.
+    pub queue_p50_seconds: Option<f64>,
+    pub queue_p99_seconds: Option<f64>,
 }
 
 pub fn unix_now() -> f64 {
@@ -150,20 +164,7 @@ fn server(view: &ServerView) -> ApiServer {
         entry.0 += stats.count;
         *entry.1.entry(class_of(key.status)).or_default() += stats.count;
     }
-    let mut cumulative = 0;
-    let latency = Latency {
-        bounds: DURATION_BOUNDS_NS.iter().map(|b| *b as f64 / 1e9).collect(),
-        cumulative: timed
-            .buckets
-            .iter()
-            .map(|n| {
-                cumulative += n;
-                cumulative
-            })
-            .collect(),
-        count: timed.timed,
-        sum: timed.duration_sum_ns as f64 / 1e9,
-    };
+    let latency = latency_of(&timed);
     let worker_list = view
         .workers
         .iter()
@@ -203,10 +204,34 @@ fn server(view: &ServerView) -> ApiServer {
         requests_total: status_classes.values().sum(),
         status_classes,
         latency,
+        queue_latency: latency_of(&view.ports.counted.waited),
+        listen_queue_length: view.ports.queues.values().sum(),
+        listen_queue_limit: view.ports.limits.values().sum(),
+        listen_overflows: view.ports.overflows.values().sum(),
+        resets_sent: view.ports.counted.resets_sent,
+        resets_received: view.ports.counted.resets_received,
         started_total: view.lifecycle.started,
         stopped_total: view.lifecycle.stopped.clone(),
         worker_list,
         rates: None,
+    }
+}
+
+/// A histogram in the API's shape, from the kernel's counts.
+fn latency_of(stats: &ReqStats) -> Latency {
+    let mut cumulative = 0;
+    Latency {
+        bounds: DURATION_BOUNDS_NS.iter().map(|b| *b as f64 / 1e9).collect(),
+        cumulative: stats
+            .buckets
+            .iter()
+            .map(|n| {
+                cumulative += n;
+                cumulative
+            })
+            .collect(),
+        count: stats.timed,
+        sum: stats.duration_sum_ns as f64 / 1e9,
     }
 }
 
@@ -259,24 +284,15 @@ fn rates(now: &ApiServer, before: Option<&ApiServer>, interval: f64) -> Rates {
             error_rate: 0.0,
             p50_seconds: None,
             p99_seconds: None,
+            queue_p50_seconds: None,
+            queue_p99_seconds: None,
         };
     }
     let delta = |f: &dyn Fn(&ApiServer) -> u64| f(now).saturating_sub(before.map_or(0, f));
     let requests = delta(&|s| s.requests_total);
     let errors = delta(&|s| s.status_classes.get("5xx").copied().unwrap_or(0));
-    let count = delta(&|s| s.latency.count);
-    let cumulative: Vec<u64> = now
-        .latency
-        .cumulative
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            c.saturating_sub(
-                before.map_or(0, |b| b.latency.cumulative.get(i).copied().unwrap_or(0)),
-            )
-        })
-        .collect();
-    let bounds = &now.latency.bounds;
+    let latency = |q: f64| interval_quantile(q, &now.latency, before.map(|b| &b.latency));
+    let queue = |q: f64| interval_quantile(q, &now.queue_latency, before.map(|b| &b.queue_latency));
     Rates {
         interval_seconds: interval,
         requests_per_second: per_second(requests, interval),
@@ -285,9 +301,25 @@ fn rates(now: &ApiServer, before: Option<&ApiServer>, interval: f64) -> Rates {
         } else {
             0.0
         },
-        p50_seconds: quantile(0.5, bounds, &cumulative, count),
-        p99_seconds: quantile(0.99, bounds, &cumulative, count),
+        p50_seconds: latency(0.5),
+        p99_seconds: latency(0.99),
+        queue_p50_seconds: queue(0.5),
+        queue_p99_seconds: queue(0.99),
     }
+}
+
+/// Quantile `q` of what histogram `now` gained since `before`.
+fn interval_quantile(q: f64, now: &Latency, before: Option<&Latency>) -> Option<f64> {
+    let count = now.count.saturating_sub(before.map_or(0, |b| b.count));
+    let cumulative: Vec<u64> = now
+        .cumulative
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            c.saturating_sub(before.map_or(0, |b| b.cumulative.get(i).copied().unwrap_or(0)))
+        })
+        .collect();
+    quantile(q, &now.bounds, &cumulative, count)
 }
 
 /// PromQL's histogram_quantile: linear interpolation inside the bucket that holds the rank;
@@ -355,6 +387,12 @@ mod tests {
                 cumulative,
                 sum: 0.0,
             },
+            queue_latency: latency_of(&ReqStats::default()),
+            listen_queue_length: 0,
+            listen_queue_limit: 0,
+            listen_overflows: 0,
+            resets_sent: 0,
+            resets_received: 0,
             started_total: 0,
             stopped_total: BTreeMap::new(),
             worker_list: Vec::new(),

@@ -63,6 +63,13 @@ pub struct Cli {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_request_series: u32,
 
+    /// How long an exited worker keeps its own series (long enough for Prometheus to scrape
+    /// its final values); then its counters are folded into the server's `pid="retired"`
+    /// series, so sums and rates stay continuous while /metrics does not grow with every
+    /// recycled worker.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub worker_retention: std::time::Duration,
+
     /// The `server` label, instead of the kind detected from the root's command line.
     #[arg(long, value_name = "NAME")]
     pub server_name: Option<String>,
@@ -131,6 +138,11 @@ fn parse_pid(s: &str) -> Result<u32, String> {
     }
 }
 
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration such as 30s, 5m or 1h ({e})"))
+}
+
 /// Help and version go to stdout with exit 0; anything else is one line on stderr, exit 2.
 pub fn report_usage_error(err: &clap::Error) -> ExitCode {
     if matches!(
@@ -172,6 +184,7 @@ mod tests {
         let cli = Cli::try_parse_from(["flyprobe", "--pid-tree", "7"]).unwrap();
         assert_eq!(cli.listen.to_string(), "127.0.0.1:9464");
         assert_eq!(cli.pid_tree, vec![7]);
+        assert_eq!(cli.worker_retention, std::time::Duration::from_secs(300));
         assert_eq!(cli.max_connections, DEFAULT_MAX_CONNECTIONS);
         assert_eq!(cli.hooks, Hooks::Auto);
         let cli = Cli::try_parse_from(["flyprobe", "--pid-tree", "7", "--hooks", "syscall"]);

@@ -126,6 +126,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         map_entries: Vec::new(),
         listeners: Default::default(),
         queued: Default::default(),
+        netns_pids: Default::default(),
+        retired_ports: Default::default(),
         map_memory: Default::default(),
         map_names: Default::default(),
         unknown_since: Default::default(),
@@ -134,7 +136,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         since_scan: 0,
         pins,
         hooks: probe.hooks.name(),
+        retention: cli.worker_retention,
+        overflow_correction: probe.hooks != HookSet::Syscall
+            && !probe.skipped.contains(&"packet_dropped"),
     };
+    if !state.overflow_correction {
+        log::info!(
+            "server_listen_overflows_total is not exported: it needs the fentry or socket hooks \
+             and skb:kfree_skb with rx_sk (Linux >= 6.11)"
+        );
+    }
     state.seed_listeners();
     if !state.selectors.is_empty() {
         // Discovery events flow from here on; catch what runs already.

@@ -11,8 +11,8 @@ use aya::{
     programs::ProgramFd,
 };
 use probe_common::{
-    ConnKey, ConnState, ListenKey, PendingIo, ProcStats, ReqKey, ReqStats, conn_flags, drop_reason,
-    names, phase, transport,
+    ConnKey, ConnState, ListenKey, PendingIo, PortStats, ProcStats, ReqKey, ReqStats, conn_flags,
+    drop_reason, names, phase, transport,
 };
 
 use crate::probe::{ProbeError, take};
@@ -21,6 +21,7 @@ pub struct KernelMaps {
     targets: Array<MapData, u8>,
     conns: HashMap<MapData, ConnKey, ConnState>,
     listen_ports: HashMap<MapData, ListenKey, u8>,
+    ports: PerCpuHashMap<MapData, ListenKey, PortStats>,
     pending: HashMap<MapData, u64, PendingIo>,
     stats: PerCpuHashMap<MapData, u32, ProcStats>,
     reqs: PerCpuHashMap<MapData, ReqKey, ReqStats>,
@@ -54,6 +55,7 @@ impl KernelMaps {
             targets: take(ebpf, names::TARGETS)?,
             conns: take(ebpf, names::CONNS)?,
             listen_ports: take(ebpf, names::LISTEN_PORTS)?,
+            ports: take(ebpf, names::PORT_STATS)?,
             pending: take(ebpf, names::PENDING_IO)?,
             stats: take(ebpf, names::STATS)?,
             reqs: take(ebpf, names::REQS)?,
@@ -84,9 +86,24 @@ impl KernelMaps {
     }
 
     /// Forget a listener that is gone: its port may become an ephemeral one, and an outbound
-    /// connection from it must not look served.
-    pub fn unlisten(&mut self, key: &ListenKey) {
+    /// connection from it must not look served. Returns what the kernel counted on it.
+    pub fn unlisten(&mut self, key: &ListenKey) -> Option<PortStats> {
         let _ = self.listen_ports.remove(key);
+        let counted = self.ports.get(key, 0).ok().map(|per_cpu| {
+            let mut total = PortStats::default();
+            per_cpu.iter().for_each(|s| total.add(s));
+            total
+        });
+        let _ = self.ports.remove(key);
+        counted
+    }
+
+    /// What the kernel counted per watched listening port: (network namespace, port).
+    pub fn ports(&self) -> BTreeMap<(u32, u16), PortStats> {
+        summed(&self.ports, PortStats::add)
+            .into_iter()
+            .map(|(key, stats)| ((key.netns, key.port), stats))
+            .collect()
     }
 
     /// Counters of every process the kernel has seen accept, summed over CPUs.
@@ -110,36 +127,43 @@ impl KernelMaps {
 
     /// Everything the kernel kept for an exited process, removed from the maps.
     pub fn retire(&mut self, pid: u32) -> Remains {
-        let remains = self.remains(pid);
+        let remains = self.remains(&[pid]).pop().unwrap_or_default();
         self.forget(pid, &remains);
         remains
     }
 
-    /// What the kernel kept for an exited process, left in the maps: the connections it
-    /// still held are closed, and the request each was reading is aborted.
-    pub fn remains(&self, pid: u32) -> Remains {
-        let mut remains = Remains {
-            stats: self.stats_of(pid),
-            requests: self
-                .requests()
-                .into_iter()
-                .filter(|(key, _)| key.tgid == pid)
-                .collect(),
-            held: Vec::new(),
-        };
+    /// What the kernel kept for each of `pids` (exited processes), left in the maps: the
+    /// connections each still held are closed, and the request each was reading is
+    /// aborted. One walk of each map for all of them: retiring a batch of recycled workers
+    /// holds the daemon's lock for one walk, not one per process.
+    pub fn remains(&self, pids: &[u32]) -> Vec<Remains> {
+        let index: BTreeMap<u32, usize> = pids.iter().enumerate().map(|(i, p)| (*p, i)).collect();
+        let mut out: Vec<Remains> = pids
+            .iter()
+            .map(|&pid| Remains {
+                stats: self.stats_of(pid),
+                ..Default::default()
+            })
+            .collect();
+        for (key, stats) in self.requests() {
+            if let Some(&i) = index.get(&key.tgid) {
+                out[i].requests.push((key, stats));
+            }
+        }
         // A key can be listed twice when other keys are deleted mid-walk: count it once.
         let held: std::collections::HashMap<ConnKey, ConnState> = self
             .conns
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, state)| state.owner == pid)
+            .filter(|(_, state)| index.contains_key(&state.owner))
             .collect();
-        remains.held = held.keys().copied().collect();
-        for state in held.values() {
+        for (key, state) in held {
+            let r = &mut out[index[&state.owner]];
+            r.held.push(key);
             if state.phase == phase::REQUEST {
                 // The kernel closed it with the process: aborted, no status.
                 let labels = ReqKey {
-                    tgid: pid,
+                    tgid: state.owner,
                     method: state.method,
                     status: 0,
                     protocol: state.protocol,
@@ -149,10 +173,10 @@ impl KernelMaps {
                     count: 1,
                     ..Default::default()
                 };
-                remains.requests.push((labels, aborted));
+                r.requests.push((labels, aborted));
             }
         }
-        remains
+        out
     }
 
     /// Free the entries `remains` was read from, once it is kept. Keys, not a second walk of

@@ -21,6 +21,7 @@ mod selectors;
 mod selftest;
 mod server_kind;
 mod snapshot;
+mod sock_diag;
 mod sockets;
 mod state;
 mod tracefs;

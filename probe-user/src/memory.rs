@@ -16,8 +16,8 @@ use std::{collections::BTreeMap, fs, mem::size_of, os::fd::AsRawFd as _};
 
 use probe_common::{
     ACCESS_BYTES, ConnKey, ConnState, DISCOVERY_BYTES, DROPPED_ENTRIES, EVENTS_BYTES, ExitInfo,
-    ListenKey, MAX_LISTEN_PORTS, PENDING_ENTRIES, PendingIo, ProcStats, ReqKey, ReqStats,
-    drop_reason, names,
+    ListenKey, MAX_LISTEN_PORTS, MAX_PORT_STATS, PENDING_ENTRIES, PendingIo, PortStats, ProcStats,
+    ReqKey, ReqStats, drop_reason, names,
 };
 
 use crate::probe::Limits;
@@ -96,6 +96,13 @@ pub fn bounds(limits: &Limits, pid_slots: u32) -> Vec<MapBound> {
             MAX_LISTEN_PORTS,
             size_of::<ListenKey>(),
             1,
+        ),
+        map(
+            names::PORT_STATS,
+            Kind::PerCpuHash,
+            MAX_PORT_STATS,
+            size_of::<ListenKey>(),
+            size_of::<PortStats>(),
         ),
         map(
             names::STATS,
@@ -269,6 +276,7 @@ mod tests {
         let (one, many) = (bound_bytes(&b, 1), bound_bytes(&b, 64));
         let per_cpu = (u64::from(DEFAULT_MAX_PROCESSES) * size_of::<ProcStats>() as u64)
             + (u64::from(DEFAULT_MAX_REQUEST_SERIES) * size_of::<ReqStats>() as u64)
+            + (u64::from(MAX_PORT_STATS) * size_of::<PortStats>() as u64)
             + u64::from(drop_reason::COUNT) * 8;
         assert_eq!(many - one, 63 * per_cpu);
     }

@@ -14,7 +14,7 @@ use prometheus::{
     proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
 
-use crate::{containers, lifecycle::COMMON_REASONS, snapshot::Snapshot};
+use crate::{containers, lifecycle::COMMON_REASONS, snapshot::Snapshot, watched::FOLDED};
 
 /// Where snapshots come from (the daemon's shared state; a fixed one in tests).
 pub trait SnapshotSource: Send + Sync {
@@ -25,6 +25,7 @@ pub trait SnapshotSource: Send + Sync {
 // that are unknown are dropped from the exposition.
 const SERVER_PID: &[&str] = &["server", "pid", "container_id", "pod_uid", "unit", "netns"];
 const SERVER: &[&str] = &["server", "container_id", "pod_uid", "unit", "netns"];
+const SERVER_PORT: &[&str] = &["server", "port", "container_id", "pod_uid", "unit", "netns"];
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
     IntCounterVec::new(Opts::new(name, help), labels)
@@ -47,6 +48,11 @@ struct Catalog {
     received: IntCounterVec,
     sent: IntCounterVec,
     duration: Desc,
+    queue_time: Desc,
+    listen_queue: IntGaugeVec,
+    listen_limit: IntGaugeVec,
+    resets: IntCounterVec,
+    overflows: IntCounterVec,
     in_flight: IntGaugeVec,
     workers: IntGaugeVec,
     uptime: GaugeVec,
@@ -118,6 +124,45 @@ impl Catalog {
                 DURATION_HELP.into(),
                 vec!["server".into(), "method".into(), "status".into()],
                 std::collections::HashMap::new(),
+            )?,
+            queue_time: Desc::new(
+                QUEUE_TIME.into(),
+                QUEUE_TIME_HELP.into(),
+                vec!["server".into()],
+                std::collections::HashMap::new(),
+            )?,
+            listen_queue: gauge(
+                "server_listen_queue_length",
+                "Connections in the accept queue of the server's listening port right now: \
+                 handshake done, no worker has accepted them yet.",
+                SERVER_PORT,
+            )?,
+            listen_limit: gauge(
+                "server_listen_queue_limit",
+                "The accept queue's limit on the port (the listen() backlog, capped by \
+                 net.core.somaxconn); the kernel drops new connections beyond it.",
+                SERVER_PORT,
+            )?,
+            overflows: counter(
+                "server_listen_overflows_total",
+                "Connections the kernel dropped on the server's listening port: its accept \
+                 queue was full (or its SYN queue), so the client's SYN or handshake was \
+                 dropped (the listener's drop counter, as ss -ltnm shows it; listeners in \
+                 flyprobe's own network namespace).",
+                SERVER_PORT,
+            )?,
+            resets: counter(
+                "server_connection_resets_total",
+                "TCP resets on the server's connections, sent (an abort, a close with unread \
+                 data) or received (a client that aborted) (fentry and socket hooks).",
+                &[
+                    "server",
+                    "direction",
+                    "container_id",
+                    "pod_uid",
+                    "unit",
+                    "netns",
+                ],
             )?,
             in_flight: gauge(
                 "server_in_flight_requests",
@@ -199,8 +244,10 @@ impl Catalog {
         })
     }
 
-    fn counters(&self) -> [&IntCounterVec; 8] {
+    fn counters(&self) -> [&IntCounterVec; 10] {
         [
+            &self.resets,
+            &self.overflows,
             &self.accepted,
             &self.closed,
             &self.requests,
@@ -212,8 +259,10 @@ impl Catalog {
         ]
     }
 
-    fn gauges(&self) -> [&IntGaugeVec; 9] {
+    fn gauges(&self) -> [&IntGaugeVec; 11] {
         [
+            &self.listen_queue,
+            &self.listen_limit,
             &self.map_entries,
             &self.map_memory,
             &self.active,
@@ -283,6 +332,20 @@ impl Catalog {
             };
             set(&self.workers, &[name], int(server.workers.len() as u64));
             set(&self.queued, &[name], int(server.queued));
+            for (port, length) in &server.ports.queues {
+                set(&self.listen_queue, &[name, &port.to_string()], int(*length));
+            }
+            for (port, limit) in &server.ports.limits {
+                set(&self.listen_limit, &[name, &port.to_string()], int(*limit));
+            }
+            for (port, n) in &server.ports.overflows {
+                add(&self.overflows, &[name, &port.to_string()], *n);
+            }
+            if snap.hooks != "syscall" {
+                let counted = &server.ports.counted;
+                add(&self.resets, &[name, "sent"], counted.resets_sent);
+                add(&self.resets, &[name, "received"], counted.resets_received);
+            }
             setf(&self.uptime, &[name], server.uptime_seconds);
             set(&self.up, &[name], i64::from(server.up));
             add(&self.started, &[name], server.lifecycle.started);
@@ -298,7 +361,7 @@ impl Catalog {
                 setf(&self.worker_uptime, &[name, &pid], w.uptime_seconds);
             }
             for (key, stats) in &server.requests {
-                let pid = key.tgid.to_string();
+                let pid = pid_label(key.tgid);
                 add(
                     &self.requests,
                     &[
@@ -313,7 +376,7 @@ impl Catalog {
                 );
             }
             for proc in &server.procs {
-                let pid = proc.pid.to_string();
+                let pid = pid_label(proc.pid);
                 let labels = [name, pid.as_str()];
                 let s = &proc.stats;
                 add(&self.accepted, &labels, s.accepted);
@@ -334,10 +397,6 @@ const DURATION_HELP: &str =
 /// The duration histograms, built from the kernel's bucket counts (the prometheus crate's
 /// Histogram only takes observations, so the family is assembled here).
 fn duration_family(snap: &Snapshot) -> MetricFamily {
-    let mut family = MetricFamily::default();
-    family.set_name(DURATION.into());
-    family.set_help(DURATION_HELP.into());
-    family.set_field_type(MetricType::HISTOGRAM);
     let mut metrics = Vec::new();
     for server in &snap.servers {
         let mut by_labels: BTreeMap<(u8, u8), ReqStats> = BTreeMap::new();
@@ -356,40 +415,84 @@ fn duration_family(snap: &Snapshot) -> MetricFamily {
                 ("status", name_of(&STATUS_CLASSES, status)),
             ];
             pairs.extend(server.labels.pairs());
-            pairs.sort_unstable();
-            let mut metric = Metric::from_label(
-                pairs
-                    .iter()
-                    .map(|(k, v)| {
-                        let mut pair = LabelPair::default();
-                        pair.set_name((*k).into());
-                        pair.set_value((*v).into());
-                        pair
-                    })
-                    .collect(),
-            );
-            let mut histogram = Histogram::default();
-            histogram.set_sample_count(stats.timed);
-            histogram.set_sample_sum(stats.duration_sum_ns as f64 / 1e9);
-            let mut cumulative = 0;
-            let buckets = DURATION_BOUNDS_NS
-                .iter()
-                .zip(stats.buckets)
-                .map(|(bound, n)| {
-                    cumulative += n;
-                    let mut bucket = Bucket::default();
-                    bucket.set_upper_bound(*bound as f64 / 1e9);
-                    bucket.set_cumulative_count(cumulative);
-                    bucket
-                })
-                .collect();
-            histogram.set_bucket(buckets);
-            metric.set_histogram(histogram);
-            metrics.push(metric);
+            metrics.push(histogram(pairs, &stats));
         }
     }
+    family(DURATION, DURATION_HELP, metrics)
+}
+
+const QUEUE_TIME: &str = "server_connection_queue_seconds";
+const QUEUE_TIME_HELP: &str = "Handshake completed to a worker's first read, write or close of \
+     the connection: how long clients waited for a free worker (fentry and socket hooks).";
+
+/// The wait-for-a-worker histograms, one per server (fentry and socket hooks).
+fn queue_time_family(snap: &Snapshot) -> MetricFamily {
+    let metrics = if snap.hooks == "syscall" {
+        Vec::new()
+    } else {
+        snap.servers
+            .iter()
+            .map(|server| {
+                let mut pairs = vec![("server", server.server.as_str())];
+                pairs.extend(server.labels.pairs());
+                histogram(pairs, &server.ports.counted.waited)
+            })
+            .collect()
+    };
+    family(QUEUE_TIME, QUEUE_TIME_HELP, metrics)
+}
+
+fn family(name: &str, help: &str, metrics: Vec<Metric>) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name(name.into());
+    family.set_help(help.into());
+    family.set_field_type(MetricType::HISTOGRAM);
     family.set_metric(metrics);
     family
+}
+
+/// One histogram series from the kernel's counts (`timed` observations, `buckets` per bound
+/// of `DURATION_BOUNDS_NS`).
+fn histogram(mut pairs: Vec<(&str, &str)>, stats: &ReqStats) -> Metric {
+    pairs.sort_unstable();
+    let mut metric = Metric::from_label(
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                let mut pair = LabelPair::default();
+                pair.set_name((*k).into());
+                pair.set_value((*v).into());
+                pair
+            })
+            .collect(),
+    );
+    let mut histogram = Histogram::default();
+    histogram.set_sample_count(stats.timed);
+    histogram.set_sample_sum(stats.duration_sum_ns as f64 / 1e9);
+    let mut cumulative = 0;
+    let buckets = DURATION_BOUNDS_NS
+        .iter()
+        .zip(stats.buckets)
+        .map(|(bound, n)| {
+            cumulative += n;
+            let mut bucket = Bucket::default();
+            bucket.set_upper_bound(*bound as f64 / 1e9);
+            bucket.set_cumulative_count(cumulative);
+            bucket
+        })
+        .collect();
+    histogram.set_bucket(buckets);
+    metric.set_histogram(histogram);
+    metric
+}
+
+/// The `pid` label: exited workers past --worker-retention share one `retired` series.
+fn pid_label(pid: u32) -> String {
+    if pid == FOLDED {
+        "retired".into()
+    } else {
+        pid.to_string()
+    }
 }
 
 fn int(v: u64) -> i64 {
@@ -410,6 +513,7 @@ impl<S: SnapshotSource> Collector for ProbeCollector<S> {
             .flat_map(|c| c.desc())
             .collect();
         descs.push(&self.catalog.duration);
+        descs.push(&self.catalog.queue_time);
         descs
     }
 
@@ -423,6 +527,7 @@ impl<S: SnapshotSource> Collector for ProbeCollector<S> {
             .flat_map(|c| c.collect())
             .collect();
         families.push(duration_family(&snap));
+        families.push(queue_time_family(&snap));
         for family in &mut families {
             for metric in family.mut_metric() {
                 let kept: Vec<LabelPair> = metric
@@ -518,6 +623,7 @@ mod tests {
                     },
                 )]),
                 queued: 0,
+                ports: Default::default(),
             }],
             drops,
             map_entries: vec![("connections", 3)],

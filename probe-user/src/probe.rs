@@ -41,6 +41,9 @@ enum Kind {
     /// A raw tracepoint (BPF_PROG_TYPE_RAW_TRACEPOINT: the event's arguments, none of the
     /// perf-event glue).
     Raw,
+    /// A raw tracepoint attached only where its format has this field (an argument the
+    /// program reads that older kernels do not pass).
+    RawWith(&'static str),
     /// An fexit program (a BPF trampoline on a kernel function, found in BTF), attached
     /// where the function has this many parameters: the program reads the return value
     /// from the slot after them. Skipped elsewhere (and where the function does not exist).
@@ -95,7 +98,7 @@ const FENTRY: &[HookSet] = &[HookSet::Fentry];
 const SOCKET: &[HookSet] = &[HookSet::Socket];
 const SYSCALL: &[HookSet] = &[HookSet::Syscall];
 
-use Kind::{FExit, Raw, Tracepoint};
+use Kind::{FExit, Raw, RawWith, Tracepoint};
 
 const CALIBRATION: Hook = Hook::new(
     "calibration",
@@ -156,8 +159,11 @@ const HOOKS: &[Hook] = &[
     Hook::new("process_exit_raw", "sched", &["sched_process_exit"], Raw, BY_SOCKET),
     Hook::new("process_fork", "sched", &["sched_process_fork"], Tracepoint, SYSCALL),
     Hook::new("process_exit", "sched", &["sched_process_exit"], Tracepoint, SYSCALL),
-    // Connections of the socket-keyed sets
+    // Connections of the socket-keyed sets, and their resets
     Hook::new("sock_state", "sock", &["inet_sock_set_state"], Raw, BY_SOCKET),
+    Hook::new("reset_sent", "tcp", &["tcp_send_reset"], Raw, BY_SOCKET),
+    Hook::new("reset_received", "tcp", &["tcp_receive_reset"], Raw, BY_SOCKET),
+    Hook::new("packet_dropped", "skb", &["kfree_skb"], RawWith("rx_sk"), BY_SOCKET),
     // The fentry set's data
     Hook::new("tcp_recv_exit", "fexit", &["tcp_recvmsg"], FExit(5), FENTRY),
     Hook::new("tcp_recv4_exit", "fexit", &["tcp_recvmsg"], FExit(4), FENTRY),
@@ -281,6 +287,9 @@ pub struct SocketOffsets {
     sk_net: u32,
     net_inum: u32,
     sk_protocol: u32,
+    inet_sport: u32,
+    /// SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (u32::MAX where BTF lacks it).
+    listen_overflow: u32,
     task_exit_code: u32,
     task_pid: u32,
     task_tgid: u32,
@@ -457,6 +466,10 @@ impl SocketOffsets {
             sk_net: field("sock_common", &["skc_net", "net"])?,
             net_inum: field("net", &["ns", "inum"])?,
             sk_protocol: field("sock", &["sk_protocol"])?,
+            inet_sport: field("inet_sock", &["inet_sport"])?,
+            listen_overflow: btf
+                .enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW")
+                .map_or(u32::MAX, |v| v as u32),
             task_exit_code: field("task_struct", &["exit_code"])?,
             task_pid: field("task_struct", &["pid"])?,
             task_tgid: field("task_struct", &["tgid"])?,
@@ -549,6 +562,8 @@ pub struct Probe {
     /// their functions' parameters (each read once, when first needed).
     btf: Option<aya::Btf>,
     kernel_btf: Option<Btf>,
+    /// Programs not attached because this kernel lacks what they read.
+    pub skipped: Vec<&'static str>,
 }
 
 impl Probe {
@@ -580,6 +595,8 @@ impl Probe {
                 .override_global(names::SK_NET_OFFSET, &o.sk_net, true)
                 .override_global(names::NET_INUM_OFFSET, &o.net_inum, true)
                 .override_global(names::SK_PROTOCOL_OFFSET, &o.sk_protocol, true)
+                .override_global(names::INET_SPORT_OFFSET, &o.inet_sport, true)
+                .override_global(names::DROP_REASON_LISTEN_OVERFLOW, &o.listen_overflow, true)
                 .override_global(names::TASK_EXIT_CODE_OFFSET, &o.task_exit_code, true)
                 .override_global(names::TASK_PID_OFFSET, &o.task_pid, true)
                 .override_global(names::TASK_TGID_OFFSET, &o.task_tgid, true)
@@ -634,6 +651,7 @@ impl Probe {
             hooks: options.hooks,
             btf: None,
             kernel_btf: None,
+            skipped: Vec::new(),
         };
         let set = options.hooks;
         if options.empty_hooks {
@@ -700,12 +718,26 @@ impl Probe {
             log::debug!("attached {name} to fexit {function}");
             return Ok(());
         }
+        if let RawWith(field) = hook.kind {
+            let has = |tp: &str| {
+                Format::read(tracefs, hook.category, tp).is_ok_and(|f| f.offset(field).is_ok())
+            };
+            if !hook.tracepoints.iter().all(|tp| has(tp)) {
+                log::info!(
+                    "{}:{} has no {field} here: {name} not attached",
+                    hook.category,
+                    hook.tracepoints.join(",")
+                );
+                self.skipped.push(name);
+                return Ok(());
+            }
+        }
         let program = self
             .ebpf
             .program_mut(name)
             .ok_or(ProbeError::MissingProgram { name })?;
         self.programs += 1;
-        if hook.kind == Raw {
+        if matches!(hook.kind, Raw | RawWith(_)) {
             let program: &mut RawTracePoint = program.try_into().map_err(program_error)?;
             program.load().map_err(program_error)?;
             for &tp in hook.tracepoints {

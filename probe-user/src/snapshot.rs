@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use probe_common::{ProcStats, ReqKey, ReqStats, drop_reason};
+use probe_common::{PortStats, ProcStats, ReqKey, ReqStats, drop_reason};
 
 use crate::{
     containers::Labels,
@@ -51,6 +51,37 @@ pub struct ServerView {
     /// Connections established on its listeners that no worker has read, written or closed
     /// yet (socket hooks): in the accept queue, or accepted and idle.
     pub queued: u64,
+    /// Its listening ports: waits for a worker, resets, accept queues.
+    pub ports: ServerPorts,
+}
+
+/// What a server's listening ports show.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServerPorts {
+    /// The kernel's counts on them (waits for a worker, resets), gone listeners included.
+    pub counted: PortStats,
+    /// Each port's accept queue right now.
+    pub queues: BTreeMap<u16, u64>,
+    /// Each port's accept queue limit (listeners in flyprobe's own network namespace).
+    pub limits: BTreeMap<u16, u64>,
+    /// Each port's dropped connections (accept or SYN queue full), for listeners in
+    /// flyprobe's own network namespace.
+    pub overflows: BTreeMap<u16, u64>,
+}
+
+impl ServerPorts {
+    pub fn add(&mut self, other: &Self) {
+        self.counted.add(&other.counted);
+        for (mine, theirs) in [
+            (&mut self.queues, &other.queues),
+            (&mut self.limits, &other.limits),
+            (&mut self.overflows, &other.overflows),
+        ] {
+            for (port, n) in theirs {
+                *mine.entry(*port).or_default() += n;
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -76,6 +107,8 @@ pub struct KernelView {
     pub map_entries: Vec<(&'static str, u64)>,
     /// Queued connections by root.
     pub queued: BTreeMap<u32, u64>,
+    /// Listening ports by root.
+    pub ports: BTreeMap<u32, ServerPorts>,
     pub map_memory: BTreeMap<String, u64>,
     pub hooks: &'static str,
 }
@@ -200,6 +233,13 @@ fn server(
             .collect(),
         requests,
         queued: roots.iter().filter_map(|r| kernel.queued.get(r)).sum(),
+        ports: roots.iter().filter_map(|r| kernel.ports.get(r)).fold(
+            ServerPorts::default(),
+            |mut all, p| {
+                all.add(p);
+                all
+            },
+        ),
     }
 }
 

@@ -96,35 +96,71 @@ pub fn listening_ports(pid: u32, cache: &mut ListenerCache) -> BTreeSet<u16> {
         .collect()
 }
 
-/// The listening TCP sockets in `pid`'s network namespace: inode to local port. The kernel lists
-/// listening sockets first in /proc/net/tcp{,6} (it walks the listening hash before the
-/// established one), so reading stops at the first line in another state: a busy node's
-/// tens of thousands of connections and TIME_WAITs are never formatted, which a full parse
-/// (procfs's `tcp()`) would pay for at every sweep.
+/// The listening TCP sockets in `pid`'s network namespace: inode to local port.
 fn listening_inodes(pid: i32) -> BTreeMap<u64, u16> {
-    const LISTEN: &str = "0A";
-    let mut inodes = BTreeMap::new();
+    tcp_listeners(pid)
+        .into_iter()
+        .map(|l| (l.inode, l.port))
+        .collect()
+}
+
+/// A listening TCP socket as /proc/net/tcp{,6} shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TcpListener {
+    inode: u64,
+    port: u16,
+    /// Connections in its accept queue (`rx_queue` of a listener: `sk_ack_backlog`; the
+    /// queue's limit is not in the file, sock_diag has it).
+    queue: u64,
+}
+
+/// The listening TCP sockets in `pid`'s network namespace. The kernel lists listening
+/// sockets first in /proc/net/tcp{,6} (it walks the listening hash before the established
+/// one), so reading stops at the first line in another state: a busy node's tens of
+/// thousands of connections and TIME_WAITs are never formatted, which a full parse
+/// (procfs's `tcp()`) would pay for at every sweep.
+fn tcp_listeners(pid: i32) -> Vec<TcpListener> {
+    let mut out = Vec::new();
     for table in ["tcp", "tcp6"] {
         let Ok(file) = File::open(format!("/proc/{pid}/net/{table}")) else {
             continue;
         };
-        // "sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode"
         for line in BufReader::new(file).lines().skip(1).map_while(Result::ok) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.get(3) != Some(&LISTEN) {
-                break;
-            }
-            // local_address is "0100007F:1F90" (address:port in hex).
-            let port = cols
-                .get(1)
-                .and_then(|a| a.rsplit_once(':'))
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            if let (Some(inode), Some(port)) = (cols.get(9).and_then(|i| i.parse().ok()), port) {
-                inodes.insert(inode, port);
+            match parse_listener(&line) {
+                Some(listener) => out.push(listener),
+                None => break,
             }
         }
     }
-    inodes
+    out
+}
+
+/// One line of /proc/net/tcp{,6}, if it is a listener's:
+/// "sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode".
+fn parse_listener(line: &str) -> Option<TcpListener> {
+    const LISTEN: &str = "0A";
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    if cols.get(3) != Some(&LISTEN) {
+        return None;
+    }
+    // local_address is "0100007F:1F90" (address:port in hex).
+    let port = u16::from_str_radix(cols.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+    let (_, queue) = cols.get(4)?.split_once(':')?;
+    Some(TcpListener {
+        inode: cols.get(9)?.parse().ok()?,
+        port,
+        queue: u64::from_str_radix(queue, 16).ok()?,
+    })
+}
+
+/// Accept queues right now, per listening port of `pid`'s network namespace, summed over
+/// the sockets on one port (IPv4 and IPv6, SO_REUSEPORT groups).
+pub fn listen_queues(pid: u32) -> BTreeMap<u16, u64> {
+    let mut out: BTreeMap<u16, u64> = BTreeMap::new();
+    for l in tcp_listeners(pid as i32) {
+        *out.entry(l.port).or_default() += l.queue;
+    }
+    out
 }
 
 /// The listening unix-domain stream sockets in `pid`'s network namespace, by inode: bound
@@ -199,6 +235,21 @@ mod tests {
         let r = roles(&holders, &parents);
         assert_eq!(r.workers, BTreeSet::from([11, 12]));
         assert_eq!(r.supervisors, BTreeSet::from([10]));
+    }
+
+    #[test]
+    fn listener_lines_give_port_and_queue() {
+        let line = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000005 00:00000000 00000000     0        0 123456 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(
+            parse_listener(line),
+            Some(TcpListener {
+                inode: 123456,
+                port: 8080,
+                queue: 5,
+            })
+        );
+        let established = "   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 123457 1 0000000000000000 20 4 30 10 -1";
+        assert_eq!(parse_listener(established), None);
     }
 
     #[test]

@@ -7,17 +7,18 @@ use std::{
     time::Instant,
 };
 
-use probe_common::{ListenKey, ProcEvent, event_kind};
+use probe_common::{ListenKey, PortStats, ProcEvent, event_kind};
 use procfs::Current as _;
 
 use crate::{
+    containers,
     kernel_maps::{KernelMaps, Remains},
     lifecycle, memory,
     metrics::SnapshotSource,
     persist::PinDir,
     selectors::Selectors,
-    snapshot::{self, KernelView, Snapshot},
-    sockets,
+    snapshot::{self, KernelView, ServerPorts, Snapshot},
+    sock_diag, sockets,
     watched::Watched,
 };
 
@@ -42,6 +43,11 @@ pub struct State {
     pub listeners: BTreeMap<(u32, u16), u32>,
     /// Connections queued on each root's listeners, as of the last sweep.
     pub queued: BTreeMap<u32, u64>,
+    /// A watched process in each network namespace with watched listeners, to read its
+    /// accept queues through, as of the last sweep.
+    pub netns_pids: BTreeMap<u32, u32>,
+    /// What the kernel counted on listeners that are gone, by root (counters never go back).
+    pub retired_ports: BTreeMap<u32, PortStats>,
     /// Kernel memory each map uses, as of the last sweep.
     pub map_memory: BTreeMap<String, u64>,
     /// Map names by kernel map id (looked up once per map).
@@ -57,6 +63,11 @@ pub struct State {
     pub pins: Option<PinDir>,
     /// The hook set attached, for `flyprobe_build_info`.
     pub hooks: &'static str,
+    /// --worker-retention.
+    pub retention: std::time::Duration,
+    /// The kernel counts the handshakes dropped at a full accept queue (`skb:kfree_skb` with
+    /// `rx_sk`), which overflows need (the listener's drop counter holds them twice).
+    pub overflow_correction: bool,
 }
 
 #[derive(Clone)]
@@ -218,6 +229,10 @@ impl State {
         self.watched.classify(&stats);
         self.seed_listeners();
         self.retire_due(now);
+        let folded = self.watched.fold_retired(now, self.retention);
+        if folded > 0 {
+            log::debug!("{folded} exited processes folded into their servers' retired series");
+        }
         let census = self.maps.census();
         self.map_entries = census.entries;
         self.map_memory = memory::in_use(&mut self.map_names);
@@ -240,16 +255,25 @@ impl State {
             .filter(|(_, m)| m.exited.is_none())
             .map(|(&pid, m)| (pid, m.root))
             .collect();
+        self.netns_pids = BTreeMap::new();
+        for &(pid, _) in &live {
+            if let Some(netns) = containers::netns_id(pid as i32) {
+                self.netns_pids.entry(netns as u32).or_insert(pid);
+            }
+        }
         let listeners = sockets::listen_keys(live);
         // Listeners seen before and gone now (the server exited or closed them). Ones the
         // kernel recorded at listen() and /proc did not show yet are left alone.
-        for &(netns, port) in self.listeners.keys() {
+        for (&(netns, port), &root) in &self.listeners {
             if !listeners.contains_key(&(netns, port)) {
-                self.maps.unlisten(&ListenKey {
+                let counted = self.maps.unlisten(&ListenKey {
                     netns,
                     port,
                     _pad: 0,
                 });
+                if let Some(counted) = counted {
+                    self.retired_ports.entry(root).or_default().add(&counted);
+                }
             }
         }
         self.listeners = listeners;
@@ -292,14 +316,11 @@ impl State {
     /// ledger holding those counters is written before their kernel entries go, so a daemon
     /// killed in between loses nothing (the next one frees entries it finds twice).
     fn retire(&mut self, pids: Vec<u32>) {
-        let kept: Vec<(u32, Remains)> = pids
-            .into_iter()
-            .map(|pid| {
-                let last = self.maps.remains(pid);
-                self.watched.retire(pid, &last);
-                (pid, last)
-            })
-            .collect();
+        let remains = self.maps.remains(&pids);
+        let kept: Vec<(u32, Remains)> = pids.into_iter().zip(remains).collect();
+        for (pid, last) in &kept {
+            self.watched.retire(*pid, last);
+        }
         self.save_ledger();
         for (pid, last) in &kept {
             self.maps.forget(*pid, last);
@@ -307,11 +328,70 @@ impl State {
     }
 }
 
+impl State {
+    /// Each root's listening ports: the kernel's counts and the accept queues right now
+    /// (read at scrape time: a queue is a gauge of this moment).
+    fn ports(&self) -> BTreeMap<u32, ServerPorts> {
+        let mut out: BTreeMap<u32, ServerPorts> = BTreeMap::new();
+        let counted = self.maps.ports();
+        for (key, stats) in &counted {
+            if let Some(&root) = self.listeners.get(key) {
+                out.entry(root).or_default().counted.add(stats);
+            }
+        }
+        for (root, counted) in &self.retired_ports {
+            out.entry(*root).or_default().counted.add(counted);
+        }
+        // Queues, limits and drops per listener from sock_diag, in flyprobe's own network
+        // namespace; elsewhere the queue from /proc (which shows no limit, no drops).
+        let own = containers::netns_id(std::process::id() as i32).map(|n| n as u32);
+        let diag = if self.listeners.keys().any(|(netns, _)| Some(*netns) == own) {
+            sock_diag::listeners()
+                .map_err(|err| log::debug!("sock_diag: {err}"))
+                .ok()
+        } else {
+            None
+        };
+        let mut tables: BTreeMap<u32, BTreeMap<u16, u64>> = BTreeMap::new();
+        for (&(netns, port), &root) in &self.listeners {
+            let entry = out.entry(root).or_default();
+            if Some(netns) == own
+                && let Some(diag) = &diag
+            {
+                let on_port = || diag.iter().filter(|l| l.port == port);
+                entry.queues.insert(port, on_port().map(|l| l.queue).sum());
+                entry.limits.insert(port, on_port().map(|l| l.limit).sum());
+                if self.overflow_correction {
+                    // The listener's drop counter holds each dropped handshake twice.
+                    let twice = counted
+                        .get(&(netns, port))
+                        .map_or(0, |c| c.handshakes_dropped);
+                    let drops: u64 = on_port().map(|l| l.drops).sum();
+                    entry.overflows.insert(port, drops.saturating_sub(twice));
+                }
+                continue;
+            }
+            let table = tables.entry(netns).or_insert_with(|| {
+                self.netns_pids
+                    .get(&netns)
+                    .map(|&pid| sockets::listen_queues(pid))
+                    .unwrap_or_default()
+            });
+            if let Some(&queue) = table.get(&port) {
+                entry.queues.insert(port, queue);
+            }
+        }
+        out
+    }
+}
+
 impl SnapshotSource for Shared {
     fn snapshot(&self) -> Snapshot {
         let mut state = self.lock();
         state.retire_due(Instant::now());
+        let ports = state.ports();
         let kernel = KernelView {
+            ports,
             stats: state.maps.stats(),
             requests: state.maps.requests(),
             drops: state.maps.drops(),

@@ -82,6 +82,10 @@ pub struct Lifecycle {
     pub stopped: BTreeMap<String, u64>,
 }
 
+/// The pid under which exited workers past their retention are folded together (no process
+/// has PID 0); exposed as `pid="retired"`.
+pub const FOLDED: u32 = 0;
+
 /// Forks of children already gone, remembered until their exit events arrive.
 const UNRESOLVED_FORKS: usize = 4096;
 
@@ -89,10 +93,13 @@ const UNRESOLVED_FORKS: usize = 4096;
 pub struct Watched {
     roots: Vec<Root>,
     members: BTreeMap<u32, Member>,
-    /// Final counters of exited processes, by (root, pid); summed if a PID is reused.
+    /// Final counters of exited processes, by (root, pid); summed if a PID is reused. Pid
+    /// `FOLDED` holds those past their retention, folded together.
     retired: BTreeMap<(u32, u32), ProcStats>,
     /// Their labelled requests, by root.
     retired_requests: BTreeMap<(u32, ReqKey), ReqStats>,
+    /// When each (root, pid) of `retired` was retired (a restored one: when restored).
+    retired_at: BTreeMap<(u32, u32), Instant>,
     lifecycle: BTreeMap<u32, Lifecycle>,
     /// Members found gone by the last sweep, confirmed by the next.
     suspects: BTreeSet<u32>,
@@ -210,6 +217,7 @@ impl Watched {
         }
         self.roots.retain(|r| !gone.contains(&r.pid));
         self.retired.retain(|(root, _), _| !gone.contains(root));
+        self.retired_at.retain(|(root, _), _| !gone.contains(root));
         self.retired_requests
             .retain(|(root, _), _| !gone.contains(root));
         self.lifecycle.retain(|root, _| !gone.contains(root));
@@ -540,6 +548,9 @@ impl Watched {
             self.lifecycle.insert(rl.pid, rl.lifecycle());
             for (pid, stats) in &rl.retired {
                 self.retired.entry((rl.pid, *pid)).or_default().add(stats);
+                if *pid != FOLDED {
+                    self.retired_at.insert((rl.pid, *pid), now);
+                }
             }
             for (key, stats) in &rl.retired_requests {
                 self.retired_requests
@@ -593,6 +604,7 @@ impl Watched {
         let Some(member) = self.members.remove(&pid) else {
             return;
         };
+        self.retired_at.insert((member.root, pid), Instant::now());
         self.retired
             .entry((member.root, pid))
             .or_default()
@@ -603,6 +615,49 @@ impl Watched {
                 .or_default()
                 .add(stats);
         }
+    }
+}
+
+impl Watched {
+    /// Fold the exited processes retired more than `retention` ago into their server's
+    /// `FOLDED` series: their own series leave /metrics, every total stays the same. Returns
+    /// how many were folded.
+    pub fn fold_retired(&mut self, now: Instant, retention: Duration) -> usize {
+        let due: Vec<(u32, u32)> = self
+            .retired_at
+            .iter()
+            .filter(|(_, at)| now.saturating_duration_since(**at) >= retention)
+            .map(|(key, _)| *key)
+            .collect();
+        if due.is_empty() {
+            return 0;
+        }
+        let due_set: BTreeSet<(u32, u32)> = due.iter().copied().collect();
+        for key @ (root, _) in &due {
+            self.retired_at.remove(key);
+            if let Some(stats) = self.retired.remove(key) {
+                self.retired.entry((*root, FOLDED)).or_default().add(&stats);
+            }
+        }
+        let folded: Vec<(u32, ReqKey)> = self
+            .retired_requests
+            .keys()
+            .filter(|(root, key)| due_set.contains(&(*root, key.tgid)))
+            .copied()
+            .collect();
+        for (root, key) in folded {
+            if let Some(stats) = self.retired_requests.remove(&(root, key)) {
+                let into = ReqKey {
+                    tgid: FOLDED,
+                    ..key
+                };
+                self.retired_requests
+                    .entry((root, into))
+                    .or_default()
+                    .add(&stats);
+            }
+        }
+        due.len()
     }
 }
 
@@ -694,6 +749,66 @@ mod tests {
         assert_eq!((kept.accepted, kept.requests), (3, 4));
         assert_eq!((kept.active(), kept.in_flight()), (0, 0));
         assert!(w.members().is_empty());
+    }
+
+    #[test]
+    fn retired_workers_fold_into_one_series_after_their_retention_and_totals_stay() {
+        let mut w = Watched::default();
+        let stats = ProcStats {
+            accepted: 2,
+            requests: 5,
+            responses: 5,
+            ..Default::default()
+        };
+        for pid in [5, 6] {
+            w.members.insert(pid, member(1, false));
+            let key = ReqKey {
+                tgid: pid,
+                method: 1,
+                status: 2,
+                protocol: 1,
+                transport: 0,
+            };
+            let remains = Remains {
+                stats,
+                requests: vec![(
+                    key,
+                    ReqStats {
+                        count: 5,
+                        ..Default::default()
+                    },
+                )],
+                ..Default::default()
+            };
+            w.retire(pid, &remains);
+        }
+        let total = |w: &Watched| -> (u64, u64) {
+            (
+                w.retired().values().map(|s| s.requests).sum(),
+                w.retired_requests().values().map(|s| s.count).sum(),
+            )
+        };
+        let now = Instant::now();
+        assert_eq!(
+            w.fold_retired(now, Duration::from_secs(60)),
+            0,
+            "within retention"
+        );
+        assert_eq!(w.retired().len(), 2);
+        let later = now + Duration::from_secs(61);
+        assert_eq!(w.fold_retired(later, Duration::from_secs(60)), 2);
+        assert_eq!(
+            w.retired().keys().collect::<Vec<_>>(),
+            vec![&(1, FOLDED)],
+            "one series for the server's retired workers"
+        );
+        assert_eq!(total(&w), (10, 10), "no count lost or doubled");
+        assert!(w.retired_requests().keys().all(|(_, k)| k.tgid == FOLDED));
+        assert_eq!(
+            w.fold_retired(later, Duration::from_secs(60)),
+            0,
+            "folded once"
+        );
     }
 
     fn found_root(pid: u32, exited: Option<f64>) -> Root {

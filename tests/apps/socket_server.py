@@ -17,6 +17,10 @@ MODE
 Every request gets the same answer, 200 "ok" with Content-Length and keep-alive, naming the
 serving process in `x-worker-pid`; a connection stays open until the client closes it.
 
+GET /close-unread
+  is answered, then the connection is closed at once: whatever the client sent after the
+  request head is left unread, so the kernel resets the connection (a reset sent).
+
 GET /retire?how=dup2|dup3|close_range
   is answered, then the connection ends without close(2): its fd number is taken over by a
   regular file (dup2(2) or dup3(2) of the file onto it, or close_range(2) of it and a
@@ -107,6 +111,8 @@ def serve(conn, upstream):
             if upstream is not None:
                 upstream.exchange()
             conn.sendall(response())
+            if target.startswith(b"/close-unread"):
+                break
             if target.startswith(b"/retire"):
                 how = target.partition(b"how=")[2].decode()
                 retire(conn.detach(), how)

@@ -229,6 +229,35 @@ fn all_forked(server: &Server, n: u32, marker: &str) {
     );
 }
 
+/// `gunicorn wsgi_app:app` with sync workers (one connection at a time each) and
+/// `--backlog N`: a pool that can be too small.
+pub fn gunicorn_sync(workers: u32, backlog: u32) -> Server {
+    gunicorn_sync_with(workers, &["--backlog", &backlog.to_string()])
+}
+
+/// gunicorn sync workers that each exit after `max_requests` requests, the arbiter forking
+/// a new one each time (`--max-requests`, as deployments use against leaks).
+pub fn gunicorn_recycling(workers: u32, max_requests: u32) -> Server {
+    gunicorn_sync_with(workers, &["--max-requests", &max_requests.to_string()])
+}
+
+fn gunicorn_sync_with(workers: u32, extra: &[&str]) -> Server {
+    let port = free_port();
+    let guard = Guard::spawn(
+        "gunicorn",
+        Command::new(python())
+            .args(["-m", "gunicorn", "wsgi_app:app", "--chdir"])
+            .arg(apps_dir())
+            .args(["--bind", &format!("127.0.0.1:{port}")])
+            .args(["--workers", &workers.to_string(), "--worker-class", "sync"])
+            .args(extra)
+            .args(["--graceful-timeout", "5", "--log-level", "warning"]),
+    );
+    let server = ready(guard, port);
+    all_forked(&server, workers, "");
+    server
+}
+
 /// `granian --interface asgi --workers N` (Rust server, Python workers).
 pub fn granian(workers: u32) -> Server {
     let port = free_port();

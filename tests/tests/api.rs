@@ -50,6 +50,12 @@ struct ServerSnap {
     requests_total: u64,
     status_classes: BTreeMap<String, u64>,
     latency: Latency,
+    queue_latency: Latency,
+    listen_queue_length: u64,
+    listen_queue_limit: u64,
+    listen_overflows: u64,
+    resets_sent: u64,
+    resets_received: u64,
     started_total: u64,
     stopped_total: BTreeMap<String, u64>,
     worker_list: Vec<WorkerSnap>,
@@ -89,6 +95,8 @@ struct Rates {
     error_rate: f64,
     p50_seconds: Option<f64>,
     p99_seconds: Option<f64>,
+    queue_p50_seconds: Option<f64>,
+    queue_p99_seconds: Option<f64>,
 }
 
 /// A stream's first event has no previous one to rate against.
@@ -98,6 +106,8 @@ const FIRST_EVENT_RATES: Rates = Rates {
     error_rate: 0.0,
     p50_seconds: None,
     p99_seconds: None,
+    queue_p50_seconds: None,
+    queue_p99_seconds: None,
 };
 
 #[derive(Deserialize, Debug, Clone, PartialEq)]
@@ -699,6 +709,29 @@ fn snapshot_matches_metrics_for_the_same_traffic() {
         u.latency.sum
     );
     assert!(u.latency.cumulative.windows(2).all(|w| w[0] <= w[1]));
+
+    // Waiting for a worker, the accept queues, drops and resets: /metrics' numbers.
+    let queue = "server_connection_queue_seconds";
+    assert_eq!(u.queue_latency.bounds, u.latency.bounds);
+    assert_eq!(
+        u.queue_latency.count,
+        m.total(&format!("{queue}_count"), &label)
+    );
+    assert_eq!(
+        u.queue_latency.count,
+        m.bucket(queue, &label, f64::INFINITY)
+    );
+    for (field, metric) in [
+        (u.listen_queue_limit, "server_listen_queue_limit"),
+        (u.listen_overflows, "server_listen_overflows_total"),
+        (
+            u.resets_sent + u.resets_received,
+            "server_connection_resets_total",
+        ),
+    ] {
+        assert_eq!(field, m.total(metric, &label), "{metric}");
+    }
+    assert!(u.listen_queue_limit > 0, "uvicorn's listen() backlog");
 
     // Lifecycle.
     assert_eq!(u.started_total, gauge("server_started_total") as u64);

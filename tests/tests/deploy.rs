@@ -37,7 +37,7 @@ const METRICS: &[(&str, &[&str])] = &[
     ("server_in_flight_requests", &["server", "pid"]),
     (
         "server_requests_total",
-        &["server", "pid", "method", "status", "protocol"],
+        &["server", "pid", "method", "status", "protocol", "transport"],
     ),
     (
         "server_request_duration_seconds",
@@ -54,11 +54,19 @@ const METRICS: &[(&str, &[&str])] = &[
     ("server_worker_uptime_seconds", &["server", "pid"]),
     ("server_started_total", &["server"]),
     ("server_stopped_total", &["server", "reason"]),
+    ("server_connection_queue_seconds", &["server"]),
+    ("server_listen_queue_length", &["server", "port"]),
+    ("server_listen_queue_limit", &["server", "port"]),
+    ("server_listen_overflows_total", &["server", "port"]),
+    ("server_connection_resets_total", &["server", "direction"]),
     ("flyprobe_build_info", &["version"]),
     ("flyprobe_dropped_events_total", &["reason"]),
     ("flyprobe_map_entries", &["map"]),
 ];
-const HISTOGRAMS: &[&str] = &["server_request_duration_seconds"];
+const HISTOGRAMS: &[&str] = &[
+    "server_request_duration_seconds",
+    "server_connection_queue_seconds",
+];
 /// Labels every server_* series carries in node-wide mode, when known.
 const NODE_WIDE_LABELS: &[&str] = &["container_id", "pod_uid", "unit", "netns"];
 /// Labels Prometheus adds from the target (the ServiceMonitor and the Kubernetes example add

@@ -1,0 +1,293 @@
+//! What only the kernel sees, each number against an oracle: how long clients wait for a
+//! free worker (the clients' own clocks), the accept queue (`ss`, which asks the kernel the
+//! same question), and resets by direction (what the client did).
+//!
+//! The pool too small: gunicorn with one sync worker (one connection at a time) and a
+//! 200 ms endpoint, 20 clients at once.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    process::Command,
+    sync::{Arc, Barrier},
+    time::{Duration, Instant},
+};
+
+use flyprobe_tests::{
+    client::Conn,
+    eventually,
+    flyprobe::{Flyprobe, Metrics},
+    require_root, servers,
+};
+
+const SETTLE: Duration = Duration::from_secs(20);
+const SERVER: &str = "waiting";
+const SERVICE_MS: u64 = 200;
+
+fn watch(pid: u32) -> Flyprobe {
+    Flyprobe::start(&["--pid-tree", &pid.to_string(), "--server-name", SERVER])
+}
+
+/// One client: connect, GET /slow, read the response. Returns how long it waited for a
+/// worker: connect to the first response byte, less the service time the app reports.
+fn timed_client(port: u16) -> Duration {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /slow?ms={SERVICE_MS} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    )
+    .unwrap();
+    let mut first = [0u8; 1];
+    stream.read_exact(&mut first).expect("first response byte");
+    let answered = started.elapsed();
+    let mut rest = Vec::new();
+    // gunicorn's sync workers close after each response.
+    stream.read_to_end(&mut rest).expect("response");
+    let head = String::from_utf8_lossy(&rest).to_string();
+    let service_us: u64 = head
+        .lines()
+        .find_map(|l| l.strip_prefix("x-service-us: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no x-service-us in {head}"));
+    answered.saturating_sub(Duration::from_micros(service_us))
+}
+
+/// `ss -ltnH sport = :PORT`: the listening socket's (Recv-Q, Send-Q), its accept queue's
+/// length and limit as the kernel reports them to ss.
+fn ss_queue(port: u16) -> (u64, u64) {
+    let out = Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2: run `cargo xtask setup`)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cols: Vec<&str> = text.split_whitespace().collect();
+    match cols.as_slice() {
+        [_, recv_q, send_q, ..] => (recv_q.parse().unwrap(), send_q.parse().unwrap()),
+        _ => panic!("unexpected ss output: {text}"),
+    }
+}
+
+fn port_gauge(m: &Metrics, name: &str, port: u16) -> Option<u64> {
+    m.get(name, &[("server", SERVER), ("port", &port.to_string())])
+        .map(|v| v as u64)
+}
+
+#[test]
+fn waiting_for_a_busy_worker_is_measured_per_connection_and_the_queue_matches_ss() {
+    require_root();
+    let clients = 20;
+    let server = servers::gunicorn_sync(1, 64);
+    let port = server.port;
+    let fp = watch(server.pid());
+    let m = fp.scrape();
+    assert_eq!(
+        port_gauge(&m, "server_listen_queue_limit", port),
+        Some(ss_queue(port).1),
+        "the accept queue's limit, as ss shows it\n{}",
+        m.text
+    );
+    assert_eq!(ss_queue(port).1, 64, "gunicorn --backlog 64");
+
+    let start = Arc::new(Barrier::new(clients + 1));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                timed_client(port)
+            })
+        })
+        .collect();
+    start.wait();
+    // While they wait: the queue flyprobe reports is the one ss reports, read between two
+    // ss readings that agree (it changes every 200 ms).
+    let mut compared = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while compared < 3 && Instant::now() < deadline {
+        let before = ss_queue(port);
+        let m = fp.scrape();
+        let after = ss_queue(port);
+        if before != after || before.0 == 0 {
+            continue;
+        }
+        assert_eq!(
+            port_gauge(&m, "server_listen_queue_length", port),
+            Some(before.0),
+            "queue length against ss ({before:?})"
+        );
+        compared += 1;
+    }
+    assert!(compared > 0, "never saw a steady, non-empty accept queue");
+    let waits: Vec<Duration> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let total: f64 = waits.iter().map(Duration::as_secs_f64).sum();
+
+    let m = eventually(
+        &format!("{clients} waits in server_connection_queue_seconds"),
+        SETTLE,
+        || {
+            let m = fp.scrape();
+            let count = m.total(
+                "server_connection_queue_seconds_count",
+                &[("server", SERVER)],
+            );
+            if count == clients as u64 {
+                Ok(m)
+            } else {
+                Err(count)
+            }
+        },
+    );
+    let sum = m
+        .get("server_connection_queue_seconds_sum", &[("server", SERVER)])
+        .expect("one histogram");
+    assert!(
+        (sum - total).abs() <= 0.1 * total,
+        "flyprobe's total wait {sum:.3} s against the clients' {total:.3} s ({waits:?})"
+    );
+    // The last client waited for all the others: it is in the bucket above 2.5 s.
+    assert!(
+        m.bucket(
+            "server_connection_queue_seconds",
+            &[("server", SERVER)],
+            2.5
+        ) < clients as u64,
+        "someone waited longer than 2.5 s\n{}",
+        m.text
+    );
+    assert_eq!(
+        port_gauge(&fp.scrape(), "server_listen_queue_length", port),
+        Some(0),
+        "nobody waits once all are served"
+    );
+    eprintln!("{clients} clients waited {total:.2} s in all; flyprobe measured {sum:.2} s");
+}
+
+#[test]
+fn resets_are_counted_by_direction() {
+    require_root();
+    let (server, _) = servers::socket_app("blocking", &[]);
+    let fp = watch(server.pid());
+    // Clients that abort (SO_LINGER 0): the server receives a reset from each.
+    let aborted = 3;
+    for _ in 0..aborted {
+        let mut conn = Conn::connect(server.port).unwrap();
+        assert_eq!(conn.get("/").unwrap().status, 200);
+        conn.reset();
+    }
+    // The server closes while the rest of what the client sent is unread: it sends one.
+    let unread = 2;
+    for _ in 0..unread {
+        let mut conn = Conn::connect(server.port).unwrap();
+        let mut bytes = b"GET /close-unread HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".to_vec();
+        bytes.extend(vec![b'x'; 1 << 20]);
+        // The reset may cut the write short.
+        let _ = conn.write(&bytes);
+        let _ = conn.read_some();
+    }
+    eventually(
+        &format!("resets: {unread} sent, {aborted} received"),
+        SETTLE,
+        || {
+            let m = fp.scrape();
+            let count = |direction: &str| {
+                m.total(
+                    "server_connection_resets_total",
+                    &[("server", SERVER), ("direction", direction)],
+                )
+            };
+            let seen = (count("sent"), count("received"));
+            if seen == (unread, aborted) {
+                Ok(())
+            } else {
+                Err(seen)
+            }
+        },
+    );
+    // And they stay so: nothing else is counted afterwards.
+    std::thread::sleep(Duration::from_secs(2));
+    let m = fp.scrape();
+    assert_eq!(
+        m.total(
+            "server_connection_resets_total",
+            &[("server", SERVER), ("direction", "sent")]
+        ),
+        unread
+    );
+}
+
+/// The kernel's own count of connections dropped because an accept queue was full, in this
+/// network namespace (`TcpExt: ListenOverflows` in /proc/net/netstat, what `nstat` shows).
+fn listen_overflows() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.chunks(2) {
+        if let [names, values] = pair
+            && names.starts_with("TcpExt:")
+        {
+            let i = names
+                .split_whitespace()
+                .position(|n| n == "ListenOverflows")
+                .expect("ListenOverflows");
+            return values.split_whitespace().nth(i).unwrap().parse().unwrap();
+        }
+    }
+    panic!("no TcpExt in /proc/net/netstat");
+}
+
+#[test]
+fn connections_dropped_by_a_full_accept_queue_are_counted_as_the_kernel_counts_them() {
+    require_root();
+    let clients = 40;
+    let server = servers::gunicorn_sync(1, 4);
+    let port = server.port;
+    let fp = watch(server.pid());
+    let counted = |m: &Metrics| {
+        m.get(
+            "server_listen_overflows_total",
+            &[("server", SERVER), ("port", &port.to_string())],
+        )
+        .map(|v| v as u64)
+    };
+    let before = (counted(&fp.scrape()), listen_overflows());
+    assert_eq!(before.0, Some(0), "a fresh listener has dropped nothing");
+    // Each client sends its request and reads until the server is done with it; a client
+    // whose handshake the full queue dropped may be reset in the end, which is the point.
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+                stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+                write!(
+                    stream,
+                    "GET /slow?ms={SERVICE_MS} HTTP/1.1\r\nHost: x\r\n\r\n"
+                )?;
+                let mut answer = Vec::new();
+                stream
+                    .read_to_end(&mut answer)
+                    .map(|_| answer.starts_with(b"HTTP/1.1 200"))
+            })
+        })
+        .collect();
+    let answered = threads
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .filter(|answer| matches!(answer, Ok(true)))
+        .count();
+    let kernel = listen_overflows() - before.1;
+    assert!(kernel > 0, "40 clients on a backlog of 4 overflow it");
+    let m = fp.scrape();
+    assert_eq!(
+        counted(&m),
+        Some(kernel),
+        "flyprobe's count against the kernel's ListenOverflows\n{}",
+        m.text
+    );
+    eprintln!(
+        "{clients} clients, backlog 4: {answered} answered, {kernel} connections dropped, \
+         counted exactly"
+    );
+}
