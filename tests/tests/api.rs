@@ -722,6 +722,7 @@ fn snapshot_matches_metrics_for_the_same_traffic() {
         m.bucket(queue, &label, f64::INFINITY)
     );
     for (field, metric) in [
+        (u.listen_queue_length, "server_listen_queue_length"),
         (u.listen_queue_limit, "server_listen_queue_limit"),
         (u.listen_overflows, "server_listen_overflows_total"),
         (
