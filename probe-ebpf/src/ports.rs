@@ -6,7 +6,7 @@
 //! - the TCP resets on its connections, sent (`tcp:tcp_send_reset`: an abort, a close with
 //!   unread data) and received (`tcp:tcp_receive_reset`: a client that aborted);
 //! - the handshakes dropped because its accept queue was full (`skb:kfree_skb`, reason
-//!   TCP_LISTEN_OVERFLOW, Linux >= 6.11 for `rx_sk`). SYNs dropped for the same reason
+//!   TCP_LISTEN_OVERFLOW: `rx_sk` since 6.11, the reason since 6.15). SYNs dropped for the same reason
 //!   have no event (they are consumed, not freed): the daemon reads the listener's drop
 //!   counter for the total.
 //!
@@ -14,11 +14,12 @@
 //! listener's, as for the connections themselves: outbound connections never are.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext};
-use probe_common::{ConnState, DURATION_BOUNDS_NS, ListenKey, PortStats, drop_reason};
+use probe_common::{ConnState, ListenKey, PortStats, drop_reason};
 
 use crate::{
     maps::{LISTEN_PORTS, PORT_STATS, per_cpu_entry},
     record::{DROP_REASON_LISTEN_OVERFLOW, INET_SPORT_OFFSET, kernel_at},
+    requests::observe,
     sockets::listen_key,
 };
 
@@ -45,18 +46,7 @@ pub fn taken(state: &ConnState) {
         return;
     };
     let waited = unsafe { bpf_ktime_get_ns() }.saturating_sub(state.start_ns);
-    let w = &mut stats.waited;
-    w.count += 1;
-    w.timed += 1;
-    w.duration_sum_ns += waited;
-    let mut i = 0;
-    while i < DURATION_BOUNDS_NS.len() {
-        if waited <= DURATION_BOUNDS_NS[i] {
-            w.buckets[i] += 1;
-            break;
-        }
-        i += 1;
-    }
+    observe(&mut stats.waited, waited);
 }
 
 /// tcp:tcp_send_reset(const struct sock *sk, const struct sk_buff *skb, ...): `sk` may be
@@ -81,7 +71,8 @@ pub fn reset_received(ctx: RawTracePointContext) -> i32 {
 
 /// skb:kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason,
 /// struct sock *rx_sk): a dropped packet, anywhere on the node (never a delivered one).
-/// Attached only where the tracepoint has `rx_sk`.
+/// Attached only where the tracepoint has `rx_sk` (the reason is u32::MAX, matching
+/// nothing, where BTF does not name it).
 #[raw_tracepoint(tracepoint = "kfree_skb")]
 pub fn packet_dropped(ctx: RawTracePointContext) -> i32 {
     if ctx.arg::<u64>(2) as u32 == DROP_REASON_LISTEN_OVERFLOW.load()

@@ -75,7 +75,12 @@ pub fn record_completed(tgid: u32, state: &ConnState) {
     let Some(stats) = req_stats(&key) else {
         return;
     };
-    let d = state.duration_ns;
+    observe(stats, state.duration_ns);
+}
+
+/// One timed observation of `d` ns in a histogram of `DURATION_BOUNDS_NS`.
+#[inline(always)]
+pub fn observe(stats: &mut ReqStats, d: u64) {
     stats.count += 1;
     stats.timed += 1;
     stats.duration_sum_ns += d;

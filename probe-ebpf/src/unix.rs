@@ -9,7 +9,7 @@
 //!   entry was made for (its inode number), and the daemon runs `unix_sweep` on each unix
 //!   entry of `CONNS` as it walks the map every second, to end those whose socket is gone.
 
-use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
+use aya_ebpf::{bindings::BPF_NOEXIST, macros::raw_tracepoint, programs::RawTracePointContext};
 use probe_common::{ConnKey, ConnState, conn_flags, drop_reason};
 
 use crate::{
@@ -63,8 +63,9 @@ pub fn adopt(sk: u64) -> Option<*mut ConnState> {
         ino,
         ..ConnState::default()
     };
+    // Two threads touching it first at once: one entry, taken once (by `take`'s owner check).
     // No close event to forget a drop by: a full map counts each touch it refuses.
-    if CONNS.insert(sk, fresh, 0).is_err() {
+    if CONNS.insert(sk, fresh, BPF_NOEXIST as u64).is_err() && CONNS.get_ptr(sk).is_none() {
         count_drop(drop_reason::CONNECTION_MAP_FULL);
         return None;
     }
@@ -79,7 +80,15 @@ pub fn ended(sk: ConnKey, state: &ConnState) -> bool {
         return false;
     }
     let state = *state;
-    // The sweep and an event on a reused socket at once: only the one that removes it counts.
+    // The sweep and an event on a reused socket at once: the entry may already be the new
+    // connection's (then it is not this one to end), and only the one that removes it counts.
+    // SAFETY: read at once, under RCU.
+    if CONNS
+        .get_ptr(sk)
+        .is_some_and(|now| unsafe { (*now).ino } != state.ino)
+    {
+        return true;
+    }
     if CONNS.remove(sk).is_ok()
         && is_target(state.owner)
         && let Some(stats) = stats_mut(state.owner)
@@ -99,5 +108,10 @@ pub fn unix_sweep(ctx: RawTracePointContext) -> i32 {
     };
     // SAFETY: valid for this run (RCU); copied before it is removed.
     let state = unsafe { *state };
-    i32::from(state.flags & conn_flags::UNIX != 0 && ended(sk, &state))
+    // An exited owner's connections are the daemon's to retire with the rest of it (the
+    // request they were reading counted as aborted).
+    if state.flags & conn_flags::UNIX == 0 || (state.owner != 0 && !is_target(state.owner)) {
+        return 0;
+    }
+    i32::from(ended(sk, &state))
 }

@@ -138,12 +138,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         hooks: probe.hooks.name(),
         retention: cli.worker_retention,
         overflow_correction: probe.hooks != HookSet::Syscall
+            && probe.listen_overflow_reason
             && !probe.skipped.contains(&"packet_dropped"),
     };
     if !state.overflow_correction {
         log::info!(
             "server_listen_overflows_total is not exported: it needs the fentry or socket hooks \
-             and skb:kfree_skb with rx_sk (Linux >= 6.11)"
+             and skb:kfree_skb with rx_sk and the TCP_LISTEN_OVERFLOW drop reason \
+             (Linux >= 6.15)"
         );
     }
     state.seed_listeners();

@@ -210,20 +210,26 @@ impl KernelMaps {
     pub fn census(&self) -> Census {
         let mut queued: BTreeMap<(u32, u16), u64> = BTreeMap::new();
         let mut connections = 0;
-        let mut unix_ended = 0;
+        let mut unix = Vec::new();
+        // Walk first, sweep after: a key deleted mid-walk restarts the kernel's iteration.
         for (sk, state) in self.conns.iter().filter_map(Result::ok) {
-            if state.flags & conn_flags::UNIX != 0
-                && let Some(sweep) = &self.unix
-                && sweep.ended(sk)
-            {
-                unix_ended += 1;
-                continue;
+            if state.flags & conn_flags::UNIX != 0 {
+                unix.push(sk);
             }
             connections += 1;
             if state.flags & conn_flags::QUEUED != 0 {
                 *queued.entry((state.netns, state.port)).or_default() += 1;
             }
         }
+        let mut unix_ended = 0;
+        if let Some(sweep) = &self.unix {
+            for sk in unix {
+                if sweep.ended(sk) {
+                    unix_ended += 1;
+                }
+            }
+        }
+        connections -= unix_ended;
         if unix_ended > 0 {
             log::debug!("{unix_ended} unix connections ended (their sockets are gone)");
         }

@@ -564,6 +564,8 @@ pub struct Probe {
     kernel_btf: Option<Btf>,
     /// Programs not attached because this kernel lacks what they read.
     pub skipped: Vec<&'static str>,
+    /// BTF names SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (Linux >= 6.15).
+    pub listen_overflow_reason: bool,
 }
 
 impl Probe {
@@ -652,6 +654,7 @@ impl Probe {
             btf: None,
             kernel_btf: None,
             skipped: Vec::new(),
+            listen_overflow_reason: socket.is_some_and(|o| o.listen_overflow != u32::MAX),
         };
         let set = options.hooks;
         if options.empty_hooks {

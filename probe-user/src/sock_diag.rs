@@ -84,6 +84,9 @@ fn dump(family: u8, out: &mut Vec<Listener>) -> io::Result<()> {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
+        if n == 0 {
+            return Ok(()); // the kernel ended the dump without NLMSG_DONE
+        }
         if parse(&buf[..n as usize], out)? {
             return Ok(());
         }

@@ -84,18 +84,7 @@ fn unix_socket(name: &str) -> (PathBuf, PathBuf) {
 
 /// Wait until the server on unix socket `path` answers GET /.
 fn ready_unix(guard: Guard, path: &std::path::Path, dir: PathBuf) -> Server {
-    eventually(
-        "the server to answer GET / on its unix socket",
-        Duration::from_secs(30),
-        || {
-            let resp = Conn::connect_unix(path)
-                .and_then(|mut c| c.get("/"))
-                .map_err(|e| e.to_string())?;
-            (resp.status == 200)
-                .then_some(())
-                .ok_or(resp.status.to_string())
-        },
-    );
+    answers("on its unix socket", || Conn::connect_unix(path));
     Server {
         guard,
         port: 0,
@@ -503,11 +492,21 @@ fn workspace_bin(var: &str, name: &str, extra: &[&str]) -> (Guard, u16) {
 }
 
 fn ready(guard: Guard, port: u16) -> Server {
+    answers("", || Conn::connect(port));
+    Server {
+        guard,
+        port,
+        scratch: None,
+    }
+}
+
+/// Wait until a server reached by `connect` answers GET / with 200.
+fn answers(how: &str, connect: impl Fn() -> std::io::Result<Conn>) {
     eventually(
-        "the server to answer GET /",
+        &format!("the server to answer GET / {how}"),
         Duration::from_secs(30),
         || {
-            let resp = Conn::connect(port)
+            let resp = connect()
                 .and_then(|mut c| c.get("/"))
                 .map_err(|e| e.to_string())?;
             (resp.status == 200)
@@ -515,9 +514,4 @@ fn ready(guard: Guard, port: u16) -> Server {
                 .ok_or(resp.status.to_string())
         },
     );
-    Server {
-        guard,
-        port,
-        scratch: None,
-    }
 }
