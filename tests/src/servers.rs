@@ -160,20 +160,7 @@ pub fn nginx_to_unix(upstream: &std::path::Path) -> Server {
             upstream.display()
         ),
     );
-    std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
-    let nginx = nginx_bin().expect("nginx is not installed: run `cargo xtask setup`");
-    let guard = Guard::spawn(
-        "nginx",
-        Command::new(nginx)
-            .arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .arg("-p")
-            .arg(&dir),
-    );
-    let mut server = ready(guard, port);
-    server.scratch = Some(dir);
-    all_forked(&server, 1, "");
-    server
+    start_nginx(dir, port, &conf, 1)
 }
 
 /// `gunicorn -k uvicorn_worker.UvicornWorker -w N`: a forking supervisor.
@@ -349,6 +336,12 @@ pub fn nginx(upstream: u16) -> Server {
     location /static/ {{ root {d}; }}"
         ),
     );
+    start_nginx(dir, port, &conf, 2)
+}
+
+/// nginx with configuration `conf` written under `dir` (the server's scratch directory),
+/// answering on `port` with all its `workers` forked before this returns.
+fn start_nginx(dir: PathBuf, port: u16, conf: &str, workers: u32) -> Server {
     std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
     let nginx = nginx_bin().expect("nginx is not installed: run `cargo xtask setup`");
     let guard = Guard::spawn(
@@ -361,7 +354,7 @@ pub fn nginx(upstream: u16) -> Server {
     );
     let mut server = ready(guard, port);
     server.scratch = Some(dir);
-    all_forked(&server, 2, "");
+    all_forked(&server, workers, "");
     server
 }
 
