@@ -543,6 +543,7 @@ fn snapshot_matches_metrics_for_the_same_traffic() {
                 u.active_connections,
                 u.in_flight_requests,
                 u.latency.count,
+                (u.queue_latency.count, u.listen_queue_length),
                 u.worker_list
                     .iter()
                     .map(|w| (w.pid, w.requests_total, w.active_connections))
