@@ -126,7 +126,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         map_entries: Vec::new(),
         listeners: Default::default(),
         queued: Default::default(),
-        netns_pids: Default::default(),
         retired_ports: Default::default(),
         map_memory: Default::default(),
         map_names: Default::default(),

@@ -48,10 +48,18 @@ pub fn listening(pids: impl IntoIterator<Item = u32>) -> BTreeMap<u32, BTreeSet<
     out
 }
 
+/// Who holds a watched listening port: the root of its tree, and a process of it (in the
+/// port's network namespace, so its /proc/PID/net shows the port's queue).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holder {
+    pub root: u32,
+    pub pid: u32,
+}
+
 /// The (network namespace inode, port) of every listening TCP socket of `pids` (pairs of
-/// PID and the root of its tree), with the root that holds it: the kernel's socket hooks
-/// count connections established on them as served ones.
-pub fn listen_keys(pids: impl IntoIterator<Item = (u32, u32)>) -> BTreeMap<(u32, u16), u32> {
+/// PID and the root of its tree), with who holds it: the kernel's socket hooks count
+/// connections established on them as served ones.
+pub fn listen_keys(pids: impl IntoIterator<Item = (u32, u32)>) -> BTreeMap<(u32, u16), Holder> {
     let mut cache = ListenerCache::default();
     let mut out = BTreeMap::new();
     for (pid, root) in pids {
@@ -59,7 +67,8 @@ pub fn listen_keys(pids: impl IntoIterator<Item = (u32, u32)>) -> BTreeMap<(u32,
             continue;
         };
         for port in listening_ports(pid, &mut cache) {
-            out.entry((netns as u32, port)).or_insert(root);
+            out.entry((netns as u32, port))
+                .or_insert(Holder { root, pid });
         }
     }
     out

@@ -18,7 +18,8 @@ use crate::{
     persist::PinDir,
     selectors::Selectors,
     snapshot::{self, KernelView, ServerPorts, Snapshot},
-    sock_diag, sockets,
+    sock_diag,
+    sockets::{self, Holder},
     watched::Watched,
 };
 
@@ -40,12 +41,9 @@ pub struct State {
     pub map_entries: Vec<(&'static str, u64)>,
     /// Which root's tree listens on each watched (network namespace, port), as of the last
     /// sweep.
-    pub listeners: BTreeMap<(u32, u16), u32>,
+    pub listeners: BTreeMap<(u32, u16), Holder>,
     /// Connections queued on each root's listeners, as of the last sweep.
     pub queued: BTreeMap<u32, u64>,
-    /// A watched process in each network namespace with watched listeners, to read its
-    /// accept queues through, as of the last sweep.
-    pub netns_pids: BTreeMap<u32, u32>,
     /// What the kernel counted on listeners that are gone, by root (counters never go back).
     pub retired_ports: BTreeMap<u32, PortStats>,
     /// Kernel memory each map uses, as of the last sweep.
@@ -238,7 +236,7 @@ impl State {
         self.map_memory = memory::in_use(&mut self.map_names);
         self.queued = BTreeMap::new();
         for (listener, n) in census.queued {
-            if let Some(&root) = self.listeners.get(&listener) {
+            if let Some(&Holder { root, .. }) = self.listeners.get(&listener) {
                 *self.queued.entry(root).or_default() += n;
             }
         }
@@ -255,16 +253,10 @@ impl State {
             .filter(|(_, m)| m.exited.is_none())
             .map(|(&pid, m)| (pid, m.root))
             .collect();
-        self.netns_pids = BTreeMap::new();
-        for &(pid, _) in &live {
-            if let Some(netns) = containers::netns_id(pid as i32) {
-                self.netns_pids.entry(netns as u32).or_insert(pid);
-            }
-        }
         let listeners = sockets::listen_keys(live);
         // Listeners seen before and gone now (the server exited or closed them). Ones the
         // kernel recorded at listen() and /proc did not show yet are left alone.
-        for (&(netns, port), &root) in &self.listeners {
+        for (&(netns, port), &Holder { root, .. }) in &self.listeners {
             if !listeners.contains_key(&(netns, port)) {
                 let counted = self.maps.unlisten(&ListenKey {
                     netns,
@@ -326,16 +318,14 @@ impl State {
             self.maps.forget(*pid, last);
         }
     }
-}
 
-impl State {
     /// Each root's listening ports: the kernel's counts and the accept queues right now
     /// (read at scrape time: a queue is a gauge of this moment).
     fn ports(&self) -> BTreeMap<u32, ServerPorts> {
         let mut out: BTreeMap<u32, ServerPorts> = BTreeMap::new();
         let counted = self.maps.ports();
         for (key, stats) in &counted {
-            if let Some(&root) = self.listeners.get(key) {
+            if let Some(&Holder { root, .. }) = self.listeners.get(key) {
                 out.entry(root).or_default().counted.add(stats);
             }
         }
@@ -353,7 +343,7 @@ impl State {
             None
         };
         let mut tables: BTreeMap<u32, BTreeMap<u16, u64>> = BTreeMap::new();
-        for (&(netns, port), &root) in &self.listeners {
+        for (&(netns, port), &Holder { root, pid }) in &self.listeners {
             let entry = out.entry(root).or_default();
             if Some(netns) == own
                 && let Some(diag) = &diag
@@ -371,12 +361,9 @@ impl State {
                 }
                 continue;
             }
-            let table = tables.entry(netns).or_insert_with(|| {
-                self.netns_pids
-                    .get(&netns)
-                    .map(|&pid| sockets::listen_queues(pid))
-                    .unwrap_or_default()
-            });
+            let table = tables
+                .entry(netns)
+                .or_insert_with(|| sockets::listen_queues(pid));
             if let Some(&queue) = table.get(&port) {
                 entry.queues.insert(port, queue);
             }

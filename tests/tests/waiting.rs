@@ -71,6 +71,7 @@ fn ss_queue(port: u16) -> (u64, u64) {
     }
 }
 
+/// `name` of the server's `port` (a gauge or a counter), if exported.
 fn port_gauge(m: &Metrics, name: &str, port: u16) -> Option<u64> {
     m.get(name, &[("server", SERVER), ("port", &port.to_string())])
         .map(|v| v as u64)
@@ -245,13 +246,7 @@ fn connections_dropped_by_a_full_accept_queue_are_counted_as_the_kernel_counts_t
     let server = servers::gunicorn_sync(1, 4);
     let port = server.port;
     let fp = watch(server.pid());
-    let counted = |m: &Metrics| {
-        m.get(
-            "server_listen_overflows_total",
-            &[("server", SERVER), ("port", &port.to_string())],
-        )
-        .map(|v| v as u64)
-    };
+    let counted = |m: &Metrics| port_gauge(m, "server_listen_overflows_total", port);
     let before = (counted(&fp.scrape()), listen_overflows());
     assert_eq!(before.0, Some(0), "a fresh listener has dropped nothing");
     // Each client sends its request and reads until the server is done with it; a client
