@@ -18,8 +18,8 @@ Every request gets the same answer, 200 "ok" with Content-Length and keep-alive,
 serving process in `x-worker-pid`; a connection stays open until the client closes it.
 
 GET /close-unread
-  is answered, then the connection is closed at once: whatever the client sent after the
-  request head is left unread, so the kernel resets the connection (a reset sent).
+  is answered, then, 200 ms later (what the client sent after the request head has arrived),
+  the connection is closed with that data unread, so the kernel resets it (a reset sent).
 
 GET /retire?how=dup2|dup3|close_range
   is answered, then the connection ends without close(2): its fd number is taken over by a
@@ -41,6 +41,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 
 SYS_CLOSE_RANGE = 436  # the same number on every Linux architecture
 KEPT_FILES = []  # the files that took over retired connections' fd numbers, kept open
@@ -112,6 +113,9 @@ def serve(conn, upstream):
                 upstream.exchange()
             conn.sendall(response())
             if target.startswith(b"/close-unread"):
+                # Let the rest the client sent arrive first: closed before it did, the socket
+                # would end with a FIN and reset only when the late data came in.
+                time.sleep(0.2)
                 break
             if target.startswith(b"/retire"):
                 how = target.partition(b"how=")[2].decode()
