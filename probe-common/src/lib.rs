@@ -327,12 +327,15 @@ pub struct AccessRecord {
 
 /// Process lifecycle, sent through the `EVENTS` ring buffer (rare: fork and exit only).
 pub mod event_kind {
-    /// A tracked process forked; `pid` is the child's id, which may be a thread's.
+    /// A tracked process forked; `pid` is the child's id (a thread's only where the kernel
+    /// has no BTF for `task_struct`: the classic lifecycle tracepoints cannot tell).
     pub const FORK: u32 = 1;
     /// A tracked process (its thread-group leader) exited.
     pub const EXIT: u32 = 2;
     /// An untracked process exec'd or started listening: node-wide selectors may want it.
     pub const DISCOVER: u32 = 3;
+    /// Label values, indexed by kind - 1.
+    pub const NAMES: [&str; 3] = ["fork", "exit", "discover"];
 }
 
 #[repr(C)]
@@ -401,6 +404,7 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const DISCOVERIES: &str = "DISCOVERIES";
     pub const EXITS: &str = "EXITS";
+    pub const LINEAGE: &str = "LINEAGE";
     pub const PENDING_IO: &str = "PENDING_IO";
     pub const REQS: &str = "REQS";
     pub const LISTEN_PORTS: &str = "LISTEN_PORTS";

@@ -57,10 +57,15 @@ fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i64> {
     if !is_target(tgid) {
         return Ok(());
     }
-    let Some(sockaddr) = PENDING_ACCEPT.get_ptr(id).map(|p| unsafe { *p }) else {
-        return Ok(());
+    // No entry: the accept began before the programs were attached (a worker blocked in
+    // accept() when flyprobe started); the connection is still this process's.
+    let sockaddr = match PENDING_ACCEPT.get_ptr(id).map(|p| unsafe { *p }) {
+        Some(sockaddr) => {
+            let _ = PENDING_ACCEPT.remove(id);
+            sockaddr
+        }
+        None => 0,
     };
-    let _ = PENDING_ACCEPT.remove(id);
     let fd = syscall_ret(ctx)?;
     if fd < 0 {
         return Ok(());

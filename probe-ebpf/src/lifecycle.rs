@@ -11,7 +11,7 @@ use aya_ebpf::{
 use probe_common::{ExitInfo, drop_reason, event_kind, exit_flags};
 
 use crate::{
-    maps::{EVENTS, EXITS, PENDING_IO, count_drop, is_target, send_event, set_target},
+    maps::{EVENTS, EXITS, LINEAGE, PENDING_IO, count_drop, is_target, send_event, set_target},
     record::{
         TASK_EXIT_CODE_OFFSET, TASK_PID_OFFSET, TASK_TGID_OFFSET, current, fork_child_pid,
         kernel_at, signal_generated, syscall_arg0,
@@ -35,13 +35,16 @@ fn try_process_fork(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// A tracked process forked `child`: tracked from now on, and announced to the daemon.
+/// A tracked process forked `child`: tracked from now on, its parent noted, and announced
+/// to the daemon.
 #[inline(always)]
 fn track_child(child: u32, parent: u32) {
     if !set_target(child, true) {
         count_drop(drop_reason::TARGET_MAP_FULL);
         return;
     }
+    // An LRU map evicts rather than refuses: this cannot fail for room.
+    let _ = LINEAGE.insert(child, parent, BPF_ANY as u64);
     emit(event_kind::FORK, child, parent, ExitInfo::default());
 }
 

@@ -16,8 +16,9 @@ use probe_common::{
 /// The target set: `TARGETS[pid] != 0` when `pid` is tracked. An array indexed by PID (sized
 /// to the kernel's pid_max at load), so the test every syscall event starts with is one
 /// inlined load, not a hash lookup: untracked processes pay almost nothing. Seeded by the
-/// daemon, set on fork for children of tracked processes (threads too: fork cannot tell
-/// them apart without BTF, and their ids never match a TGID test), cleared on exit.
+/// daemon, set on fork for children of tracked processes, cleared on exit. Threads are set
+/// only by the classic fork program (kernels without BTF for `task_struct`, where fork
+/// cannot tell them apart); their ids never match a TGID test.
 #[map]
 pub static TARGETS: Array<u8> = Array::with_max_entries(DEFAULT_PID_SLOTS, 0);
 
@@ -67,6 +68,13 @@ pub static PENDING_ACCEPT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(P
 /// removed when its thread-group leader exits.
 #[map]
 pub static EXITS: HashMap<u32, ExitInfo> = HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
+
+/// Who forked each tracked process (child -> parent), so a process whose fork and exit
+/// events the ring had no room for is still attributed to its server: the daemon looks
+/// here for a process it finds counted but does not know. LRU: nothing frees it, and only
+/// the recent forks matter.
+#[map]
+pub static LINEAGE: LruHashMap<u32, u32> = LruHashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
 
 /// Completed requests by (process, method, status class, protocol), with durations.
 #[map]

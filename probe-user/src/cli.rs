@@ -39,6 +39,11 @@ pub struct Cli {
     #[arg(long)]
     pub all_listeners: bool,
 
+    /// The kubelet's log directory: its pods/ and containers/ entries give the namespace,
+    /// pod and container names of servers running in pods. Absent: no such labels.
+    #[arg(long, value_name = "DIR", default_value = crate::kubelet::DEFAULT_LOG_DIR)]
+    pub kubelet_log_dir: PathBuf,
+
     /// Address to serve /metrics on. Loopback by default: expose it on purpose.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
     pub listen: SocketAddr,

@@ -1,6 +1,7 @@
 //! Where a process runs, as labels: its container and pod (from the cgroup v2 path, as
-//! containerd, CRI-O, docker and the kubelet name cgroups), its systemd unit, and its network
-//! namespace when that is not the host's.
+//! containerd, CRI-O, docker and the kubelet name cgroups) with their Kubernetes names (from
+//! the kubelet's log directories), its systemd unit, and its network namespace when that is
+//! not the host's.
 
 use std::{
     fs,
@@ -8,8 +9,19 @@ use std::{
     sync::OnceLock,
 };
 
-/// Label names, in the order `Labels::values` returns them.
-pub const NAMES: [&str; 4] = ["container_id", "pod_uid", "unit", "netns"];
+use crate::kubelet;
+
+/// Label names, in the order `Labels::values` returns them. `namespace`, `pod` and
+/// `container` are the names cAdvisor and kube-state-metrics use, so joins just work.
+pub const NAMES: [&str; 7] = [
+    "container_id",
+    "pod_uid",
+    "unit",
+    "netns",
+    "namespace",
+    "pod",
+    "container",
+];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Labels {
@@ -19,6 +31,11 @@ pub struct Labels {
     /// The network namespace's inode, when it differs from flyprobe's own (the host's, for
     /// a DaemonSet with hostNetwork).
     pub netns: Option<String>,
+    /// The pod's namespace and name, and the container's name, as the kubelet's log
+    /// directories give them (kept once read: a deleted pod's server keeps them).
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub container: Option<String>,
 }
 
 impl Labels {
@@ -27,6 +44,13 @@ impl Labels {
         let mut labels = cgroup_of(pid)
             .map(|path| Self::from_cgroup_path(&path))
             .unwrap_or_default();
+        if let Some(uid) = &labels.pod_uid
+            && let Some(names) = kubelet::names(uid, labels.container_id.as_deref())
+        {
+            labels.namespace = Some(names.namespace);
+            labels.pod = Some(names.pod);
+            labels.container = names.container;
+        }
         let own = netns_id(pid);
         if own.is_some() && own != netns_id("self") {
             labels.netns = own.map(|id| id.to_string());
@@ -63,13 +87,17 @@ impl Labels {
     }
 
     /// Values in `NAMES` order; "" where unknown (Prometheus treats that as no label).
-    pub fn values(&self) -> [&str; 4] {
+    pub fn values(&self) -> [&str; 7] {
         [
-            self.container_id.as_deref().unwrap_or(""),
-            self.pod_uid.as_deref().unwrap_or(""),
-            self.unit.as_deref().unwrap_or(""),
-            self.netns.as_deref().unwrap_or(""),
+            &self.container_id,
+            &self.pod_uid,
+            &self.unit,
+            &self.netns,
+            &self.namespace,
+            &self.pod,
+            &self.container,
         ]
+        .map(|v| v.as_deref().unwrap_or(""))
     }
 
     /// The known labels as (name, value).
@@ -199,15 +227,15 @@ fn pod_uid(part: &str) -> Option<String> {
     is_uid.then_some(uid)
 }
 
-/// A 64-hex container id, bare (cgroupfs) or as `<runtime>-<id>.scope` (systemd):
-/// `cri-containerd-`, `crio-`, `docker-`, `libpod-`. CRI-O's `crio-conmon-` monitor is not a
-/// container.
+/// A 64-hex container id, bare (containerd's cgroupfs driver), as `crio-<id>` (CRI-O's), or
+/// as `<runtime>-<id>.scope` (systemd): `cri-containerd-`, `crio-`, `docker-`, `libpod-`.
+/// CRI-O's `crio-conmon-` monitor is not a container.
 fn container_id(part: &str) -> Option<String> {
-    let id = match part.strip_suffix(".scope") {
-        Some(scope) if !scope.starts_with("crio-conmon-") => scope.rsplit('-').next()?,
-        Some(_) => return None,
-        None => part,
-    };
+    let name = part.strip_suffix(".scope").unwrap_or(part);
+    if name.starts_with("crio-conmon-") {
+        return None;
+    }
+    let id = name.rsplit('-').next()?;
     let is_id = id.len() == 64
         && id
             .chars()
@@ -252,6 +280,16 @@ mod tests {
         assert_eq!(
             (l.container_id.as_deref(), l.pod_uid.as_deref()),
             (Some(ID), Some(UID))
+        );
+        // CRI-O with the cgroupfs driver.
+        let l = Labels::from_cgroup_path(&format!("/kubepods/burstable/pod{UID}/crio-{ID}"));
+        assert_eq!(
+            (l.container_id.as_deref(), l.pod_uid.as_deref()),
+            (Some(ID), Some(UID))
+        );
+        assert_eq!(
+            Labels::from_cgroup_path(&format!("/kubepods/pod{UID}/crio-conmon-{ID}")).container_id,
+            None
         );
     }
 

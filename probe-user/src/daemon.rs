@@ -1,6 +1,6 @@
 //! Start-up in the order that fails fastest on bad input, then the run loop.
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -28,6 +28,7 @@ use crate::{
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     check_pid_namespace()?;
     raise_fd_limit();
+    crate::kubelet::set_log_dir(cli.kubelet_log_dir.clone());
     let mut watched = Watched::discover(&cli.pid_tree, cli.server_name.as_deref())?;
     let selectors = Selectors::new(&cli.port, &cli.comm, &cli.cgroup, cli.all_listeners);
     privileges::check()?;
@@ -136,6 +137,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         pins,
         hooks: probe.hooks.name(),
         retention: cli.worker_retention,
+        kernel_events: [0; 3],
         overflow_correction: probe.hooks != HookSet::Syscall
             && probe.listen_overflow_reason
             && !probe.skipped.contains(&"packet_dropped"),
@@ -229,7 +231,6 @@ async fn serve(
     let router = http::router(registry, state.clone(), web.auth.clone());
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let sweeper = state.clone();
     let access_log = async move {
         match access {
             Some((ring, sink)) => access_log::pump(ring, sink).await,
@@ -238,19 +239,12 @@ async fn serve(
     };
     tokio::select! {
         r = http::serve(listener, router, web) => r.context("serving metrics")?,
-        r = events::pump(ring, state.clone()) => r.context("reading kernel events")?,
-        r = events::pump(discoveries, state) => r.context("reading discovery events")?,
+        r = events::pump(discoveries, state.clone()) => r.context("reading discovery events")?,
         r = access_log => r.context("writing the access log")?,
-        () = async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                sweeper.sweep();
-                if exit_with_target && sweeper.all_roots_exited() {
-                    break;
-                }
-            }
-        } => log::info!("every watched root has exited (--exit-with-target): shutting down"),
+        r = events::run(ring, state, |s| exit_with_target && s.all_roots_exited()) => {
+            r.context("reading kernel events")?;
+            log::info!("every watched root has exited (--exit-with-target): shutting down");
+        }
         _ = sigterm.recv() => log::info!("SIGTERM: shutting down"),
         _ = sigint.recv() => log::info!("SIGINT: shutting down"),
     }

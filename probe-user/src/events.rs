@@ -1,24 +1,68 @@
-//! Drains the kernel's lifecycle ring buffer (fork and exit of tracked processes).
+//! Drains the kernel's lifecycle ring buffer (fork and exit of tracked processes) and runs
+//! the daemon's periodic sweep, in one task: the sweep first reads every event the kernel
+//! has queued, so a process that exited while the daemon was stopped or busy is reported
+//! with its exit event's reason, never found "vanished" ahead of it.
 
-use std::{mem::size_of, ptr};
+use std::{mem::size_of, ptr, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
 use probe_common::ProcEvent;
-use tokio::io::{Interest, unix::AsyncFd};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    time::MissedTickBehavior,
+};
 
 use crate::state::Shared;
 
-pub async fn pump(ring: RingBuf<MapData>, state: Shared) -> std::io::Result<()> {
+/// How often the daemon reads /proc and the kernel maps' sizes.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Read lifecycle events as they come and sweep once a second. Returns when `until` says
+/// so after a sweep (`--exit-with-target`).
+pub async fn run(
+    ring: RingBuf<MapData>,
+    state: Shared,
+    until: impl Fn(&Shared) -> bool,
+) -> std::io::Result<()> {
     // SAFETY: the RingBuf owns its map fd and keeps it open until the AsyncFd drops it.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE)? };
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    // After a stall, one sweep, not a burst of them.
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &state);
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                drain(ring.get_mut(), &state);
+                state.sweep();
+                if until(&state) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Hand every queued event to the state.
+fn drain(ring: &mut RingBuf<MapData>, state: &Shared) {
+    while let Some(item) = ring.next() {
+        if let Some(event) = decode::<ProcEvent>(&item) {
+            state.on_event(event);
+        }
+    }
+}
+
+/// Node-wide discovery announcements: handled as they come (nothing waits on them).
+pub async fn pump(ring: RingBuf<MapData>, state: Shared) -> std::io::Result<()> {
+    // SAFETY: as in `run`.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE)? };
     loop {
         let mut guard = ring.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            if let Some(event) = decode::<ProcEvent>(&item) {
-                state.on_event(event);
-            }
-        }
+        drain(guard.get_inner_mut(), &state);
         guard.clear_ready();
     }
 }

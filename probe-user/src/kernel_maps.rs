@@ -26,6 +26,7 @@ pub struct KernelMaps {
     stats: PerCpuHashMap<MapData, u32, ProcStats>,
     reqs: PerCpuHashMap<MapData, ReqKey, ReqStats>,
     drops: PerCpuArray<MapData, u64>,
+    lineage: HashMap<MapData, u32, u32>,
     /// Ends unix connections whose socket is gone (socket-keyed sets).
     pub unix: Option<UnixSweep>,
 }
@@ -60,6 +61,7 @@ impl KernelMaps {
             stats: take(ebpf, names::STATS)?,
             reqs: take(ebpf, names::REQS)?,
             drops: take(ebpf, names::DROPS)?,
+            lineage: take(ebpf, names::LINEAGE)?,
             unix: None,
         })
     }
@@ -104,6 +106,12 @@ impl KernelMaps {
             .into_iter()
             .map(|(key, stats)| ((key.netns, key.port), stats))
             .collect()
+    }
+
+    /// The process that forked `pid`, as the kernel recorded it at the fork (recent forks
+    /// of tracked processes only).
+    pub fn parent_of(&self, pid: u32) -> Option<u32> {
+        self.lineage.get(&pid, 0).ok()
     }
 
     /// Counters of every process the kernel has seen accept, summed over CPUs.

@@ -10,6 +10,7 @@ mod error;
 mod events;
 mod http;
 mod kernel_maps;
+mod kubelet;
 mod lifecycle;
 mod memory;
 mod metrics;

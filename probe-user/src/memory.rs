@@ -126,6 +126,7 @@ pub fn bounds(limits: &Limits, pid_slots: u32) -> Vec<MapBound> {
             4,
             size_of::<ExitInfo>(),
         ),
+        map(names::LINEAGE, Kind::Hash, limits.max_processes, 4, 4),
         map(
             names::REQS,
             Kind::PerCpuHash,

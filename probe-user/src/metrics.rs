@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use probe_common::{
-    DURATION_BOUNDS_NS, ReqStats, drop_reason,
+    DURATION_BOUNDS_NS, ReqStats, drop_reason, event_kind,
     http::{METHODS, PROTOCOLS, STATUS_CLASSES, name_of},
     transport,
 };
@@ -23,9 +23,38 @@ pub trait SnapshotSource: Send + Sync {
 
 // Every server_* series also carries where the server runs (`containers::NAMES`); the ones
 // that are unknown are dropped from the exposition.
-const SERVER_PID: &[&str] = &["server", "pid", "container_id", "pod_uid", "unit", "netns"];
-const SERVER: &[&str] = &["server", "container_id", "pod_uid", "unit", "netns"];
-const SERVER_PORT: &[&str] = &["server", "port", "container_id", "pod_uid", "unit", "netns"];
+const SERVER_PID: &[&str] = &[
+    "server",
+    "pid",
+    "container_id",
+    "pod_uid",
+    "unit",
+    "netns",
+    "namespace",
+    "pod",
+    "container",
+];
+const SERVER: &[&str] = &[
+    "server",
+    "container_id",
+    "pod_uid",
+    "unit",
+    "netns",
+    "namespace",
+    "pod",
+    "container",
+];
+const SERVER_PORT: &[&str] = &[
+    "server",
+    "port",
+    "container_id",
+    "pod_uid",
+    "unit",
+    "netns",
+    "namespace",
+    "pod",
+    "container",
+];
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
     IntCounterVec::new(Opts::new(name, help), labels)
@@ -63,6 +92,7 @@ struct Catalog {
     stopped: IntCounterVec,
     build_info: IntGaugeVec,
     dropped: IntCounterVec,
+    kernel_events: IntCounterVec,
     map_entries: IntGaugeVec,
     map_memory: IntGaugeVec,
 }
@@ -107,6 +137,9 @@ impl Catalog {
                     "pod_uid",
                     "unit",
                     "netns",
+                    "namespace",
+                    "pod",
+                    "container",
                 ],
             )?,
             received: counter(
@@ -162,6 +195,9 @@ impl Catalog {
                     "pod_uid",
                     "unit",
                     "netns",
+                    "namespace",
+                    "pod",
+                    "container",
                 ],
             )?,
             in_flight: gauge(
@@ -196,6 +232,9 @@ impl Catalog {
                     "pod_uid",
                     "unit",
                     "netns",
+                    "namespace",
+                    "pod",
+                    "container",
                 ],
             )?,
             worker_uptime: float_gauge(
@@ -218,6 +257,9 @@ impl Catalog {
                     "pod_uid",
                     "unit",
                     "netns",
+                    "namespace",
+                    "pod",
+                    "container",
                 ],
             )?,
             build_info: gauge(
@@ -229,6 +271,13 @@ impl Catalog {
                 "flyprobe_dropped_events_total",
                 "Kernel events flyprobe could not record, by reason.",
                 &["reason"],
+            )?,
+            kernel_events: counter(
+                "flyprobe_kernel_events_total",
+                "Process events read from the kernel, by kind: fork and exit of watched \
+                 processes (threads are not announced where the kernel has BTF), discover \
+                 (node-wide selectors).",
+                &["kind"],
             )?,
             map_memory: gauge(
                 "flyprobe_map_memory_bytes",
@@ -244,7 +293,7 @@ impl Catalog {
         })
     }
 
-    fn counters(&self) -> [&IntCounterVec; 10] {
+    fn counters(&self) -> [&IntCounterVec; 11] {
         [
             &self.resets,
             &self.overflows,
@@ -256,6 +305,7 @@ impl Catalog {
             &self.started,
             &self.stopped,
             &self.dropped,
+            &self.kernel_events,
         ]
     }
 
@@ -303,6 +353,9 @@ impl Catalog {
         }
         for (reason, count) in drop_reason::NAMES.iter().zip(snap.drops) {
             self.dropped.with_label_values(&[*reason]).inc_by(count);
+        }
+        for (kind, count) in event_kind::NAMES.iter().zip(snap.kernel_events) {
+            self.kernel_events.with_label_values(&[*kind]).inc_by(count);
         }
         for server in &snap.servers {
             let name = server.server.as_str();
@@ -626,6 +679,7 @@ mod tests {
                 ports: Default::default(),
             }],
             drops,
+            kernel_events: [4, 2, 0],
             map_entries: vec![("connections", 3)],
             map_memory: BTreeMap::from([("CONNS".to_string(), 4096)]),
             hooks: "socket",
@@ -653,6 +707,8 @@ mod tests {
             "server_stopped_total{reason=\"signal_SIGSEGV\",server=\"uvicorn\"} 2",
             "server_stopped_total{reason=\"exit_0\",server=\"uvicorn\"} 0",
             "flyprobe_dropped_events_total{reason=\"target_map_full\"} 3",
+            "flyprobe_kernel_events_total{kind=\"fork\"} 4",
+            "flyprobe_kernel_events_total{kind=\"discover\"} 0",
             "flyprobe_map_memory_bytes{map=\"CONNS\"} 4096",
             "server_queued_connections{server=\"uvicorn\"} 0",
             "flyprobe_dropped_events_total{reason=\"connection_map_full\"} 0",

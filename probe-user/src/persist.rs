@@ -31,11 +31,12 @@ use crate::{probe::Limits, watched::Lifecycle};
 const BPF_FS_MAGIC: nix::libc::c_long = 0xcafe_4a11;
 
 /// The maps pinned, with the (key, value) sizes this build expects of them.
-const PINNED: [(&str, usize, usize); 5] = [
+const PINNED: [(&str, usize, usize); 6] = [
     (names::CONNS, size_of::<ConnKey>(), size_of::<ConnState>()),
     (names::STATS, size_of::<u32>(), size_of::<ProcStats>()),
     (names::REQS, size_of::<ReqKey>(), size_of::<ReqStats>()),
     (names::EXITS, size_of::<u32>(), size_of::<ExitInfo>()),
+    (names::LINEAGE, size_of::<u32>(), size_of::<u32>()),
     (names::DROPS, size_of::<u32>(), size_of::<u64>()),
 ];
 
@@ -182,7 +183,9 @@ impl PinDir {
             let Ok(info) = map.info() else { continue };
             let size = match name {
                 names::CONNS => Some(("--max-connections", limits.max_connections)),
-                names::STATS | names::EXITS => Some(("--max-processes", limits.max_processes)),
+                names::STATS | names::EXITS | names::LINEAGE => {
+                    Some(("--max-processes", limits.max_processes))
+                }
                 names::REQS => Some(("--max-request-series", limits.max_request_series)),
                 _ => None,
             };

@@ -32,6 +32,18 @@ struct Hook {
     kind: Kind,
     /// The hook sets it belongs to.
     sets: &'static [HookSet],
+    /// What else of the kernel decides whether it is attached.
+    needs: Needs,
+}
+
+/// A condition on the kernel, besides the hook set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Needs {
+    Nothing,
+    /// BTF names `task_struct`'s pid, tgid and exit_code: the raw lifecycle programs.
+    TaskBtf,
+    /// The kernel has no such BTF: the classic lifecycle programs instead.
+    NoTaskBtf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +76,21 @@ impl Hook {
             tracepoints,
             kind,
             sets,
+            needs: Needs::Nothing,
         }
+    }
+
+    const fn needs(self, needs: Needs) -> Self {
+        Self { needs, ..self }
+    }
+
+    fn wanted(&self, set: HookSet, task_btf: bool) -> bool {
+        self.sets.contains(&set)
+            && match self.needs {
+                Needs::Nothing => true,
+                Needs::TaskBtf => task_btf,
+                Needs::NoTaskBtf => !task_btf,
+            }
     }
 }
 
@@ -99,6 +125,7 @@ const SOCKET: &[HookSet] = &[HookSet::Socket];
 const SYSCALL: &[HookSet] = &[HookSet::Syscall];
 
 use Kind::{FExit, Raw, RawWith, Tracepoint};
+use Needs::{NoTaskBtf, TaskBtf};
 
 const CALIBRATION: Hook = Hook::new(
     "calibration",
@@ -153,12 +180,15 @@ const FLOOR: &[Hook] = &[
 
 #[rustfmt::skip]
 const HOOKS: &[Hook] = &[
-    // Lifecycle: raw where BTF names the task's fields (no perf event: Debian's
-    // perf_event_paranoid=3 wants CAP_SYS_ADMIN for one), else classic
-    Hook::new("process_fork_raw", "sched", &["sched_process_fork"], Raw, BY_SOCKET),
-    Hook::new("process_exit_raw", "sched", &["sched_process_exit"], Raw, BY_SOCKET),
-    Hook::new("process_fork", "sched", &["sched_process_fork"], Tracepoint, SYSCALL),
-    Hook::new("process_exit", "sched", &["sched_process_exit"], Tracepoint, SYSCALL),
+    // Lifecycle: raw where BTF names the task's fields (threads are told apart from
+    // processes, and untracked; no perf event, which Debian's perf_event_paranoid=3 wants
+    // CAP_SYS_ADMIN for), else classic, with the exit status gathered on the way
+    Hook::new("process_fork_raw", "sched", &["sched_process_fork"], Raw, ALL).needs(TaskBtf),
+    Hook::new("process_exit_raw", "sched", &["sched_process_exit"], Raw, ALL).needs(TaskBtf),
+    Hook::new("process_fork", "sched", &["sched_process_fork"], Tracepoint, SYSCALL).needs(NoTaskBtf),
+    Hook::new("process_exit", "sched", &["sched_process_exit"], Tracepoint, SYSCALL).needs(NoTaskBtf),
+    Hook::new("exit_group_enter", "syscalls", &["sys_enter_exit_group"], Tracepoint, SYSCALL).needs(NoTaskBtf),
+    Hook::new("signal_generate", "signal", &["signal_generate"], Tracepoint, SYSCALL).needs(NoTaskBtf),
     // Connections of the socket-keyed sets, and their resets
     Hook::new("sock_state", "sock", &["inet_sock_set_state"], Raw, BY_SOCKET),
     Hook::new("reset_sent", "tcp", &["tcp_send_reset"], Raw, BY_SOCKET),
@@ -176,8 +206,6 @@ const HOOKS: &[Hook] = &[
     Hook::new("sock_recv", "sock", &["sock_recv_length"], Raw, SOCKET),
     Hook::new("sock_send", "sock", &["sock_send_length"], Raw, SOCKET),
     // The syscall set
-    Hook::new("exit_group_enter", "syscalls", &["sys_enter_exit_group"], Tracepoint, SYSCALL),
-    Hook::new("signal_generate", "signal", &["signal_generate"], Tracepoint, SYSCALL),
     Hook::new("accept_enter", "syscalls", &["sys_enter_accept", "sys_enter_accept4"], Tracepoint, SYSCALL),
     Hook::new("accept_exit", "syscalls", &["sys_exit_accept", "sys_exit_accept4"], Tracepoint, SYSCALL),
     Hook::new("close_enter", "syscalls", &["sys_enter_close"], Tracepoint, SYSCALL),
@@ -290,9 +318,7 @@ pub struct SocketOffsets {
     inet_sport: u32,
     /// SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (u32::MAX where BTF lacks it).
     listen_overflow: u32,
-    task_exit_code: u32,
-    task_pid: u32,
-    task_tgid: u32,
+    task: TaskOffsets,
     /// `pt_regs.si`, followed by `di` and `orig_ax` (the syscall number).
     regs_arg1: u32,
     /// Unix-domain sockets; all 0 where BTF lacks `unix_sock` (af_unix built as a module).
@@ -302,6 +328,43 @@ pub struct SocketOffsets {
     peek_regs: bool,
     /// The fentry set's iterator reads.
     iter: Option<IterOffsets>,
+}
+
+/// What the raw lifecycle programs read of a task, from BTF.
+#[derive(Clone, Copy, Debug)]
+struct TaskOffsets {
+    exit_code: u32,
+    pid: u32,
+    tgid: u32,
+}
+
+impl TaskOffsets {
+    fn read(btf: &Btf) -> Result<Self, ProbeError> {
+        let field = |path: &str| btf.offset_of("task_struct", &[path]);
+        Ok(Self {
+            exit_code: field("exit_code")?,
+            pid: field("pid")?,
+            tgid: field("tgid")?,
+        })
+    }
+
+    /// The offsets where the kernel has BTF for them, else `None` (the syscall set then
+    /// attaches the classic lifecycle programs), and which it is, logged.
+    fn probe() -> Option<Self> {
+        match Btf::from_sys_fs()
+            .map_err(ProbeError::from)
+            .and_then(|btf| Self::read(&btf))
+        {
+            Ok(offsets) => Some(offsets),
+            Err(err) => {
+                log::info!(
+                    "lifecycle: classic sched tracepoints ({err}): every thread a watched \
+                     process starts is announced to the daemon, which discards it"
+                );
+                None
+            }
+        }
+    }
 }
 
 /// What the socket-keyed sets read of unix-domain sockets.
@@ -470,9 +533,7 @@ impl SocketOffsets {
             listen_overflow: btf
                 .enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW")
                 .map_or(u32::MAX, |v| v as u32),
-            task_exit_code: field("task_struct", &["exit_code"])?,
-            task_pid: field("task_struct", &["pid"])?,
-            task_tgid: field("task_struct", &["tgid"])?,
+            task: TaskOffsets::read(btf)?,
             regs_arg1: 0,
             unix: UnixOffsets::read(btf).unwrap_or_else(|err| {
                 log::warn!("unix-domain connections are not counted: {err}");
@@ -583,7 +644,21 @@ impl Probe {
             HookSet::Socket => Some(SocketOffsets::probe(tracefs)?),
             HookSet::Syscall => None,
         };
+        let task = match &socket {
+            Some(o) => Some(o.task),
+            None => TaskOffsets::probe(),
+        };
         let mut loader = EbpfLoader::new();
+        if let Some(t) = &task {
+            loader
+                .override_global(names::TASK_EXIT_CODE_OFFSET, &t.exit_code, true)
+                .override_global(names::TASK_PID_OFFSET, &t.pid, true)
+                .override_global(names::TASK_TGID_OFFSET, &t.tgid, true);
+            log::info!(
+                "lifecycle: raw sched_process_fork/exit (task_struct from BTF: threads are not \
+                 tracked or announced)"
+            );
+        }
         for (name, path) in &options.pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -599,9 +674,6 @@ impl Probe {
                 .override_global(names::SK_PROTOCOL_OFFSET, &o.sk_protocol, true)
                 .override_global(names::INET_SPORT_OFFSET, &o.inet_sport, true)
                 .override_global(names::DROP_REASON_LISTEN_OVERFLOW, &o.listen_overflow, true)
-                .override_global(names::TASK_EXIT_CODE_OFFSET, &o.task_exit_code, true)
-                .override_global(names::TASK_PID_OFFSET, &o.task_pid, true)
-                .override_global(names::TASK_TGID_OFFSET, &o.task_tgid, true)
                 .override_global(names::REGS_ARG1_OFFSET, &o.regs_arg1, true)
                 .override_global(names::PEEK_REGS, &peek, true)
                 .override_global(names::SK_TYPE_OFFSET, &o.unix.sk_type, true)
@@ -642,6 +714,7 @@ impl Probe {
             .map_max_entries(names::STATS, limits.max_processes)
             .map_max_entries(names::TARGETS, targets)
             .map_max_entries(names::EXITS, limits.max_processes)
+            .map_max_entries(names::LINEAGE, limits.max_processes)
             .map_max_entries(names::REQS, limits.max_request_series)
             .override_global(names::ACCESS_LOG_ENABLED, &access_log, true)
             .load(OBJECT)
@@ -658,12 +731,12 @@ impl Probe {
         };
         let set = options.hooks;
         if options.empty_hooks {
-            for hook in FLOOR.iter().filter(|h| h.sets.contains(&set)) {
+            for hook in FLOOR.iter().filter(|h| h.wanted(set, task.is_some())) {
                 probe.attach(tracefs, hook)?;
             }
             return Ok(probe);
         }
-        for hook in HOOKS.iter().filter(|h| h.sets.contains(&set)) {
+        for hook in HOOKS.iter().filter(|h| h.wanted(set, task.is_some())) {
             probe.attach(tracefs, hook)?;
         }
         if options.calibration {

@@ -14,6 +14,8 @@ use crate::{
 pub struct Snapshot {
     pub servers: Vec<ServerView>,
     pub drops: [u64; drop_reason::COUNT as usize],
+    /// Process events read from the kernel, by `event_kind` - 1.
+    pub kernel_events: [u64; 3],
     pub map_entries: Vec<(&'static str, u64)>,
     /// Kernel memory each map uses (bytes, as the kernel accounts it).
     pub map_memory: BTreeMap<String, u64>,
@@ -104,6 +106,7 @@ pub struct KernelView {
     pub stats: BTreeMap<u32, ProcStats>,
     pub requests: BTreeMap<ReqKey, ReqStats>,
     pub drops: [u64; drop_reason::COUNT as usize],
+    pub kernel_events: [u64; 3],
     pub map_entries: Vec<(&'static str, u64)>,
     /// Queued connections by root.
     pub queued: BTreeMap<u32, u64>,
@@ -139,6 +142,7 @@ pub fn build(watched: &Watched, kernel: &KernelView, uptime_now: f64) -> Snapsho
     Snapshot {
         servers,
         drops: kernel.drops,
+        kernel_events: kernel.kernel_events,
         map_entries: kernel.map_entries.clone(),
         map_memory: kernel.map_memory.clone(),
         hooks: kernel.hooks,

@@ -20,7 +20,7 @@ use crate::{
     snapshot::{self, KernelView, ServerPorts, Snapshot},
     sock_diag,
     sockets::{self, Holder},
-    watched::Watched,
+    watched::{Watched, alive},
 };
 
 /// Sweeps between full /proc scans for the node-wide selectors: events find new servers at
@@ -30,6 +30,9 @@ const SCAN_EVERY_SWEEPS: u32 = 30;
 /// How long kernel counters of a process the daemon does not know are kept for its fork
 /// and exit events to arrive.
 const UNKNOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// How many unknown ancestors a lost fork is traced through to a member.
+const MAX_LINEAGE: usize = 8;
 
 /// How long a discovered server that exited stays in the metrics (seconds).
 const FORGET_AFTER: f64 = 300.0;
@@ -61,6 +64,8 @@ pub struct State {
     pub pins: Option<PinDir>,
     /// The hook set attached, for `flyprobe_build_info`.
     pub hooks: &'static str,
+    /// Process events read from the kernel, by `event_kind` - 1.
+    pub kernel_events: [u64; 3],
     /// --worker-retention.
     pub retention: std::time::Duration,
     /// The kernel counts the handshakes dropped at a full accept queue (`skb:kfree_skb` with
@@ -85,6 +90,12 @@ impl Shared {
 
     pub fn on_event(&self, event: ProcEvent) {
         let mut state = self.lock();
+        if let Some(n) = (event.kind as usize)
+            .checked_sub(1)
+            .and_then(|i| state.kernel_events.get_mut(i))
+        {
+            *n += 1;
+        }
         match event.kind {
             event_kind::FORK => {
                 // The PID was reused before the old process was retired: retire it first,
@@ -97,6 +108,10 @@ impl Shared {
                 }
             }
             event_kind::EXIT => {
+                // Its fork event was lost (a full ring): the kernel knows its parent.
+                if !state.watched.knows(event.pid) && !state.watched.fork_unresolved(event.pid) {
+                    state.join_by_lineage(event.pid);
+                }
                 let reason = lifecycle::reason(&event.exit);
                 let accepted = state.maps.stats_of(event.pid).accepted > 0;
                 let watched = &mut state.watched;
@@ -188,6 +203,31 @@ impl State {
         true
     }
 
+    /// Join `pid`, a process the daemon never saw forked, to its server by the kernel's
+    /// record of who forked it (and who forked that one, up to a member). False when the
+    /// chain leads to no member.
+    fn join_by_lineage(&mut self, pid: u32) -> bool {
+        let mut chain = vec![pid];
+        while chain.len() <= MAX_LINEAGE {
+            let Some(parent) = self.maps.parent_of(*chain.last().unwrap_or(&pid)) else {
+                return false;
+            };
+            if self.watched.knows(parent) {
+                // From the member down, each joins under the one that forked it.
+                let mut parent = parent;
+                for &child in chain.iter().rev() {
+                    if !self.watched.join(child, parent) {
+                        return false;
+                    }
+                    parent = child;
+                }
+                return true;
+            }
+            chain.push(parent);
+        }
+        false
+    }
+
     /// Once a second (and at start): reads /proc, so it stays off the scrape path.
     pub fn sweep(&mut self) {
         let now = Instant::now();
@@ -207,18 +247,26 @@ impl State {
                 .on_exit(pid, "unknown", accepted, now, uptime());
         }
         let stats = self.maps.stats();
-        for pid in stats.keys() {
-            if !self.watched.members().contains_key(pid) && !self.watched.adopt(*pid) {
-                // Counted by the kernel, unknown here and not adoptable (gone, or not under
-                // a root). Its fork and exit events may still be on their way (a child that
-                // served and exited while the daemon was busy): free its entries only when
-                // it stays unknown for a while.
-                let since = *self.unknown_since.entry(*pid).or_insert(now);
-                if now.duration_since(since) >= UNKNOWN_GRACE {
-                    log::debug!("freeing kernel state of unknown process {pid}");
-                    let _ = self.maps.retire(*pid);
-                    self.unknown_since.remove(pid);
-                }
+        for (&pid, counted) in &stats {
+            if self.watched.members().contains_key(&pid) || self.watched.adopt(pid) {
+                continue;
+            }
+            // Counted by the kernel, unknown here, and gone (or not under a root). Every
+            // event queued before this sweep has been read, so its fork and exit events were
+            // lost to a full ring: the kernel's lineage names its server, and it is reported
+            // stopped for a reason the daemon cannot know.
+            if !alive(pid) && self.join_by_lineage(pid) {
+                log::debug!("process {pid}: its fork and exit events were lost; joined by lineage");
+                self.watched
+                    .on_exit(pid, "unknown", counted.accepted > 0, now, uptime());
+                continue;
+            }
+            // Not attributable: free its entries only when it stays unknown for a while.
+            let since = *self.unknown_since.entry(pid).or_insert(now);
+            if now.duration_since(since) >= UNKNOWN_GRACE {
+                log::debug!("freeing kernel state of unknown process {pid}");
+                let _ = self.maps.retire(pid);
+                self.unknown_since.remove(&pid);
             }
         }
         let members = self.watched.members();
@@ -382,6 +430,7 @@ impl SnapshotSource for Shared {
             stats: state.maps.stats(),
             requests: state.maps.requests(),
             drops: state.maps.drops(),
+            kernel_events: state.kernel_events,
             map_entries: state.map_entries.clone(),
             queued: state.queued.clone(),
             map_memory: state.map_memory.clone(),

@@ -469,6 +469,35 @@ impl Watched {
         true
     }
 
+    /// Whether `pid` is a member, live or exited but not retired yet.
+    pub fn knows(&self, pid: u32) -> bool {
+        self.members.contains_key(&pid)
+    }
+
+    /// Whether `pid`'s fork was read after it was gone, and its exit is awaited.
+    pub fn fork_unresolved(&self, pid: u32) -> bool {
+        self.unresolved_forks.contains_key(&pid)
+    }
+
+    /// A process whose fork the daemon never read (the kernel's ring had no room), joined
+    /// under `parent`, a member, as the kernel recorded it: its facts from /proc if it
+    /// still runs, else its parent's name. False when `parent` is not a member.
+    pub fn join(&mut self, pid: u32, parent: u32) -> bool {
+        let Some((root, parent_comm)) = self.members.get(&parent).map(|m| (m.root, m.comm.clone()))
+        else {
+            return false;
+        };
+        if self.members.contains_key(&pid) {
+            return true;
+        }
+        let (comm, started) = proc_facts(pid)
+            .filter(|&(_, _, ppid)| ppid == parent)
+            .map_or((parent_comm, 0.0), |(comm, started, _)| (comm, started));
+        self.members
+            .insert(pid, Member::new(parent, root, comm, started, true));
+        true
+    }
+
     /// Whether `pid` is a member that has exited but is not retired yet.
     pub fn exited_member(&self, pid: u32) -> bool {
         self.members.get(&pid).is_some_and(|m| m.exited.is_some())

@@ -13,6 +13,10 @@ MODE
             cluster does)
   fork      the parent accepts and forks a child per connection, then closes its copy; the
             child serves and exits
+  threads   the parent forks --workers N children (default 2) that accept on the shared
+            listener and serve each connection on a thread of its own, started for it and
+            ended with it (as thread-per-connection servers do); the parent forks a new
+            worker for each that dies
 
 Every request gets the same answer, 200 "ok" with Content-Length and keep-alive, naming the
 serving process in `x-worker-pid`; a connection stays open until the client closes it.
@@ -41,6 +45,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 
 SYS_CLOSE_RANGE = 436  # the same number on every Linux architecture
@@ -165,8 +170,9 @@ def accept_ready(listener):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["blocking", "serial", "pass-fd", "fork"])
+    parser.add_argument("mode", choices=["blocking", "serial", "pass-fd", "fork", "threads"])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--upstream", type=int)
     args = parser.parse_args()
     listener = socket.create_server(("127.0.0.1", args.port), backlog=128)
@@ -196,6 +202,18 @@ def main():
             conn = accept_ready(listener)
             socket.send_fds(parent_end, [b"c"], [conn.fileno()])
             conn.close()
+
+    elif args.mode == "threads":
+        alive = 0
+        while True:
+            while alive < args.workers:
+                if os.fork() == 0:
+                    while True:
+                        conn = accept_ready(listener)
+                        threading.Thread(target=serve, args=(conn, upstream)).start()
+                alive += 1
+            os.wait()
+            alive -= 1
 
     else:  # fork
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reaped by the kernel

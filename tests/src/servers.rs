@@ -165,6 +165,11 @@ pub fn nginx_to_unix(upstream: &std::path::Path) -> Server {
 
 /// `gunicorn -k uvicorn_worker.UvicornWorker -w N`: a forking supervisor.
 pub fn gunicorn(workers: u32) -> Server {
+    gunicorn_with(workers, &[])
+}
+
+/// The same with extra arguments (`--max-requests N`).
+pub fn gunicorn_with(workers: u32, extra: &[&str]) -> Server {
     let port = free_port();
     let guard = Guard::spawn(
         "gunicorn",
@@ -174,6 +179,7 @@ pub fn gunicorn(workers: u32) -> Server {
             .args(["--bind", &format!("127.0.0.1:{port}")])
             .args(["--workers", &workers.to_string()])
             .args(["--worker-class", "uvicorn_worker.UvicornWorker"])
+            .args(extra)
             .args(["--graceful-timeout", "5", "--log-level", "warning"]),
     );
     let server = ready(guard, port);

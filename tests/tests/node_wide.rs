@@ -496,3 +496,127 @@ fn cgroup_selector_works_from_inside_a_cgroup_namespace() {
     );
     drop(server);
 }
+
+/// The kubelet's log layout under `dir`: `pods/<namespace>_<pod>_<uid>/<container>/0.log`
+/// and the `containers/<pod>_<namespace>_<container>-<id>.log` link to it.
+fn kubelet_logs(dir: &Path, namespace: &str, pod: &str, uid: &str, container: &str, id: &str) {
+    let pod_dir = dir.join("pods").join(format!("{namespace}_{pod}_{uid}"));
+    fs::create_dir_all(pod_dir.join(container)).unwrap();
+    let log = pod_dir.join(container).join("0.log");
+    fs::write(&log, "").unwrap();
+    fs::create_dir_all(dir.join("containers")).unwrap();
+    std::os::unix::fs::symlink(
+        &log,
+        dir.join("containers")
+            .join(format!("{pod}_{namespace}_{container}-{id}.log")),
+    )
+    .unwrap();
+}
+
+#[test]
+fn kubernetes_names_come_from_the_kubelet_log_directories() {
+    require_root();
+    let root = cgroup2_root();
+    let logs = std::env::temp_dir().join(format!("flyprobe-e2e-kubelet-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&logs);
+    // (cgroup path, namespace, pod, container, uid, id): the systemd and cgroupfs drivers,
+    // containerd and CRI-O ids, names with dashes and dots.
+    let pods = [
+        (
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/cri-containerd-{id}.scope",
+            "team-a",
+            "api.v2-7d9f8c6b5-x2x9k",
+            "uvicorn-worker",
+            "1a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d",
+            "aa11bb22cc33dd44ee55ff66aa77bb88cc99dd00ee11ff22aa33bb44cc55dd66",
+        ),
+        (
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid_}.slice/crio-{id}.scope",
+            "team-b",
+            "web-0",
+            "nginx",
+            "2b3c4d5e-6f7a-4b8c-9d0e-1f2a3b4c5d6e",
+            "bb22cc33dd44ee55ff66aa77bb88cc99dd00ee11ff22aa33bb44cc55dd66ee77",
+        ),
+        (
+            "kubepods/burstable/pod{uid}/{id}",
+            "default",
+            "worker.batch-1",
+            "app",
+            "3c4d5e6f-7a8b-4c9d-8e0f-2a3b4c5d6e7f",
+            "cc33dd44ee55ff66aa77bb88cc99dd00ee11ff22aa33bb44cc55dd66ee77ff88",
+        ),
+        (
+            "kubepods/besteffort/pod{uid}/crio-{id}",
+            "kube-system",
+            "coredns-5d78c9869d-abcde",
+            "coredns",
+            "4d5e6f7a-8b9c-4d0e-9f1a-3b4c5d6e7f80",
+            "dd44ee55ff66aa77bb88cc99dd00ee11ff22aa33bb44cc55dd66ee77ff88aa99",
+        ),
+    ];
+    let fp = Flyprobe::start(&[
+        "--cgroup",
+        root.join("kubepods.slice").to_str().unwrap(),
+        "--cgroup",
+        "/kubepods",
+        "--kubelet-log-dir",
+        logs.to_str().unwrap(),
+    ]);
+    let mut running = Vec::new();
+    for (path, namespace, pod, container, uid, id) in pods {
+        kubelet_logs(&logs, namespace, pod, uid, container, id);
+        let path = path
+            .replace("{uid_}", &uid.replace('-', "_"))
+            .replace("{uid}", uid)
+            .replace("{id}", id);
+        let cgroup = Cgroup::create(root.join(path));
+        let server = servers::rust_server_unprobed(free_port(), |c| cgroup.join(c));
+        started_listening(&server);
+        let labels = [
+            ("namespace", namespace),
+            ("pod", pod),
+            ("container", container),
+            ("pod_uid", uid),
+            ("container_id", id),
+        ];
+        discovered(&fp, &labels);
+        traffic(server.port, 1, 2);
+        exact(&fp, &labels, 1, 2);
+        running.push((server, cgroup, labels));
+        if running.len() == 1 {
+            // The first pod is deleted while its server runs: its log directories go, a
+            // new pod's arrival rereads them, and the server keeps the names it had.
+            fs::remove_dir_all(logs.join("pods")).unwrap();
+            fs::remove_dir_all(logs.join("containers")).unwrap();
+        }
+    }
+    let m = fp.scrape();
+    assert_eq!(m.series("server_up", &[]).len(), pods.len(), "{}", m.text);
+    for (_, _, labels) in &running {
+        assert_eq!(
+            m.get("server_up", labels),
+            Some(1.0),
+            "{labels:?}:\n{}",
+            m.text
+        );
+    }
+    // A pod whose logs the kubelet has not written (or a node without them): no names.
+    let (uid, id) = (
+        "5e6f7a8b-9c0d-4e1f-8a2b-4c5d6e7f8091",
+        "ee55ff66aa77bb88cc99dd00ee11ff22aa33bb44cc55dd66ee77ff88aa99bb00",
+    );
+    let bare = Cgroup::create(root.join(format!("kubepods/pod{uid}/{id}")));
+    let server = servers::rust_server_unprobed(free_port(), |c| bare.join(c));
+    started_listening(&server);
+    discovered(&fp, &[("pod_uid", uid)]);
+    for (labels, _) in fp.scrape().series("server_up", &[("pod_uid", uid)]) {
+        for name in ["namespace", "pod", "container"] {
+            assert!(!labels.contains_key(name), "{labels:?}");
+        }
+    }
+    fp.stop();
+    drop(server);
+    drop(running);
+    let _ = fs::remove_dir_all(&logs);
+}

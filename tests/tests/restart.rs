@@ -90,7 +90,7 @@ fn pinned_counters_and_connections_survive_restarts() {
     settles(&fp, (2, 1, 1, 8));
     assert_eq!(
         pinned(&dir),
-        ["CONNS", "DROPS", "EXITS", "REQS", "STATS"],
+        ["CONNS", "DROPS", "EXITS", "LINEAGE", "REQS", "STATS"],
         "pinned maps"
     );
     let log = fp.stop(); // SIGTERM
@@ -157,7 +157,7 @@ fn pinned_counters_and_connections_survive_restarts() {
     }
     fp.stop();
     // Pins outlive the daemon until removed. A different map size is refused, not ignored.
-    assert_eq!(pinned(&dir).len(), 5);
+    assert_eq!(pinned(&dir).len(), 6);
     let mut resized = args.to_vec();
     resized.extend(["--max-connections", "1000"]);
     let out = std::process::Command::new(flyprobe_tests::flyprobe::bin())

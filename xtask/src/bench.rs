@@ -8,6 +8,7 @@
 
 mod cpu;
 mod server;
+mod soak;
 mod stats;
 
 use std::{
@@ -27,7 +28,7 @@ use server::Server;
 use stats::{Interval, Rng, Verdict};
 
 /// The sections `--only` selects, in the order they run.
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "cpu",
     "cpu-nginx",
     "cpu-axum",
@@ -39,7 +40,11 @@ const SECTIONS: [&str; 11] = [
     "hooks",
     "idle",
     "scrape",
+    "soak",
 ];
+
+/// Sections that run only when `--only` names them (long, and not a cost comparison).
+const ON_REQUEST: [&str; 1] = ["soak"];
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -60,10 +65,14 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     connections: u32,
     /// Run only these sections: cpu (= cpu-nginx, cpu-axum, cpu-uvicorn), hyper, nginx,
-    /// uvicorn, untracked, hooks, idle, scrape.
+    /// uvicorn, untracked, hooks, idle, scrape; and soak, which runs only when named here.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Where the report goes (default: bench/results.md in the workspace).
+    /// Length of the soak (`--only soak`).
+    #[arg(long, default_value_t = 10, value_name = "MINUTES")]
+    soak_minutes: u64,
+    /// Where the report goes (default: bench/results.md in the workspace; bench/soak.md
+    /// for `--only soak`, with its plot beside it as soak.svg).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
     /// Seed of the round orders (the bootstrap has a fixed seed of its own).
@@ -331,6 +340,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     anyhow::ensure!(args.rounds >= 1, "--rounds must be at least 1");
+    anyhow::ensure!(args.soak_minutes >= 1, "--soak-minutes must be at least 1");
     if !args.no_build {
         build::release(&["probe-user", "flyprobe-tests"])?;
     }
@@ -390,10 +400,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
 
     let (text, missed) = r.finish();
-    let path = args
-        .out
-        .clone()
-        .unwrap_or_else(|| workspace_root().join("bench/results.md"));
+    let path = report_path(args);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir)?;
     }
@@ -410,10 +417,23 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
 }
 
+/// Where the report goes: `--out`, else bench/soak.md for the soak alone, else
+/// bench/results.md.
+fn report_path(args: &BenchArgs) -> PathBuf {
+    let default = if args.only == ["soak"] {
+        "bench/soak.md"
+    } else {
+        "bench/results.md"
+    };
+    args.out
+        .clone()
+        .unwrap_or_else(|| workspace_root().join(default))
+}
+
 /// The sections `--only` selects, in order.
 fn sections(r: &mut Report, args: &BenchArgs, flyprobe_bin: &std::path::Path) -> Result<()> {
     let wanted = |s: &str| {
-        args.only.is_empty()
+        (args.only.is_empty() && !ON_REQUEST.contains(&s))
             || args.only.iter().any(|o| o == s)
             || (s.starts_with("cpu-") && args.only.iter().any(|o| o == "cpu"))
     };
@@ -481,6 +501,9 @@ fn sections(r: &mut Report, args: &BenchArgs, flyprobe_bin: &std::path::Path) ->
     }
     if wanted("scrape") {
         scrape_latency(r)?;
+    }
+    if wanted("soak") {
+        soak::section(r, args.soak_minutes, &report_path(args))?;
     }
 
     Ok(())

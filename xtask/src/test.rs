@@ -44,6 +44,10 @@ pub fn run_all(args: &TestArgs) -> Result<()> {
         "lifecycle",
         "--test",
         "unix_sockets",
+        "--test",
+        "threads",
+        "--test",
+        "stall",
     ])
     .env("FLYPROBE_HOOKS", "syscall"));
     all.and(syscall)

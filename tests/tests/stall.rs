@@ -1,0 +1,219 @@
+//! A stalled daemon loses nothing that the kernel holds. flyprobe is stopped (SIGSTOP) for
+//! 10 s while gunicorn recycles its workers every 10 requests under steady load and one
+//! worker is SIGKILLed; after SIGCONT the request and connection totals equal what the
+//! clients did, and every worker that exited is reported stopped: with its reason when its
+//! exit event reached the daemon, `unknown` when the kernel's event ring had no room for it
+//! (a burst of forks during the stall fills it), the ring's drops counted.
+
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use flyprobe_tests::{
+    client::Conn,
+    eventually,
+    flyprobe::{Flyprobe, Metrics},
+    require_root, servers,
+};
+
+const SERVER: &str = "stalled";
+const WORKERS: u32 = 4;
+
+/// What the clients saw, and what flyprobe reported once it caught up.
+struct Outcome {
+    metrics: Metrics,
+    /// Workers that exited during the run (they answered the clients, or were killed, and
+    /// are gone).
+    exited_workers: u64,
+}
+
+/// Steady load on gunicorn recycling its workers; flyprobe stopped for 10 s in the middle,
+/// with `during_stall` run 1 s into it (on the server's port) and a worker SIGKILLed 5 s
+/// into it. Waits until the totals are exact.
+fn stalled_run(during_stall: impl FnOnce(u16) -> u64) -> Outcome {
+    require_root();
+    let server = servers::gunicorn_recycling(WORKERS, 10);
+    let port = server.port;
+    let fp = Flyprobe::start(&[
+        "--pid-tree",
+        &server.pid().to_string(),
+        "--server-name",
+        SERVER,
+    ]);
+    // Responses, and connections a killed worker cut; the workers that answered.
+    let (answered, cut) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let workers: Arc<Mutex<BTreeSet<u32>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (answered, cut, workers, stop) =
+                (answered.clone(), cut.clone(), workers.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let mut conn = Conn::connect(port).expect("connect");
+                    match conn.get("/") {
+                        Ok(resp) => {
+                            assert_eq!(resp.status, 200);
+                            workers
+                                .lock()
+                                .unwrap()
+                                .insert(resp.worker_pid.expect("x-worker-pid"));
+                            answered.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(_) => {
+                            cut.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    conn.close();
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let daemon = |sig| assert_eq!(unsafe { libc::kill(fp.pid() as i32, sig) }, 0);
+    daemon(libc::SIGSTOP);
+    let before = answered.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(1));
+    let extra = during_stall(port);
+    std::thread::sleep(Duration::from_secs(4));
+    let victim = youngest_live_child(server.pid());
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    std::thread::sleep(Duration::from_secs(5));
+    let during = answered.load(Ordering::SeqCst) - before;
+    daemon(libc::SIGCONT);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let ok = answered.load(Ordering::SeqCst) + extra;
+    let connections = ok + cut.load(Ordering::SeqCst);
+    eprintln!(
+        "{connections} connections ({} cut by the kill), {during} answered while the daemon \
+         was stopped; killed worker {victim}",
+        connections - ok
+    );
+    let metrics = eventually(
+        &format!("{ok} responses and {connections} connections counted"),
+        Duration::from_secs(20),
+        || {
+            let m = fp.scrape();
+            let server = [("server", SERVER)];
+            let ok_counted = m.total(
+                "server_requests_total",
+                &[("server", SERVER), ("status", "2xx")],
+            );
+            let accepted = m.total("server_connections_accepted_total", &server);
+            let closed = m.total("server_connections_closed_total", &server);
+            // A connection cut by the kill is counted where the worker had read it (fentry
+            // and socket hooks: not where it was accepted and never touched).
+            if ok_counted == ok && (ok..=connections).contains(&accepted) && closed == accepted {
+                Ok(m)
+            } else {
+                Err((ok_counted, accepted, closed))
+            }
+        },
+    );
+    let requests = metrics.total("server_requests_total", &[("server", SERVER)]);
+    assert!(
+        (ok..=connections).contains(&requests),
+        "{requests} requests: {ok} answered, {} cut",
+        connections - ok
+    );
+    let live: BTreeSet<u32> = servers::children(server.pid()).into_iter().collect();
+    let mut served = workers.lock().unwrap().clone();
+    served.insert(victim);
+    let exited_workers = served.difference(&live).count() as u64;
+    Outcome {
+        metrics,
+        exited_workers,
+    }
+}
+
+/// The most recently started child of `pid` that is not a zombie: a recycled worker that
+/// exited on its own may wait to be reaped (gunicorn reaps and respawns in batches: at
+/// times every child is a zombie), and killing it would prove nothing.
+fn youngest_live_child(pid: u32) -> u32 {
+    eventually("a live worker", Duration::from_secs(5), || {
+        servers::children(pid)
+            .into_iter()
+            .filter_map(|c| procfs::process::Process::new(c as i32).ok()?.stat().ok())
+            .filter(|s| s.state != 'Z')
+            .max_by_key(|s| s.starttime)
+            .map(|s| s.pid as u32)
+            .ok_or_else(|| servers::children(pid))
+    })
+}
+
+fn stopped(m: &Metrics, reason: &str) -> u64 {
+    m.total(
+        "server_stopped_total",
+        &[("server", SERVER), ("reason", reason)],
+    )
+}
+
+fn stopped_total(m: &Metrics) -> u64 {
+    m.total("server_stopped_total", &[("server", SERVER)])
+}
+
+/// Each worker the clients saw exit is reported stopped once; the harness's readiness
+/// requests, before the clients began, may have been served by a few more.
+fn every_exit_reported(m: &Metrics, exited_workers: u64) {
+    let reported = stopped_total(m);
+    assert!(
+        (exited_workers..=exited_workers + u64::from(WORKERS)).contains(&reported),
+        "{reported} worker stops reported; the clients saw {exited_workers} workers exit"
+    );
+}
+
+#[test]
+fn a_stopped_daemon_reads_every_queued_event_and_reports_the_kill_with_its_signal() {
+    let Outcome {
+        metrics: m,
+        exited_workers,
+    } = stalled_run(|_| 0);
+    assert_eq!(
+        m.total("flyprobe_dropped_events_total", &[]),
+        0,
+        "a 10 s stall fits the event ring"
+    );
+    assert_eq!(
+        stopped(&m, "signal_SIGKILL"),
+        1,
+        "the worker killed during the stall"
+    );
+    assert_eq!(stopped(&m, "unknown"), 0, "every exit event was read");
+    every_exit_reported(&m, exited_workers);
+}
+
+#[test]
+fn events_lost_to_a_full_ring_lose_no_counts_and_exits_are_reconciled() {
+    // 4,000 forks and exits during the stall: twice what the 256 KiB ring holds.
+    let Outcome {
+        metrics: m,
+        exited_workers,
+    } = stalled_run(|port| {
+        let mut conn = Conn::connect(port).expect("connect");
+        let resp = conn.get("/spawn?n=4000").expect("GET /spawn");
+        assert_eq!(resp.status, 200);
+        conn.close();
+        1
+    });
+    let lost = m.total(
+        "flyprobe_dropped_events_total",
+        &[("reason", "event_ring_full")],
+    );
+    assert!(lost > 0, "the fork burst overflowed the event ring");
+    assert!(
+        stopped(&m, "unknown") >= 1,
+        "workers whose exit events were lost are reported stopped, reason unknown"
+    );
+    every_exit_reported(&m, exited_workers);
+    eprintln!("{lost} events lost; {exited_workers} workers exited");
+}
