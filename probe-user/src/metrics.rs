@@ -21,40 +21,14 @@ pub trait SnapshotSource: Send + Sync {
     fn snapshot(&self) -> Snapshot;
 }
 
-// Every server_* series also carries where the server runs (`containers::NAMES`); the ones
-// that are unknown are dropped from the exposition.
-const SERVER_PID: &[&str] = &[
-    "server",
-    "pid",
-    "container_id",
-    "pod_uid",
-    "unit",
-    "netns",
-    "namespace",
-    "pod",
-    "container",
-];
-const SERVER: &[&str] = &[
-    "server",
-    "container_id",
-    "pod_uid",
-    "unit",
-    "netns",
-    "namespace",
-    "pod",
-    "container",
-];
-const SERVER_PORT: &[&str] = &[
-    "server",
-    "port",
-    "container_id",
-    "pod_uid",
-    "unit",
-    "netns",
-    "namespace",
-    "pod",
-    "container",
-];
+// Every server_* series also carries where the server runs (`containers::NAMES`, after
+// its own labels); the ones that are unknown are dropped from the exposition.
+fn placed(own: &[&'static str]) -> Vec<&'static str> {
+    own.iter()
+        .chain(containers::NAMES.iter())
+        .copied()
+        .collect()
+}
 
 fn counter(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
     IntCounterVec::new(Opts::new(name, help), labels)
@@ -103,54 +77,40 @@ impl Catalog {
             active: gauge(
                 "server_active_connections",
                 "Connections accepted and not yet closed.",
-                SERVER_PID,
+                &placed(&["server", "pid"]),
             )?,
             queued: gauge(
                 "server_queued_connections",
                 "Connections established on the server's listening sockets that no worker has \
                  read, written or closed yet: waiting in the accept queue, or accepted and idle \
                  (socket hooks; 0 with the syscall hooks).",
-                SERVER,
+                &placed(&["server"]),
             )?,
             accepted: counter(
                 "server_connections_accepted_total",
                 "Connections accepted (TCP and unix-domain).",
-                SERVER_PID,
+                &placed(&["server", "pid"]),
             )?,
             closed: counter(
                 "server_connections_closed_total",
                 "Connections closed (by close or by process exit).",
-                SERVER_PID,
+                &placed(&["server", "pid"]),
             )?,
             requests: counter(
                 "server_requests_total",
                 "Requests completed or aborted; a request is a read on a connection after the \
                  server last wrote on it. method/status are empty when not HTTP/1.x.",
-                &[
-                    "server",
-                    "pid",
-                    "method",
-                    "status",
-                    "protocol",
-                    "transport",
-                    "container_id",
-                    "pod_uid",
-                    "unit",
-                    "netns",
-                    "namespace",
-                    "pod",
-                    "container",
-                ],
+                &placed(&["server", "pid", "method", "status", "protocol", "transport"]),
             )?,
             received: counter(
                 "server_received_bytes_total",
                 "Bytes read from accepted connections.",
-                SERVER_PID,
+                &placed(&["server", "pid"]),
             )?,
             sent: counter(
                 "server_sent_bytes_total",
                 "Bytes written to accepted connections.",
-                SERVER_PID,
+                &placed(&["server", "pid"]),
             )?,
             duration: Desc::new(
                 DURATION.into(),
@@ -168,13 +128,13 @@ impl Catalog {
                 "server_listen_queue_length",
                 "Connections in the accept queue of the server's listening port right now: \
                  handshake done, no worker has accepted them yet.",
-                SERVER_PORT,
+                &placed(&["server", "port"]),
             )?,
             listen_limit: gauge(
                 "server_listen_queue_limit",
                 "The accept queue's limit on the port (the listen() backlog, capped by \
                  net.core.somaxconn); the kernel drops new connections beyond it.",
-                SERVER_PORT,
+                &placed(&["server", "port"]),
             )?,
             overflows: counter(
                 "server_listen_overflows_total",
@@ -182,85 +142,53 @@ impl Catalog {
                  queue was full (or its SYN queue), so the client's SYN or handshake was \
                  dropped (the listener's drop counter, as ss -ltnm shows it; listeners in \
                  flyprobe's own network namespace).",
-                SERVER_PORT,
+                &placed(&["server", "port"]),
             )?,
             resets: counter(
                 "server_connection_resets_total",
                 "TCP resets on the server's connections, sent (an abort, a close with unread \
                  data) or received (a client that aborted) (fentry and socket hooks).",
-                &[
-                    "server",
-                    "direction",
-                    "container_id",
-                    "pod_uid",
-                    "unit",
-                    "netns",
-                    "namespace",
-                    "pod",
-                    "container",
-                ],
+                &placed(&["server", "direction"]),
             )?,
             in_flight: gauge(
                 "server_in_flight_requests",
                 "Requests read whose response has not started.",
-                SERVER_PID,
+                &placed(&["server", "pid"]),
             )?,
             workers: gauge(
                 "server_workers",
                 "Live processes of the tree that serve connections.",
-                SERVER,
+                &placed(&["server"]),
             )?,
             uptime: float_gauge(
                 "server_uptime_seconds",
                 "Seconds since the watched root process started.",
-                SERVER,
+                &placed(&["server"]),
             )?,
             up: gauge(
                 "server_up",
                 "1 while a watched root process is alive, else 0.",
-                SERVER,
+                &placed(&["server"]),
             )?,
             worker_info: gauge(
                 "server_worker_info",
                 "1 per live worker process.",
-                &[
-                    "server",
-                    "pid",
-                    "ppid",
-                    "comm",
-                    "container_id",
-                    "pod_uid",
-                    "unit",
-                    "netns",
-                    "namespace",
-                    "pod",
-                    "container",
-                ],
+                &placed(&["server", "pid", "ppid", "comm"]),
             )?,
             worker_uptime: float_gauge(
                 "server_worker_uptime_seconds",
                 "Seconds since each live worker started.",
-                SERVER_PID,
+                &placed(&["server", "pid"]),
             )?,
             started: counter(
                 "server_started_total",
                 "Workers started while flyprobe watched.",
-                SERVER,
+                &placed(&["server"]),
             )?,
             stopped: counter(
                 "server_stopped_total",
                 "Workers stopped, by reason: exit_0, exit_nonzero, signal_<NAME>, unknown.",
-                &[
-                    "server",
-                    "reason",
-                    "container_id",
-                    "pod_uid",
-                    "unit",
-                    "netns",
-                    "namespace",
-                    "pod",
-                    "container",
-                ],
+                &placed(&["server", "reason"]),
             )?,
             build_info: gauge(
                 "flyprobe_build_info",

@@ -259,16 +259,25 @@ def check_daemonset(ds: dict, exp: dict, where: str) -> dict[str, list[str]]:
     expect(not c.get("command"), f"{where}: the image's entrypoint runs flyprobe; no command override")
     parsed = parse_args(args, where)
 
-    # hostPath volumes: tracefs and cgroup read-only, the BPF filesystem only with --pin-path.
+    # hostPath volumes: tracefs, cgroup and the kubelet's log directories read-only, the BPF
+    # filesystem only with --pin-path.
     volumes = {v["name"]: v for v in spec.get("volumes") or []}
     mounts = {m["name"]: m for m in c.get("volumeMounts") or []}
     host_paths = {v["hostPath"]["path"]: name for name, v in volumes.items() if "hostPath" in v}
-    allowed = {"/sys/kernel/tracing", "/sys/fs/cgroup", "/sys/fs/bpf", "/run/flyprobe"}
+    allowed = {
+        "/sys/kernel/tracing",
+        "/sys/fs/cgroup",
+        "/sys/fs/bpf",
+        "/run/flyprobe",
+        "/var/log/pods",
+        "/var/log/containers",
+    }
     expect(
         set(host_paths) <= allowed,
         f"{where}: hostPath volumes beyond {sorted(allowed)}: {sorted(set(host_paths) - allowed)}",
     )
-    for path, read_only in [("/sys/kernel/tracing", True), ("/sys/fs/cgroup", True)]:
+    read_only_mounts = ["/sys/kernel/tracing", "/sys/fs/cgroup", "/var/log/pods", "/var/log/containers"]
+    for path, read_only in [(p, True) for p in read_only_mounts]:
         name = host_paths.get(path)
         if not expect(name is not None, f"{where}: no hostPath volume for {path}"):
             continue

@@ -68,19 +68,19 @@ const HISTOGRAMS: &[&str] = &[
     "server_connection_queue_seconds",
 ];
 /// Labels every server_* series carries in node-wide mode, when known.
-const NODE_WIDE_LABELS: &[&str] = &["container_id", "pod_uid", "unit", "netns"];
-/// Labels Prometheus adds from the target (the ServiceMonitor and the Kubernetes example add
-/// node, namespace, pod, container, service, endpoint).
-const TARGET_LABELS: &[&str] = &[
-    "instance",
-    "job",
-    "node",
+const NODE_WIDE_LABELS: &[&str] = &[
+    "container_id",
+    "pod_uid",
+    "unit",
+    "netns",
     "namespace",
     "pod",
     "container",
-    "service",
-    "endpoint",
 ];
+/// Labels Prometheus adds from the target (the ServiceMonitor and the Kubernetes example add
+/// node, service, endpoint; the probe pod's namespace, pod and container are dropped: those
+/// names are the servers').
+const TARGET_LABELS: &[&str] = &["instance", "job", "node", "service", "endpoint"];
 /// What the dashboard must show (issue 7): the stat panels, request rate by status, latency
 /// quantiles, in-flight, the per-worker table and the lifecycle.
 const DASHBOARD_REQUIRES: &[&str] = &[
