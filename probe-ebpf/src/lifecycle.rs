@@ -43,7 +43,8 @@ fn track_child(child: u32, parent: u32) {
         count_drop(drop_reason::TARGET_MAP_FULL);
         return;
     }
-    // An LRU map evicts rather than refuses: this cannot fail for room.
+    // An LRU map evicts the oldest entries rather than refuse for room; a failed insert
+    // only leaves this child unattributable if its events are lost too.
     let _ = LINEAGE.insert(child, parent, BPF_ANY as u64);
     emit(event_kind::FORK, child, parent, ExitInfo::default());
 }
@@ -187,6 +188,9 @@ fn exit_current() {
             None => exit.unwrap_or_default(),
         };
         emit(event_kind::EXIT, tgid, 0, exit);
+    } else {
+        // A thread the classic fork program took for a process: no lineage to keep.
+        let _ = LINEAGE.remove(tid);
     }
 }
 

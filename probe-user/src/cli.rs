@@ -102,6 +102,11 @@ pub struct Cli {
     #[arg(long, hide = true)]
     pub empty_hooks: bool,
 
+    /// The syscall hooks' lifecycle programs as a kernel without BTF for task_struct has
+    /// them: classic sched tracepoints (tests run that path on kernels that have BTF).
+    #[arg(long, hide = true)]
+    pub classic_lifecycle: bool,
+
     /// Also attach an empty program to sys_enter_read (the benchmark's cost floor).
     #[arg(long, hide = true)]
     pub calibration_probe: bool,

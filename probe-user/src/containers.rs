@@ -44,18 +44,36 @@ impl Labels {
         let mut labels = cgroup_of(pid)
             .map(|path| Self::from_cgroup_path(&path))
             .unwrap_or_default();
-        if let Some(uid) = &labels.pod_uid
-            && let Some(names) = kubelet::names(uid, labels.container_id.as_deref())
-        {
-            labels.namespace = Some(names.namespace);
-            labels.pod = Some(names.pod);
-            labels.container = names.container;
-        }
+        labels.name_pod();
         let own = netns_id(pid);
         if own.is_some() && own != netns_id("self") {
             labels.netns = own.map(|id| id.to_string());
         }
         labels
+    }
+
+    /// A pod's names still missing (the kubelet links a container's log just after it
+    /// starts, so a server found at once may be ahead of it).
+    pub fn unnamed_pod(&self) -> bool {
+        self.pod_uid.is_some()
+            && (self.namespace.is_none()
+                || (self.container_id.is_some() && self.container.is_none()))
+    }
+
+    /// Fill in the namespace, pod and container names from the kubelet's log directories;
+    /// true when something was added.
+    pub fn name_pod(&mut self) -> bool {
+        let Some(uid) = &self.pod_uid else {
+            return false;
+        };
+        let Some(names) = kubelet::names(uid, self.container_id.as_deref()) else {
+            return false;
+        };
+        let before = (self.namespace.is_some(), self.container.is_some());
+        self.namespace = Some(names.namespace);
+        self.pod = Some(names.pod);
+        self.container = names.container.or(self.container.take());
+        before != (true, self.container.is_some())
     }
 
     /// Labels from a cgroup v2 path such as

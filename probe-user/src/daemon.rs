@@ -64,6 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         },
         hooks,
         empty_hooks: cli.empty_hooks,
+        classic_lifecycle: cli.classic_lifecycle,
         access_log: access_log.is_some(),
         calibration: cli.calibration_probe,
         required: cli.require_tracepoint.clone(),

@@ -114,6 +114,14 @@ impl KernelMaps {
         self.lineage.get(&pid, 0).ok()
     }
 
+    /// Drop `pid`'s lineage entry if it still says `parent` forked it (a retired process's;
+    /// a new process with the same PID and another parent keeps its own).
+    pub fn forget_lineage(&mut self, pid: u32, parent: u32) {
+        if self.parent_of(pid) == Some(parent) {
+            let _ = self.lineage.remove(&pid);
+        }
+    }
+
     /// Counters of every process the kernel has seen accept, summed over CPUs.
     pub fn stats(&self) -> BTreeMap<u32, ProcStats> {
         summed(&self.stats, ProcStats::add)
@@ -137,6 +145,7 @@ impl KernelMaps {
     pub fn retire(&mut self, pid: u32) -> Remains {
         let remains = self.remains(&[pid]).pop().unwrap_or_default();
         self.forget(pid, &remains);
+        let _ = self.lineage.remove(&pid);
         remains
     }
 

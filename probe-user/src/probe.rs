@@ -292,6 +292,8 @@ pub struct Options {
     pub hooks: HookSet,
     /// Attach only empty programs on the socket set's events (the benchmark's floor).
     pub empty_hooks: bool,
+    /// The syscall set's lifecycle as on a kernel without task_struct BTF (tests).
+    pub classic_lifecycle: bool,
     /// Extra tracepoints that must exist, as `category:name`.
     pub required: Vec<String>,
     /// Attach the empty `calibration` program too (benchmarks only).
@@ -646,6 +648,10 @@ impl Probe {
         };
         let task = match &socket {
             Some(o) => Some(o.task),
+            None if options.classic_lifecycle => {
+                log::info!("lifecycle: classic sched tracepoints (--classic-lifecycle)");
+                None
+            }
             None => TaskOffsets::probe(),
         };
         let mut loader = EbpfLoader::new();

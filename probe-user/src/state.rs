@@ -31,6 +31,10 @@ const SCAN_EVERY_SWEEPS: u32 = 30;
 /// and exit events to arrive.
 const UNKNOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// How long after a server in a pod started its names are looked for again, when the kubelet
+/// had not linked its container's log yet when it was found (seconds).
+const NAME_PODS_WITHIN: f64 = 120.0;
+
 /// How many unknown ancestors a lost fork is traced through to a member.
 const MAX_LINEAGE: usize = 8;
 
@@ -110,7 +114,7 @@ impl Shared {
             event_kind::EXIT => {
                 // Its fork event was lost (a full ring): the kernel knows its parent.
                 if !state.watched.knows(event.pid) && !state.watched.fork_unresolved(event.pid) {
-                    state.join_by_lineage(event.pid);
+                    state.join_by_lineage(event.pid, Instant::now());
                 }
                 let reason = lifecycle::reason(&event.exit);
                 let accepted = state.maps.stats_of(event.pid).accepted > 0;
@@ -206,18 +210,25 @@ impl State {
     /// Join `pid`, a process the daemon never saw forked, to its server by the kernel's
     /// record of who forked it (and who forked that one, up to a member). False when the
     /// chain leads to no member.
-    fn join_by_lineage(&mut self, pid: u32) -> bool {
+    fn join_by_lineage(&mut self, pid: u32, now: Instant) -> bool {
         let mut chain = vec![pid];
         while chain.len() <= MAX_LINEAGE {
             let Some(parent) = self.maps.parent_of(*chain.last().unwrap_or(&pid)) else {
                 return false;
             };
             if self.watched.knows(parent) {
-                // From the member down, each joins under the one that forked it.
+                // From the member down, each joins under the one that forked it; an ancestor
+                // that is gone is reported stopped (its events were lost too). `pid` itself
+                // is the caller's to end.
                 let mut parent = parent;
                 for &child in chain.iter().rev() {
                     if !self.watched.join(child, parent) {
                         return false;
+                    }
+                    if child != pid && !alive(child) {
+                        let accepted = self.maps.stats_of(child).accepted > 0;
+                        self.watched
+                            .on_exit(child, "unknown", accepted, now, uptime());
                     }
                     parent = child;
                 }
@@ -235,6 +246,7 @@ impl State {
         if !self.selectors.is_empty() && self.since_scan >= SCAN_EVERY_SWEEPS {
             self.scan();
         }
+        self.watched.name_pods(uptime(), NAME_PODS_WITHIN);
         let forgotten = self.watched.forget_exited(uptime(), FORGET_AFTER);
         if forgotten > 0 {
             log::info!("forgot {forgotten} servers that exited over {FORGET_AFTER} s ago");
@@ -251,14 +263,20 @@ impl State {
             if self.watched.members().contains_key(&pid) || self.watched.adopt(pid) {
                 continue;
             }
-            // Counted by the kernel, unknown here, and gone (or not under a root). Every
-            // event queued before this sweep has been read, so its fork and exit events were
-            // lost to a full ring: the kernel's lineage names its server, and it is reported
-            // stopped for a reason the daemon cannot know.
-            if !alive(pid) && self.join_by_lineage(pid) {
-                log::debug!("process {pid}: its fork and exit events were lost; joined by lineage");
-                self.watched
-                    .on_exit(pid, "unknown", counted.accepted > 0, now, uptime());
+            // Counted by the kernel, unknown here, and not adoptable from /proc (gone, or its
+            // parent unknown too). Unknown already at the last sweep: every event queued
+            // since was read before this one, so its fork event was lost to a full ring (and
+            // its exit event, if it is gone). The kernel's lineage names its server; gone, it
+            // is reported stopped for a reason the daemon cannot know.
+            if self.unknown_since.contains_key(&pid) && self.join_by_lineage(pid, now) {
+                self.unknown_since.remove(&pid);
+                if !alive(pid) {
+                    log::debug!("process {pid}: fork and exit events lost; joined by lineage");
+                    self.watched
+                        .on_exit(pid, "unknown", counted.accepted > 0, now, uptime());
+                } else {
+                    log::debug!("process {pid}: fork event lost; joined by lineage");
+                }
                 continue;
             }
             // Not attributable: free its entries only when it stays unknown for a while.
@@ -356,14 +374,22 @@ impl State {
     /// ledger holding those counters is written before their kernel entries go, so a daemon
     /// killed in between loses nothing (the next one frees entries it finds twice).
     fn retire(&mut self, pids: Vec<u32>) {
+        let parents: Vec<Option<u32>> = pids
+            .iter()
+            .map(|pid| self.watched.members().get(pid).map(|m| m.ppid))
+            .collect();
         let remains = self.maps.remains(&pids);
         let kept: Vec<(u32, Remains)> = pids.into_iter().zip(remains).collect();
         for (pid, last) in &kept {
             self.watched.retire(*pid, last);
         }
         self.save_ledger();
-        for (pid, last) in &kept {
+        for ((pid, last), parent) in kept.iter().zip(parents) {
             self.maps.forget(*pid, last);
+            // Unless the PID names a new process already (forked by another parent).
+            if let Some(parent) = parent {
+                self.maps.forget_lineage(*pid, parent);
+            }
         }
     }
 

@@ -469,6 +469,27 @@ impl Watched {
         true
     }
 
+    /// Look again for the Kubernetes names of live roots found in a pod before the kubelet
+    /// had linked their container's log (for `within` seconds after they started).
+    pub fn name_pods(&mut self, uptime_now: f64, within: f64) {
+        for root in &mut self.roots {
+            if root.exited.is_none()
+                && uptime_now - root.started < within
+                && root.labels.unnamed_pod()
+                && root.labels.name_pod()
+            {
+                log::info!(
+                    "{} (pid {}): named {}/{} container {}",
+                    root.server,
+                    root.pid,
+                    root.labels.namespace.as_deref().unwrap_or(""),
+                    root.labels.pod.as_deref().unwrap_or(""),
+                    root.labels.container.as_deref().unwrap_or("?")
+                );
+            }
+        }
+    }
+
     /// Whether `pid` is a member, live or exited but not retired yet.
     pub fn knows(&self, pid: u32) -> bool {
         self.members.contains_key(&pid)
@@ -480,8 +501,8 @@ impl Watched {
     }
 
     /// A process whose fork the daemon never read (the kernel's ring had no room), joined
-    /// under `parent`, a member, as the kernel recorded it: its facts from /proc if it
-    /// still runs, else its parent's name. False when `parent` is not a member.
+    /// under `parent`, a member, as the kernel recorded it: its facts from /proc while it
+    /// runs, else its parent's name. False when `parent` is not a member.
     pub fn join(&mut self, pid: u32, parent: u32) -> bool {
         let Some((root, parent_comm)) = self.members.get(&parent).map(|m| (m.root, m.comm.clone()))
         else {
@@ -491,7 +512,7 @@ impl Watched {
             return true;
         }
         let (comm, started) = proc_facts(pid)
-            .filter(|&(_, _, ppid)| ppid == parent)
+            .filter(|_| alive(pid))
             .map_or((parent_comm, 0.0), |(comm, started, _)| (comm, started));
         self.members
             .insert(pid, Member::new(parent, root, comm, started, true));

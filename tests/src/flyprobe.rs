@@ -80,6 +80,11 @@ impl Flyprobe {
         if let Some(hooks) = hooks() {
             cmd.args(["--hooks", &hooks]);
         }
+        // FLYPROBE_CLASSIC_LIFECYCLE=1 (with the syscall hooks): the lifecycle programs a
+        // kernel without BTF for task_struct gets.
+        if std::env::var_os("FLYPROBE_CLASSIC_LIFECYCLE").is_some_and(|v| v == "1") {
+            cmd.arg("--classic-lifecycle");
+        }
         let guard = Guard::spawn(
             "flyprobe",
             cmd.args(["--listen", &format!("127.0.0.1:{port}")])

@@ -78,9 +78,17 @@ const NODE_WIDE_LABELS: &[&str] = &[
     "container",
 ];
 /// Labels Prometheus adds from the target (the ServiceMonitor and the Kubernetes example add
-/// node, service, endpoint; the probe pod's namespace, pod and container are dropped: those
-/// names are the servers').
-const TARGET_LABELS: &[&str] = &["instance", "job", "node", "service", "endpoint"];
+/// node, service, endpoint, and the probe pod's namespace and pod as probe_namespace and
+/// probe_pod: namespace, pod and container are the servers').
+const TARGET_LABELS: &[&str] = &[
+    "instance",
+    "job",
+    "node",
+    "service",
+    "endpoint",
+    "probe_namespace",
+    "probe_pod",
+];
 /// What the dashboard must show (issue 7): the stat panels, request rate by status, latency
 /// quantiles, in-flight, the per-worker table and the lifecycle.
 const DASHBOARD_REQUIRES: &[&str] = &[

@@ -498,19 +498,22 @@ fn cgroup_selector_works_from_inside_a_cgroup_namespace() {
 }
 
 /// The kubelet's log layout under `dir`: `pods/<namespace>_<pod>_<uid>/<container>/0.log`
-/// and the `containers/<pod>_<namespace>_<container>-<id>.log` link to it.
-fn kubelet_logs(dir: &Path, namespace: &str, pod: &str, uid: &str, container: &str, id: &str) {
+/// and, with `link`, the `containers/<pod>_<namespace>_<container>-<id>.log` link to it.
+fn kubelet_logs(dir: &Path, names: (&str, &str, &str), uid: &str, id: &str, link: bool) {
+    let (namespace, pod, container) = names;
     let pod_dir = dir.join("pods").join(format!("{namespace}_{pod}_{uid}"));
     fs::create_dir_all(pod_dir.join(container)).unwrap();
     let log = pod_dir.join(container).join("0.log");
     fs::write(&log, "").unwrap();
     fs::create_dir_all(dir.join("containers")).unwrap();
-    std::os::unix::fs::symlink(
-        &log,
-        dir.join("containers")
-            .join(format!("{pod}_{namespace}_{container}-{id}.log")),
-    )
-    .unwrap();
+    if link {
+        std::os::unix::fs::symlink(
+            &log,
+            dir.join("containers")
+                .join(format!("{pod}_{namespace}_{container}-{id}.log")),
+        )
+        .unwrap();
+    }
 }
 
 #[test]
@@ -564,8 +567,11 @@ fn kubernetes_names_come_from_the_kubelet_log_directories() {
         logs.to_str().unwrap(),
     ]);
     let mut running = Vec::new();
-    for (path, namespace, pod, container, uid, id) in pods {
-        kubelet_logs(&logs, namespace, pod, uid, container, id);
+    for (n, (path, namespace, pod, container, uid, id)) in pods.into_iter().enumerate() {
+        // The last one is found before the kubelet links its container's log (it does so
+        // just after the container starts): the container name follows at a later sweep.
+        let late = n == pods.len() - 1;
+        kubelet_logs(&logs, (namespace, pod, container), uid, id, !late);
         let path = path
             .replace("{uid_}", &uid.replace('-', "_"))
             .replace("{uid}", uid)
@@ -580,6 +586,10 @@ fn kubernetes_names_come_from_the_kubelet_log_directories() {
             ("pod_uid", uid),
             ("container_id", id),
         ];
+        if late {
+            discovered(&fp, &labels[..2]);
+            kubelet_logs(&logs, (namespace, pod, container), uid, id, true);
+        }
         discovered(&fp, &labels);
         traffic(server.port, 1, 2);
         exact(&fp, &labels, 1, 2);

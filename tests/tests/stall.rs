@@ -99,8 +99,23 @@ fn stalled_run(during_stall: impl FnOnce(u16) -> u64) -> Outcome {
          was stopped; killed worker {victim}",
         connections - ok
     );
+    // Workers gone now (a zombie not yet reaped has exited too).
+    let live: BTreeSet<u32> = servers::children(server.pid())
+        .into_iter()
+        .filter(|&c| {
+            procfs::process::Process::new(c as i32)
+                .and_then(|p| p.stat())
+                .is_ok_and(|s| s.state != 'Z')
+        })
+        .collect();
+    let mut served = workers.lock().unwrap().clone();
+    served.insert(victim);
+    let exited_workers = served.difference(&live).count() as u64;
     let metrics = eventually(
-        &format!("{ok} responses and {connections} connections counted"),
+        &format!(
+            "{ok} responses, {connections} connections and {exited_workers} worker stops \
+             counted"
+        ),
         Duration::from_secs(20),
         || {
             let m = fp.scrape();
@@ -111,12 +126,19 @@ fn stalled_run(during_stall: impl FnOnce(u16) -> u64) -> Outcome {
             );
             let accepted = m.total("server_connections_accepted_total", &server);
             let closed = m.total("server_connections_closed_total", &server);
+            let stops = stopped_total(&m);
             // A connection cut by the kill is counted where the worker had read it (fentry
-            // and socket hooks: not where it was accepted and never touched).
-            if ok_counted == ok && (ok..=connections).contains(&accepted) && closed == accepted {
+            // and socket hooks: not where it was accepted and never touched). Each worker
+            // that exited is reported stopped once: those the clients saw, and perhaps one
+            // that served only the harness's readiness request.
+            if ok_counted == ok
+                && (ok..=connections).contains(&accepted)
+                && closed == accepted
+                && (exited_workers..=exited_workers + 1).contains(&stops)
+            {
                 Ok(m)
             } else {
-                Err((ok_counted, accepted, closed))
+                Err((ok_counted, accepted, closed, stops))
             }
         },
     );
@@ -126,10 +148,6 @@ fn stalled_run(during_stall: impl FnOnce(u16) -> u64) -> Outcome {
         "{requests} requests: {ok} answered, {} cut",
         connections - ok
     );
-    let live: BTreeSet<u32> = servers::children(server.pid()).into_iter().collect();
-    let mut served = workers.lock().unwrap().clone();
-    served.insert(victim);
-    let exited_workers = served.difference(&live).count() as u64;
     Outcome {
         metrics,
         exited_workers,
@@ -162,22 +180,9 @@ fn stopped_total(m: &Metrics) -> u64 {
     m.total("server_stopped_total", &[("server", SERVER)])
 }
 
-/// Each worker the clients saw exit is reported stopped once; the harness's readiness
-/// requests, before the clients began, may have been served by a few more.
-fn every_exit_reported(m: &Metrics, exited_workers: u64) {
-    let reported = stopped_total(m);
-    assert!(
-        (exited_workers..=exited_workers + u64::from(WORKERS)).contains(&reported),
-        "{reported} worker stops reported; the clients saw {exited_workers} workers exit"
-    );
-}
-
 #[test]
 fn a_stopped_daemon_reads_every_queued_event_and_reports_the_kill_with_its_signal() {
-    let Outcome {
-        metrics: m,
-        exited_workers,
-    } = stalled_run(|_| 0);
+    let Outcome { metrics: m, .. } = stalled_run(|_| 0);
     assert_eq!(
         m.total("flyprobe_dropped_events_total", &[]),
         0,
@@ -189,12 +194,12 @@ fn a_stopped_daemon_reads_every_queued_event_and_reports_the_kill_with_its_signa
         "the worker killed during the stall"
     );
     assert_eq!(stopped(&m, "unknown"), 0, "every exit event was read");
-    every_exit_reported(&m, exited_workers);
 }
 
 #[test]
 fn events_lost_to_a_full_ring_lose_no_counts_and_exits_are_reconciled() {
-    // 4,000 forks and exits during the stall: twice what the 256 KiB ring holds.
+    // 4,000 forks and exits during the stall: 8,000 events, where the 256 KiB ring holds
+    // about 6,500 (40 bytes each); the recycling during the stall adds to them.
     let Outcome {
         metrics: m,
         exited_workers,
@@ -214,6 +219,5 @@ fn events_lost_to_a_full_ring_lose_no_counts_and_exits_are_reconciled() {
         stopped(&m, "unknown") >= 1,
         "workers whose exit events were lost are reported stopped, reason unknown"
     );
-    every_exit_reported(&m, exited_workers);
     eprintln!("{lost} events lost; {exited_workers} workers exited");
 }

@@ -50,7 +50,12 @@ pub fn run_all(args: &TestArgs) -> Result<()> {
         "stall",
     ])
     .env("FLYPROBE_HOOKS", "syscall"));
-    all.and(syscall)
+    // The lifecycle programs of a kernel without BTF for task_struct (classic sched
+    // tracepoints, exit status gathered from exit_group and signals), forced here.
+    let classic = run(end_to_end(&["--test", "lifecycle", "--test", "stall"])
+        .env("FLYPROBE_HOOKS", "syscall")
+        .env("FLYPROBE_CLASSIC_LIFECYCLE", "1"));
+    all.and(syscall).and(classic)
 }
 
 /// `cargo test` of the end-to-end tests (`targets`: which test files, all when empty), with
