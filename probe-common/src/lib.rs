@@ -437,6 +437,7 @@ pub mod names {
     pub const DROP_REASON_LISTEN_OVERFLOW: &str = "DROP_REASON_LISTEN_OVERFLOW";
     pub const TASK_EXIT_CODE_OFFSET: &str = "TASK_EXIT_CODE_OFFSET";
     pub const TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
+    pub const TASK_FLAGS_OFFSET: &str = "TASK_FLAGS_OFFSET";
     pub const TASK_TGID_OFFSET: &str = "TASK_TGID_OFFSET";
     pub const REGS_ARG1_OFFSET: &str = "REGS_ARG1_OFFSET";
     /// Non-zero when the syscall's buffer may be found through the task's saved registers.

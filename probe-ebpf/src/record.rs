@@ -47,6 +47,9 @@ pub static DROP_REASON_LISTEN_OVERFLOW: Global<u32> = Global::new(u32::MAX);
 pub static TASK_EXIT_CODE_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static TASK_PID_OFFSET: Global<u32> = Global::new(0);
+/// `task_struct.flags` (0: unknown, nothing is taken for an exiting task).
+#[unsafe(no_mangle)]
+pub static TASK_FLAGS_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static TASK_TGID_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]

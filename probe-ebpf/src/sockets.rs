@@ -27,11 +27,12 @@ use probe_common::{
 use crate::{
     connections::end_connection,
     io::transfer,
-    maps::{CONNS, DROPPED, LISTEN_PORTS, count_drop, is_target, stats_mut},
+    maps::{CONNS, DROPPED, LISTEN_PORTS, STATS, count_drop, is_target, stats_mut},
     ports,
     record::{
         ANNOUNCE_LISTEN, NET_INUM_OFFSET, PEEK_REGS, REGS_ARG1_OFFSET, SK_FAMILY_OFFSET,
-        SK_NET_OFFSET, SK_NUM_OFFSET, SK_PROTOCOL_OFFSET, SK_STATE_OFFSET, current, kernel_at,
+        SK_NET_OFFSET, SK_NUM_OFFSET, SK_PROTOCOL_OFFSET, SK_STATE_OFFSET, TASK_FLAGS_OFFSET,
+        current, kernel_at,
     },
     unix,
 };
@@ -274,9 +275,12 @@ fn ended(sk: u64, new: u64) {
     let state = unsafe { &mut *state };
     if state.flags & conn_flags::QUEUED != 0 {
         // Closed before any watched process read or wrote it: by a watched process that
-        // accepted it (that is its touch), else nobody served it.
+        // accepted it (that is its touch), or by a worker that exits holding it (its
+        // descriptors close after it left the target set, a close with the request unread
+        // is a reset: -> CLOSE), else nobody served it.
         let (_, tgid, _) = current();
-        if new == TCP_CLOSE || !is_target(tgid) {
+        let closer = (new != TCP_CLOSE && is_target(tgid)) || exiting_worker(tgid);
+        if !closer {
             let _ = CONNS.remove(sk);
             return;
         }
@@ -290,6 +294,20 @@ fn ended(sk: u64, new: u64) {
     if let Some(stats) = stats_mut(state.owner) {
         end_connection(state.owner, stats, &state);
     }
+}
+
+/// The current task is exiting (`PF_EXITING`) and its process has served (it has counters):
+/// a worker closing the descriptors it still held.
+#[inline(always)]
+fn exiting_worker(tgid: u32) -> bool {
+    const PF_EXITING: u32 = 0x4;
+    let offset = TASK_FLAGS_OFFSET.load();
+    if offset == 0 {
+        return false;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    kernel_at::<u32>(task, offset).is_ok_and(|flags| flags & PF_EXITING != 0)
+        && STATS.get_ptr(tgid).is_some()
 }
 
 /// Where the current syscall's data is: its number and second argument, from the user

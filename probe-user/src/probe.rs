@@ -338,6 +338,7 @@ struct TaskOffsets {
     exit_code: u32,
     pid: u32,
     tgid: u32,
+    flags: u32,
 }
 
 impl TaskOffsets {
@@ -347,6 +348,7 @@ impl TaskOffsets {
             exit_code: field("exit_code")?,
             pid: field("pid")?,
             tgid: field("tgid")?,
+            flags: field("flags")?,
         })
     }
 
@@ -659,7 +661,8 @@ impl Probe {
             loader
                 .override_global(names::TASK_EXIT_CODE_OFFSET, &t.exit_code, true)
                 .override_global(names::TASK_PID_OFFSET, &t.pid, true)
-                .override_global(names::TASK_TGID_OFFSET, &t.tgid, true);
+                .override_global(names::TASK_TGID_OFFSET, &t.tgid, true)
+                .override_global(names::TASK_FLAGS_OFFSET, &t.flags, true);
             log::info!(
                 "lifecycle: raw sched_process_fork/exit (task_struct from BTF: threads are not \
                  tracked or announced)"

@@ -448,8 +448,8 @@ impl State {
 
 impl SnapshotSource for Shared {
     fn snapshot(&self) -> Snapshot {
-        let mut state = self.lock();
-        state.retire_due(Instant::now());
+        // A scrape only reads: retiring is the sweep's.
+        let state = self.lock();
         let ports = state.ports();
         let kernel = KernelView {
             ports,

@@ -25,6 +25,11 @@ GET /close-unread
   is answered, then, 200 ms later (what the client sent after the request head has arrived),
   the connection is closed with that data unread, so the kernel resets it (a reset sent).
 
+GET /exit-holding
+  is not answered: the server takes the next connection off its listener and exits at once
+  without touching it (as a recycled worker may exit holding connections it accepted and
+  never read).
+
 GET /retire?how=dup2|dup3|close_range
   is answered, then the connection ends without close(2): its fd number is taken over by a
   regular file (dup2(2) or dup3(2) of the file onto it, or close_range(2) of it and a
@@ -50,6 +55,7 @@ import time
 
 SYS_CLOSE_RANGE = 436  # the same number on every Linux architecture
 KEPT_FILES = []  # the files that took over retired connections' fd numbers, kept open
+LISTENER = None  # the listening socket, for /exit-holding
 
 
 def response():
@@ -114,6 +120,9 @@ def serve(conn, upstream):
             if head is None:
                 break
             target = head.split(b" ")[1] if head.count(b" ") >= 2 else b"/"
+            if target.startswith(b"/exit-holding"):
+                held = LISTENER.accept()  # kept: a dropped socket object would close it
+                os._exit(len(held) - 2)
             if upstream is not None:
                 upstream.exchange()
             conn.sendall(response())
@@ -175,7 +184,9 @@ def main():
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--upstream", type=int)
     args = parser.parse_args()
+    global LISTENER
     listener = socket.create_server(("127.0.0.1", args.port), backlog=128)
+    LISTENER = listener
     upstream = Upstream(args.upstream) if args.upstream else None
 
     if args.mode == "blocking":

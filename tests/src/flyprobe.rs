@@ -234,6 +234,19 @@ impl Metrics {
             .sum()
     }
 
+    /// One server's 2xx responses, connections accepted and connections closed.
+    pub fn served(&self, server: &str) -> (u64, u64, u64) {
+        let of = [("server", server)];
+        (
+            self.total(
+                "server_requests_total",
+                &[("server", server), ("status", "2xx")],
+            ),
+            self.total("server_connections_accepted_total", &of),
+            self.total("server_connections_closed_total", &of),
+        )
+    }
+
     pub fn sum(&self, name: &str, server: &str) -> u64 {
         self.by_pid(name, server).values().sum()
     }

@@ -565,3 +565,41 @@ fn sockets_of_the_servers_own_outbound_connections_count_as_nothing() {
     assert_eq!(request_labels(&m), gets(7), "labels\n{}", m.text);
     fp.stop();
 }
+
+#[test]
+fn sockets_a_process_still_held_untouched_when_it_exited_count_for_it() {
+    require_root();
+    let (server, _) = servers::socket_app("blocking", &[]);
+    let pid = server.pid();
+    quiet(server.port, 0);
+    let fp = watch(pid);
+    // The first connection's request makes the server take the next connection off its
+    // listener and exit without touching it, as a recycled worker may exit holding
+    // connections it accepted. Its descriptors close after it left the target set; the
+    // second connection's request, unread, makes that close a reset.
+    let mut first = Conn::connect(server.port).expect("connecting");
+    first
+        .write(b"GET /exit-holding HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .expect("writing");
+    let mut second = Conn::connect(server.port).expect("connecting");
+    second
+        .write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .expect("writing");
+    eventually("the server to exit", SETTLE, || {
+        let state = procfs::process::Process::new(pid as i32).and_then(|p| p.stat());
+        match state {
+            Ok(s) if s.state != 'Z' => Err(s.state),
+            _ => Ok(()),
+        }
+    });
+    // Both accepted and closed; the first one's request read and never answered.
+    let want = Row {
+        accepted: 2,
+        closed: 2,
+        requests: 1,
+        received: first.sent,
+        ..Row::default()
+    };
+    settle(&fp, &only(pid, want));
+    fp.stop();
+}

@@ -82,28 +82,16 @@ fn a_thread_per_connection_server_sends_no_thread_events_and_its_killed_worker_i
     }
     let (ok, cut) = (answered.load(Ordering::SeqCst), cut.load(Ordering::SeqCst));
     assert_eq!(ok + cut, CONNECTIONS);
-    // A connection the killed worker had accepted: counted where it read it (the request
-    // aborted), not where it never touched it (fentry and socket hooks: a connection is a
-    // worker's from its first read, write or close, and the exit's close comes after the
-    // process left the target set).
+    // A connection the killed worker had accepted counts for it: where it read it (the
+    // request aborted), and where it held it untouched (closed as it exited).
     let m = eventually(
         &format!("{ok} responses and {CONNECTIONS} connections counted"),
         Duration::from_secs(20),
         || {
             let m = fp.scrape();
-            let server = [("server", SERVER)];
-            let ok_counted = m.total(
-                "server_requests_total",
-                &[("server", SERVER), ("status", "2xx")],
-            );
-            let accepted = m.total("server_connections_accepted_total", &server);
-            let closed = m.total("server_connections_closed_total", &server);
-            let stopped = m.total("server_stopped_total", &server);
-            if ok_counted == ok
-                && (ok..=CONNECTIONS).contains(&accepted)
-                && closed == accepted
-                && stopped == 1
-            {
+            let (ok_counted, accepted, closed) = m.served(SERVER);
+            let stopped = m.total("server_stopped_total", &[("server", SERVER)]);
+            if (ok_counted, accepted, closed, stopped) == (ok, CONNECTIONS, CONNECTIONS, 1) {
                 Ok(m)
             } else {
                 Err((ok_counted, accepted, closed, stopped))

@@ -185,15 +185,7 @@ pub fn section(r: &mut Report, minutes: u64, out: &Path) -> Result<()> {
     };
     let settle = Instant::now() + Duration::from_secs(30);
     let counted = loop {
-        let m = fp.scrape();
-        let got = (
-            m.total(
-                "server_requests_total",
-                &[("server", SERVER), ("status", "2xx")],
-            ),
-            m.total("server_connections_accepted_total", &[("server", SERVER)]),
-            m.total("server_connections_closed_total", &[("server", SERVER)]),
-        );
+        let got = fp.scrape().served(SERVER);
         if exact(got) || Instant::now() >= settle {
             break got;
         }
