@@ -443,6 +443,18 @@ pub fn children(pid: u32) -> Vec<u32> {
     }
 }
 
+/// The children of `pid` that have not exited (a zombie not yet reaped has), oldest first.
+pub fn live_children(pid: u32) -> Vec<u32> {
+    let mut live: Vec<(u64, u32)> = children(pid)
+        .into_iter()
+        .filter_map(|c| procfs::process::Process::new(c as i32).ok()?.stat().ok())
+        .filter(|s| s.state != 'Z')
+        .map(|s| (s.starttime, s.pid as u32))
+        .collect();
+    live.sort();
+    live.into_iter().map(|(_, pid)| pid).collect()
+}
+
 /// The axum server built from tests/src/bin (tokio, 2 threads, one process).
 pub fn rust_server() -> Server {
     let (guard, port) = workspace_bin("FLYPROBE_TEST_SERVER", "flyprobe-test-server", &[]);

@@ -99,14 +99,7 @@ fn stalled_run(during_stall: impl FnOnce(u16) -> u64) -> Outcome {
         connections - ok
     );
     // Workers gone now (a zombie not yet reaped has exited too).
-    let live: BTreeSet<u32> = servers::children(server.pid())
-        .into_iter()
-        .filter(|&c| {
-            procfs::process::Process::new(c as i32)
-                .and_then(|p| p.stat())
-                .is_ok_and(|s| s.state != 'Z')
-        })
-        .collect();
+    let live: BTreeSet<u32> = servers::live_children(server.pid()).into_iter().collect();
     let mut served = workers.lock().unwrap().clone();
     served.insert(victim);
     let exited_workers = served.difference(&live).count() as u64;
@@ -149,12 +142,9 @@ fn stalled_run(during_stall: impl FnOnce(u16) -> u64) -> Outcome {
 /// times every child is a zombie), and killing it would prove nothing.
 fn youngest_live_child(pid: u32) -> u32 {
     eventually("a live worker", Duration::from_secs(5), || {
-        servers::children(pid)
-            .into_iter()
-            .filter_map(|c| procfs::process::Process::new(c as i32).ok()?.stat().ok())
-            .filter(|s| s.state != 'Z')
-            .max_by_key(|s| s.starttime)
-            .map(|s| s.pid as u32)
+        servers::live_children(pid)
+            .last()
+            .copied()
             .ok_or_else(|| servers::children(pid))
     })
 }

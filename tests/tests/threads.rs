@@ -17,19 +17,12 @@ const SERVER: &str = "threaded";
 const CONNECTIONS: u64 = 5_000;
 
 /// The live (not zombie) children of `pid`, once there are `n`.
-fn live_children(pid: u32, n: usize) -> Vec<u32> {
+fn live_workers(pid: u32, n: usize) -> Vec<u32> {
     eventually(
         &format!("{n} live workers"),
         Duration::from_secs(10),
         || {
-            let live: Vec<u32> = servers::children(pid)
-                .into_iter()
-                .filter(|&c| {
-                    procfs::process::Process::new(c as i32)
-                        .and_then(|p| p.stat())
-                        .is_ok_and(|s| s.state != 'Z')
-                })
-                .collect();
+            let live = servers::live_children(pid);
             if live.len() == n { Ok(live) } else { Err(live) }
         },
     )
@@ -39,7 +32,7 @@ fn live_children(pid: u32, n: usize) -> Vec<u32> {
 fn a_thread_per_connection_server_sends_no_thread_events_and_its_killed_worker_is_reported() {
     require_root();
     let (server, _stdout) = servers::socket_app("threads", &["--workers", "2"]);
-    let (port, workers) = (server.port, live_children(server.pid(), 2));
+    let (port, workers) = (server.port, live_workers(server.pid(), 2));
     let fp = Flyprobe::start(&[
         "--pid-tree",
         &server.pid().to_string(),

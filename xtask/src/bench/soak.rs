@@ -200,11 +200,12 @@ pub fn section(r: &mut Report, minutes: u64, out: &Path) -> Result<()> {
          {} closed; {stopped} workers recycled",
         counted.0, counted.1, counted.2
     ));
+    let ok = exact(counted);
     r.target(
-        "counts exact at the end",
-        1.0,
-        true,
-        "requests and connections equal",
+        "counts exact at the end (1 = yes)",
+        f64::from(u8::from(ok)),
+        ok,
+        "requests equal, connections within the unanswered new ones",
     );
     // Flat: from the first sample past the retention's plateau to the last.
     let settled = samples
