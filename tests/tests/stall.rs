@@ -82,7 +82,7 @@ fn stalled_run(during_stall: impl FnOnce(u16) -> u64) -> Outcome {
     std::thread::sleep(Duration::from_secs(1));
     let extra = during_stall(port);
     std::thread::sleep(Duration::from_secs(4));
-    let victim = kill_a_worker(server.pid());
+    let victim = kill_a_worker(server.pid(), &workers);
     std::thread::sleep(Duration::from_secs(5));
     let during = answered.load(Ordering::SeqCst) - before;
     daemon(libc::SIGCONT);
@@ -137,32 +137,31 @@ fn stalled_run(during_stall: impl FnOnce(u16) -> u64) -> Outcome {
     }
 }
 
-/// The most recently started child of `pid` that is not a zombie: a recycled worker that
-/// exited on its own may wait to be reaped (gunicorn reaps and respawns in batches: at
-/// times every child is a zombie), and killing it would prove nothing.
-fn youngest_live_child(pid: u32) -> u32 {
-    eventually("a live worker", Duration::from_secs(5), || {
-        servers::live_children(pid)
-            .last()
-            .copied()
-            .ok_or_else(|| servers::children(pid))
-    })
-}
-
-/// SIGKILL a worker that is not ending on its own: a recycled worker may already be exiting
-/// (its exit status then says exit_0, whatever is sent to it). One stopped first (state T)
-/// is not exiting, and the SIGKILL is what ends it.
-fn kill_a_worker(parent: u32) -> u32 {
+/// SIGKILL a worker that has answered the clients (so the kernel holds counters of it: a
+/// process that never served and whose fork and exit events were both lost to a full ring
+/// left nothing to report) and that is not ending on its own (a recycled worker may already
+/// be exiting: its status then says exit_0, whatever is sent to it). Stopped first (state
+/// T), it is not exiting, and the SIGKILL is what ends it. The youngest such worker: one
+/// about to be recycled is less likely.
+fn kill_a_worker(parent: u32, served: &Mutex<BTreeSet<u32>>) -> u32 {
     let state = |pid: u32| {
         procfs::process::Process::new(pid as i32)
             .and_then(|p| p.stat())
             .map(|s| s.state)
     };
     eventually(
-        "a worker stopped, then killed",
+        "a worker that served stopped, then killed",
         Duration::from_secs(10),
         || {
-            let victim = youngest_live_child(parent);
+            let served = served.lock().unwrap().clone();
+            let Some(victim) = servers::live_children(parent)
+                .into_iter()
+                .rev()
+                .find(|pid| served.contains(pid))
+            else {
+                std::thread::sleep(Duration::from_millis(5));
+                return Err(0);
+            };
             assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGSTOP) }, 0);
             for _ in 0..100 {
                 match state(victim) {
@@ -174,6 +173,7 @@ fn kill_a_worker(parent: u32) -> u32 {
                     Ok(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
+            unsafe { libc::kill(victim as i32, libc::SIGCONT) }; // not stopped yet: let it be
             Err(victim)
         },
     )
