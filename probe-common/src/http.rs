@@ -23,8 +23,20 @@ pub const PROTO_H2: u8 = 3;
 pub const PROTO_OTHER: u8 = 4;
 pub const PROTOCOLS: [&str; 5] = ["unknown", "http1", "tls", "h2", "other"];
 
-/// Status classes (`STATUS_CLASSES` names them); 0 when there is no HTTP status.
-pub const STATUS_CLASSES: [&str; 6] = ["", "1xx", "2xx", "3xx", "4xx", "5xx"];
+/// Status classes (`STATUS_CLASSES` names them); 0 when the response's status is not known
+/// (no bytes to look at, or not a status line), `STATUS_ABORTED` for a request that ended
+/// without a response.
+pub const STATUS_ABORTED: u8 = 6;
+pub const STATUS_CLASSES: [&str; 7] = ["", "1xx", "2xx", "3xx", "4xx", "5xx", "aborted"];
+
+/// Whether a connection speaking `protocol` has requests. TLS (until its plaintext is seen)
+/// and unrecognised protocols do not: their read/write turns are counted as exchanges, never
+/// as requests, in flight or timed. `PROTO_UNKNOWN` (no bytes were visible: io_uring,
+/// sendfile) is counted by turns as requests.
+#[inline(always)]
+pub const fn has_requests(protocol: u8) -> bool {
+    protocol == PROTO_HTTP1 || protocol == PROTO_UNKNOWN
+}
 
 /// The name of `index` in one of the tables above (`""` when out of range).
 pub fn name_of(names: &[&'static str], index: u8) -> &'static str {
@@ -199,6 +211,7 @@ mod tests {
         assert_eq!(status_class(503), 5);
         assert_eq!(status_class(99), 0);
         assert_eq!(status_class(600), 0);
+        assert_eq!(STATUS_CLASSES[STATUS_ABORTED as usize], "aborted");
         assert!(is_interim(100) && !is_interim(101) && !is_interim(200));
     }
 
@@ -213,6 +226,8 @@ mod tests {
         assert_eq!(proto(b"POST /upload HTTP/1.1\r\n"), "http1");
         assert_eq!(proto(b"hello echo\n"), "other");
         assert_eq!(proto(b""), "other");
+        assert!(has_requests(PROTO_HTTP1) && has_requests(PROTO_UNKNOWN));
+        assert!(!has_requests(PROTO_TLS) && !has_requests(PROTO_OTHER));
     }
 }
 

@@ -9,7 +9,9 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
-use probe_common::{ConnState, ProcStats, conn_flags, drop_reason, fd_key, phase};
+use probe_common::{
+    ConnState, ProcStats, conn_flags, drop_reason, fd_key, http::has_requests, phase,
+};
 
 use crate::{
     maps::{CONNS, PENDING_ACCEPT, count_drop, is_target, stats_mut},
@@ -162,6 +164,9 @@ fn try_close_enter(ctx: &TracePointContext) -> Result<(), i64> {
 #[inline(always)]
 pub fn end_connection(tgid: u32, stats: &mut ProcStats, state: &ConnState) {
     stats.closed += 1;
+    if !has_requests(state.protocol) {
+        return;
+    }
     if state.phase == phase::REQUEST {
         stats.aborted += 1;
         record_aborted(tgid, state);

@@ -14,8 +14,8 @@ use aya_ebpf::{
 use probe_common::{
     ConnState, PendingIo, buf_kind, dir, drop_reason, fd_key,
     http::{
-        Head, METHOD_NONE, METHOD_OTHER, PROTO_HTTP1, PROTO_UNKNOWN, is_interim, parse_method,
-        parse_status, protocol_of,
+        Head, METHOD_NONE, METHOD_OTHER, PROTO_HTTP1, PROTO_UNKNOWN, has_requests, is_interim,
+        parse_method, parse_status, protocol_of,
     },
     phase,
 };
@@ -23,7 +23,7 @@ use probe_common::{
 use crate::{
     maps::{CONNS, PENDING_IO, count_drop, is_target, stats_mut},
     record::{current, syscall_arg0, syscall_arg1, syscall_ret},
-    requests::{log_access, peek, record_completed},
+    requests::{log_access, peek, record_completed, record_exchange},
 };
 
 /// sys_enter_{read,recvfrom}
@@ -171,8 +171,13 @@ pub fn transfer(
     if direction == dir::READ {
         stats.rx_bytes += ret as u64;
         if state.phase != phase::REQUEST {
-            let (kind, buf) = buffer();
-            let head = peek(kind, buf, ret);
+            // Only HTTP/1.x turns (and the first, which tells the protocol) need the bytes.
+            let head = if state.protocol == PROTO_UNKNOWN || state.protocol == PROTO_HTTP1 {
+                let (kind, buf) = buffer();
+                peek(kind, buf, ret)
+            } else {
+                None
+            };
             let method = match &head {
                 Some((bytes, len)) => parse_method(bytes, *len),
                 None => METHOD_NONE,
@@ -185,7 +190,11 @@ pub fn transfer(
                     finished = Some(*state);
                 }
                 start_request(state, &head, method, now);
-                stats.requests += 1;
+                if has_requests(state.protocol) {
+                    stats.requests += 1;
+                } else {
+                    record_exchange(tgid, state);
+                }
             }
         }
         state.rx += ret as u64;
@@ -201,8 +210,10 @@ pub fn transfer(
                 // Saturating: a server that reads and writes one connection from two threads
                 // (HTTP/2) can move start_ns past this event's `now`.
                 state.duration_ns = now.saturating_sub(state.start_ns);
-                stats.responses += 1;
-                record_completed(tgid, state);
+                if has_requests(state.protocol) {
+                    stats.responses += 1;
+                    record_completed(tgid, state);
+                }
             }
         } else if state.phase == phase::RESPONSE && http {
             // Another final status line: one more request, whose start was not seen.
@@ -221,7 +232,9 @@ pub fn transfer(
         }
         state.tx += ret as u64;
     }
-    if let Some(turn) = finished {
+    if let Some(turn) = finished
+        && has_requests(turn.protocol)
+    {
         log_access(tgid, &turn);
     }
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use probe_common::{
     ACCESS_WAKE_BYTES, AccessRecord, ConnState, DURATION_BOUNDS_NS, ReqKey, ReqStats, buf_kind,
     drop_reason,
-    http::{Head, PEEK, status_class},
+    http::{Head, PEEK, STATUS_ABORTED, status_class},
     transport,
 };
 
@@ -97,6 +97,15 @@ pub fn observe(stats: &mut ReqStats, d: u64) {
 /// A request that ended with its connection, before any response.
 #[inline(always)]
 pub fn record_aborted(tgid: u32, state: &ConnState) {
+    if let Some(stats) = req_stats(&labels(tgid, state, STATUS_ABORTED)) {
+        stats.count += 1;
+    }
+}
+
+/// A read/write turn on a connection that has no requests (TLS, not HTTP): counted by
+/// protocol when it starts, never timed.
+#[inline(always)]
+pub fn record_exchange(tgid: u32, state: &ConnState) {
     if let Some(stats) = req_stats(&labels(tgid, state, 0)) {
         stats.count += 1;
     }

@@ -9,7 +9,7 @@ use std::{
 
 use probe_common::{
     DURATION_BOUNDS_NS, ReqStats,
-    http::{STATUS_CLASSES, name_of},
+    http::{STATUS_CLASSES, has_requests, name_of},
 };
 use serde::Serialize;
 
@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// Status classes as the API names them: "" (no HTTP status) is "other".
-const CLASSES: [&str; 6] = ["other", "1xx", "2xx", "3xx", "4xx", "5xx"];
+const CLASSES: [&str; 7] = ["other", "1xx", "2xx", "3xx", "4xx", "5xx", "aborted"];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ApiSnapshot {
@@ -41,6 +41,8 @@ pub struct ApiServer {
     pub in_flight_requests: u64,
     pub requests_total: u64,
     pub status_classes: BTreeMap<&'static str, u64>,
+    /// Read/write turns on connections without requests (TLS, not HTTP).
+    pub exchanges_total: u64,
     pub latency: Latency,
     /// Waiting for a worker: handshake done to a worker's first touch (fentry and socket
     /// hooks; empty with the syscall hooks).
@@ -157,7 +159,12 @@ fn server(view: &ServerView) -> ApiServer {
     let mut status_classes = classes();
     let mut timed = ReqStats::default();
     let mut per_pid: BTreeMap<u32, (u64, BTreeMap<&'static str, u64>)> = BTreeMap::new();
+    let mut exchanges_total = 0;
     for (key, stats) in &view.requests {
+        if !has_requests(key.protocol) {
+            exchanges_total += stats.count;
+            continue;
+        }
         *status_classes.entry(class_of(key.status)).or_default() += stats.count;
         timed.add(stats);
         let entry = per_pid.entry(key.tgid).or_insert_with(|| (0, classes()));
@@ -203,6 +210,7 @@ fn server(view: &ServerView) -> ApiServer {
         in_flight_requests: view.procs.iter().map(|p| p.stats.in_flight()).sum(),
         requests_total: status_classes.values().sum(),
         status_classes,
+        exchanges_total,
         latency,
         queue_latency: latency_of(&view.ports.counted.waited),
         listen_queue_length: view.ports.queues.values().sum(),

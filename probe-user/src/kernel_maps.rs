@@ -12,7 +12,9 @@ use aya::{
 };
 use probe_common::{
     ConnKey, ConnState, ListenKey, PendingIo, PortStats, ProcStats, ReqKey, ReqStats, conn_flags,
-    drop_reason, names, phase, transport,
+    drop_reason,
+    http::{STATUS_ABORTED, has_requests},
+    names, phase, transport,
 };
 
 use crate::probe::{ProbeError, take};
@@ -177,12 +179,12 @@ impl KernelMaps {
         for (key, state) in held {
             let r = &mut out[index[&state.owner]];
             r.held.push(key);
-            if state.phase == phase::REQUEST {
-                // The kernel closed it with the process: aborted, no status.
+            if state.phase == phase::REQUEST && has_requests(state.protocol) {
+                // The kernel closed it with the process: aborted.
                 let labels = ReqKey {
                     tgid: state.owner,
                     method: state.method,
-                    status: 0,
+                    status: STATUS_ABORTED,
                     protocol: state.protocol,
                     transport: transport::of(state.flags),
                 };

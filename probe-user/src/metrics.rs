@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use probe_common::{
     DURATION_BOUNDS_NS, ReqStats, drop_reason, event_kind,
-    http::{METHODS, PROTOCOLS, STATUS_CLASSES, name_of},
+    http::{METHODS, PROTOCOLS, STATUS_CLASSES, has_requests, name_of},
     transport,
 };
 use prometheus::{
@@ -48,6 +48,7 @@ struct Catalog {
     accepted: IntCounterVec,
     closed: IntCounterVec,
     requests: IntCounterVec,
+    exchanges: IntCounterVec,
     received: IntCounterVec,
     sent: IntCounterVec,
     duration: Desc,
@@ -98,9 +99,17 @@ impl Catalog {
             )?,
             requests: counter(
                 "server_requests_total",
-                "Requests completed or aborted; a request is a read on a connection after the \
-                 server last wrote on it. method/status are empty when not HTTP/1.x.",
+                "HTTP requests, answered (status class) or ended without a response \
+                 (status=\"aborted\"); status is empty when the response's bytes were not \
+                 visible (io_uring, sendfile).",
                 &placed(&["server", "pid", "method", "status", "protocol", "transport"]),
+            )?,
+            exchanges: counter(
+                "server_exchanges_total",
+                "Read/write turns on connections that carry no requests flyprobe can see: TLS \
+                 (protocol=\"tls\") and protocols that are not HTTP (\"other\"). Never counted \
+                 as requests.",
+                &placed(&["server", "pid", "protocol", "transport"]),
             )?,
             received: counter(
                 "server_received_bytes_total",
@@ -221,13 +230,14 @@ impl Catalog {
         })
     }
 
-    fn counters(&self) -> [&IntCounterVec; 11] {
+    fn counters(&self) -> [&IntCounterVec; 12] {
         [
             &self.resets,
             &self.overflows,
             &self.accepted,
             &self.closed,
             &self.requests,
+            &self.exchanges,
             &self.received,
             &self.sent,
             &self.started,
@@ -343,6 +353,19 @@ impl Catalog {
             }
             for (key, stats) in &server.requests {
                 let pid = pid_label(key.tgid);
+                if !has_requests(key.protocol) {
+                    add(
+                        &self.exchanges,
+                        &[
+                            name,
+                            &pid,
+                            name_of(&PROTOCOLS, key.protocol),
+                            name_of(&transport::NAMES, key.transport),
+                        ],
+                        stats.count,
+                    );
+                    continue;
+                }
                 add(
                     &self.requests,
                     &[

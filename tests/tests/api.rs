@@ -23,7 +23,7 @@ use serde::Deserialize;
 const SETTLE: Duration = Duration::from_secs(15);
 const REQUESTS: &str = "server_requests_total";
 const DURATION: &str = "server_request_duration_seconds";
-const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+const CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "aborted", "other"];
 
 // ---------- the documented shapes ----------
 
@@ -49,6 +49,7 @@ struct ServerSnap {
     in_flight_requests: u64,
     requests_total: u64,
     status_classes: BTreeMap<String, u64>,
+    exchanges_total: u64,
     latency: Latency,
     queue_latency: Latency,
     listen_queue_length: u64,
@@ -628,7 +629,7 @@ fn snapshot_matches_metrics_for_the_same_traffic() {
         }
         for (l, v) in m.series(REQUESTS, &labels) {
             let status = l.get("status").map(String::as_str).unwrap_or("");
-            let class = if CLASSES[..5].contains(&status) {
+            let class = if CLASSES[..6].contains(&status) {
                 status
             } else {
                 "other"
@@ -643,6 +644,11 @@ fn snapshot_matches_metrics_for_the_same_traffic() {
         "status classes vs /metrics"
     );
     assert_eq!(u.status_classes.values().sum::<u64>(), u.requests_total);
+    assert_eq!(
+        (u.status_classes["aborted"], u.exchanges_total),
+        (1, 0),
+        "the /exit request is aborted; HTTP is never an exchange"
+    );
     let client: BTreeMap<&str, u64> =
         ledger
             .iter()

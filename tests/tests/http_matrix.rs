@@ -242,7 +242,7 @@ fn nginx_two_workers_with_sendfile() {
 }
 
 #[test]
-fn non_http_traffic_counts_turns_by_protocol() {
+fn non_http_traffic_is_exchanges_by_protocol_never_requests() {
     require_root();
     let server = servers::echo_server();
     let fp = Flyprobe::watch(server.pid());
@@ -266,29 +266,61 @@ fn non_http_traffic_counts_turns_by_protocol() {
     for (first, turns) in [
         (&b"hello echo\n"[..], 5),
         (&b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03"[..], 2), // a TLS ClientHello
-        (&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], 3),             // the h2 preface
     ] {
         let (s, r) = echo(first, turns);
         sent += s;
         received += r;
     }
+    // One more exchange on a connection held open: active, nothing in flight.
+    let mut conn = Conn::connect(server.port).unwrap();
+    conn.write(b"ping").unwrap();
+    let mut got = 0;
+    while got < 4 {
+        got += conn.read_some().unwrap();
+    }
     let label = "flyprobe-echo-server";
-    let m = settled(&fp, label, 10);
-    let by_protocol = |p: &str| {
+    let exchanges = |m: &Metrics, p: &str| {
         m.total(
-            "server_requests_total",
-            &[
-                ("server", label),
-                ("protocol", p),
-                ("method", ""),
-                ("status", ""),
-            ],
+            "server_exchanges_total",
+            &[("server", label), ("protocol", p)],
         )
     };
+    let m = eventually("7 + 1 exchanges, none open", SETTLE, || {
+        let m = fp.scrape();
+        let seen = (
+            exchanges(&m, "other"),
+            exchanges(&m, "tls"),
+            m.total("server_active_connections", &[("server", label)]),
+        );
+        if seen == (6, 2, 1) { Ok(m) } else { Err(seen) }
+    });
+    let (s, r) = conn.close();
+    sent += s;
+    received += r;
     assert_eq!(
-        (by_protocol("other"), by_protocol("tls"), by_protocol("h2")),
-        (5, 2, 3),
-        "{}",
+        (
+            m.total("server_requests_total", &[("server", label)]),
+            m.total("server_in_flight_requests", &[("server", label)]),
+            m.get(
+                "server_request_duration_seconds_count",
+                &[("server", label)]
+            ),
+        ),
+        (0, 0, None),
+        "no request, none in flight, none timed\n{}",
+        m.text
+    );
+    let m = eventually("the last connection closed", SETTLE, || {
+        let m = fp.scrape();
+        match m.total("server_active_connections", &[("server", label)]) {
+            0 => Ok(m),
+            n => Err(n),
+        }
+    });
+    assert_eq!(
+        m.total("server_requests_total", &[("server", label)]),
+        0,
+        "a closed exchange is not an aborted request\n{}",
         m.text
     );
     assert_eq!(

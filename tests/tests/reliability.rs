@@ -167,7 +167,7 @@ fn resets_half_closes_silent_clients_and_dead_servers_leave_nothing_open() {
     assert_eq!(
         m.total(
             "server_requests_total",
-            &[("server", SERVER), ("status", "")]
+            &[("server", SERVER), ("status", "aborted")]
         ),
         aborted,
         "the reset request was aborted\n{}",
@@ -191,7 +191,7 @@ fn resets_half_closes_silent_clients_and_dead_servers_leave_nothing_open() {
                 m.total("server_in_flight_requests", &[("server", SERVER)]),
                 m.total(
                     "server_requests_total",
-                    &[("server", SERVER), ("status", "")],
+                    &[("server", SERVER), ("status", "aborted")],
                 ),
             );
             if seen == (0, 0, aborted + 1) {
