@@ -45,6 +45,10 @@ const METRICS: &[(&str, &[&str])] = &[
     ),
     ("server_connections_accepted_total", &["server", "pid"]),
     ("server_connections_closed_total", &["server", "pid"]),
+    (
+        "server_exchanges_total",
+        &["server", "pid", "protocol", "transport"],
+    ),
     ("server_received_bytes_total", &["server", "pid"]),
     ("server_sent_bytes_total", &["server", "pid"]),
     ("server_workers", &["server"]),
