@@ -389,6 +389,7 @@ mod tests {
             in_flight_requests: 0,
             requests_total: requests,
             status_classes,
+            exchanges_total: 0,
             latency: Latency {
                 bounds: vec![0.1, 0.2],
                 count: *cumulative.last().unwrap(),
