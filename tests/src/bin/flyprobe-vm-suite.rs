@@ -417,7 +417,7 @@ const E2E: &[(&str, &[&str])] = &[
         &[
             "rust_axum",
             "nginx_two_workers_with_sendfile",
-            "non_http_traffic_counts_turns_by_protocol",
+            "non_http_traffic_is_exchanges_by_protocol_never_requests",
         ],
     ),
     ("watch_servers", &["rust_axum_server"]),
@@ -476,9 +476,17 @@ fn e2e(binary: &str, tests: &[&str], hooks: &str) -> Result<String, String> {
                 out.join(" ")
             })
             .collect();
+        // `--exact` runs nothing for a name that no longer exists: say so, not just "FAIL".
+        let missing = if out.status.success() && failures.is_empty() {
+            format!(
+                "fewer than {} tests ran: is every name in E2E[{binary}] a test of tests/tests/{binary}.rs?",
+                tests.len()
+            )
+        } else {
+            failures.join("; ")
+        };
         Err(format!(
-            "{result}; {}; stderr tail: {}",
-            failures.join("; "),
+            "{result}; {missing}; stderr tail: {}",
             String::from_utf8_lossy(&out.stderr)
                 .lines()
                 .rev()
@@ -662,5 +670,25 @@ fn settle<T>(fp: &Flyprobe, what: &str, ok: impl Fn(&Metrics) -> Option<T>) -> M
             panic!("timed out waiting for {what}; last scrape:\n{}", m.text);
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::E2E;
+
+    /// A renamed test would make `--exact` run nothing in the guest: catch it on the host.
+    #[test]
+    fn every_guest_test_is_a_test_of_its_file() {
+        for (binary, tests) in E2E {
+            let path = format!("{}/tests/{binary}.rs", env!("CARGO_MANIFEST_DIR"));
+            let source = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            for test in *tests {
+                assert!(
+                    source.contains(&format!("fn {test}()")),
+                    "E2E names {test}, which {path} does not define"
+                );
+            }
+        }
     }
 }
