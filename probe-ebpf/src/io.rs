@@ -164,11 +164,11 @@ pub fn transfer(
     let Some(stats) = stats_mut(tgid) else {
         return;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
     // The turn this event finishes, if any: logged once, at the end (one call site keeps
     // the program small enough for the verifier when the access log is on).
     let mut finished: Option<ConnState> = None;
     if direction == dir::READ {
+        let now = unsafe { bpf_ktime_get_ns() };
         stats.rx_bytes += ret as u64;
         if state.phase != phase::REQUEST {
             // Only HTTP/1.x turns (and the first, which tells the protocol) need the bytes.
@@ -200,11 +200,13 @@ pub fn transfer(
         state.rx += ret as u64;
         state.last_read_ns = now;
     } else {
+        // The clock is read only where a turn changes: most writes (a body's) do not.
         stats.tx_bytes += ret as u64;
         let http = state.protocol == PROTO_HTTP1;
         if state.phase == phase::REQUEST {
             let status = if http { status_of(&buffer, ret) } else { 0 };
             if !is_interim(status) {
+                let now = unsafe { bpf_ktime_get_ns() };
                 state.phase = phase::RESPONSE;
                 state.status = status;
                 // Saturating: a server that reads and writes one connection from two threads
@@ -219,6 +221,7 @@ pub fn transfer(
             // Another final status line: one more request, whose start was not seen.
             let status = status_of(&buffer, ret);
             if status != 0 && !is_interim(status) {
+                let now = unsafe { bpf_ktime_get_ns() };
                 finished = Some(*state);
                 state.status = status;
                 state.start_ns = state.last_read_ns;
