@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod http;
+pub mod turn;
 
 /// A connection, as the kernel programs key it. The socket hook set uses the address of the
 /// kernel's `struct sock` (one socket, whichever processes hold descriptors to it); the
