@@ -394,12 +394,8 @@ impl Watched {
         }
         // A child that was gone when its fork event was read: exit events come from
         // processes only, so it was one, and what it served belongs to its parent's tree.
-        if let Some(parent) = self.unresolved_forks.remove(&pid)
-            && !self.members.contains_key(&pid)
-            && let Some((root, comm)) = self.members.get(&parent).map(|m| (m.root, m.comm.clone()))
-        {
-            self.members
-                .insert(pid, Member::new(parent, root, comm, 0.0, true));
+        if let Some(parent) = self.unresolved_forks.remove(&pid) {
+            self.join(pid, parent);
         }
         let Some(member) = self.members.get(&pid) else {
             return;
