@@ -220,7 +220,17 @@ pub fn gunicorn_sync(workers: u32, backlog: u32) -> Server {
 /// gunicorn sync workers that each exit after `max_requests` requests, the arbiter forking
 /// a new one each time (`--max-requests`, as deployments use against leaks).
 pub fn gunicorn_recycling(workers: u32, max_requests: u32) -> Server {
-    gunicorn_sync_with(workers, &["--max-requests", &max_requests.to_string()])
+    // A worker forking thousands of children (/spawn) on a busy machine can take longer than
+    // gunicorn's default 30 s worker timeout, and would be aborted mid-request.
+    gunicorn_sync_with(
+        workers,
+        &[
+            "--max-requests",
+            &max_requests.to_string(),
+            "--timeout",
+            "120",
+        ],
+    )
 }
 
 fn gunicorn_sync_with(workers: u32, extra: &[&str]) -> Server {
