@@ -46,6 +46,8 @@ pub trait Turns {
 /// `ret` (> 0) bytes were read from (`read`) or written to the connection `state`.
 #[inline(always)]
 pub fn on_data(state: &mut ConnState, read: bool, ret: u64, t: &mut impl Turns) {
+    // The turn this event finishes, if any: handed on once, at the end (in the kernel, one
+    // call site keeps the program small enough for the verifier when the access log is on).
     let mut finished: Option<ConnState> = None;
     if read {
         let now = t.now();
