@@ -113,6 +113,11 @@ impl Conn {
         })
     }
 
+    /// How long a read may wait (30 s unless set): for a request known to take longer.
+    pub fn set_read_timeout(&mut self, t: Duration) -> io::Result<()> {
+        self.stream.set_read_timeout(Some(t))
+    }
+
     pub fn get(&mut self, path: &str) -> io::Result<Response> {
         self.send("GET", path, &[])
     }

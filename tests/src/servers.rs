@@ -228,7 +228,7 @@ pub fn gunicorn_recycling(workers: u32, max_requests: u32) -> Server {
             "--max-requests",
             &max_requests.to_string(),
             "--timeout",
-            "120",
+            "150",
         ],
     )
 }

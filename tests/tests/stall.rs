@@ -223,6 +223,8 @@ fn events_lost_to_a_full_ring_lose_no_counts_and_exits_are_reconciled() {
         exited_workers,
     } = stalled_run(|port| {
         let mut conn = Conn::connect(port).expect("connect");
+        // 4,000 forks of a Python worker took over 30 s in CI with the syscall hooks.
+        conn.set_read_timeout(Duration::from_secs(150)).unwrap();
         let resp = conn.get("/spawn?n=4000").expect("GET /spawn");
         assert_eq!(resp.status, 200);
         conn.close();
