@@ -311,9 +311,9 @@ fn exiting_worker(tgid: u32) -> bool {
 }
 
 /// Where the current syscall's data is: its number and second argument, from the user
-/// registers saved at the top of the task's kernel stack, read at once (x86_64 keeps `si`,
-/// `di` and `orig_ax` next to each other; the daemon checks that before it turns peeking
-/// on). io_uring, sendfile and splice have no user buffer there.
+/// registers saved at the top of the task's kernel stack: `si`, and `orig_ax` 16 bytes
+/// after it (the x86_64 layout; the daemon checks it before it turns peeking on).
+/// io_uring, sendfile and splice have no user buffer there.
 #[inline(always)]
 fn user_buffer() -> (u32, u64) {
     const NONE: (u32, u64) = (buf_kind::NONE, 0);

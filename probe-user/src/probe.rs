@@ -452,8 +452,8 @@ impl SocketOffsets {
         let btf = Btf::from_sys_fs()?;
         let mut offsets = Self::fields(&btf)?;
         let field = |ty: &str, path: &[&str]| btf.offset_of(ty, path);
-        // The programs read `si`, `di` and `orig_ax` in one go: peek only where they are
-        // adjacent, as the x86_64 ABI lays them out.
+        // The programs read `si` and `orig_ax` 16 bytes after it: peek only where `si`,
+        // `di` and `orig_ax` are adjacent, as the x86_64 ABI lays them out.
         if cfg!(target_arch = "x86_64") {
             let (si, orig_ax) = (field("pt_regs", &["si"])?, field("pt_regs", &["orig_ax"])?);
             let adjacent = field("pt_regs", &["di"])? == si + 8 && orig_ax == si + 16;
