@@ -38,6 +38,14 @@ pub const fn has_requests(protocol: u8) -> bool {
     protocol == PROTO_HTTP1 || protocol == PROTO_UNKNOWN
 }
 
+/// Whether a counted series (`ReqKey`) is requests rather than exchanges: HTTP/2 streams
+/// have a method (`OTHER` at least); an h2 connection whose frames are not walked (the
+/// syscall hook set) is counted by exchanges, without one.
+#[inline(always)]
+pub const fn is_request(protocol: u8, method: u8) -> bool {
+    has_requests(protocol) || (protocol == PROTO_H2 && method != METHOD_NONE)
+}
+
 /// The name of `index` in one of the tables above (`""` when out of range).
 pub fn name_of(names: &[&'static str], index: u8) -> &'static str {
     match names.get(index as usize) {

@@ -5,6 +5,7 @@
 //! value read from a map can hold anything, and a constant cannot be an invalid enum.
 #![no_std]
 
+pub mod h2;
 pub mod http;
 pub mod turn;
 
@@ -113,6 +114,17 @@ pub struct ProcStats {
 }
 
 impl ProcStats {
+    /// All zero, as a constant (the kernel creates entries from a static, not its stack).
+    pub const ZERO: Self = Self {
+        accepted: 0,
+        closed: 0,
+        requests: 0,
+        responses: 0,
+        aborted: 0,
+        rx_bytes: 0,
+        tx_bytes: 0,
+    };
+
     pub fn add(&mut self, other: &Self) {
         self.accepted += other.accepted;
         self.closed += other.closed;
@@ -239,6 +251,26 @@ pub struct ReqKey {
     pub transport: u8,
 }
 
+/// An open HTTP/2 stream: its connection and id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamKey {
+    pub conn: ConnKey,
+    pub stream: u32,
+    pub _pad: u32,
+}
+
+/// An HTTP/2 request waiting for its response headers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stream {
+    /// When the request's HEADERS frame was read.
+    pub start_ns: u64,
+    /// `http::METHODS` index.
+    pub method: u8,
+    pub _pad: [u8; 7],
+}
+
 /// Histogram bucket bounds for request durations, in ns (0.5 ms to 10 s).
 pub const DURATION_BOUNDS_NS: [u64; 14] = [
     500_000,
@@ -272,6 +304,14 @@ pub struct ReqStats {
 }
 
 impl ReqStats {
+    /// All zero, as a constant (the kernel creates entries from a static, not its stack).
+    pub const ZERO: Self = Self {
+        count: 0,
+        timed: 0,
+        duration_sum_ns: 0,
+        buckets: [0; 14],
+    };
+
     pub fn add(&mut self, other: &Self) {
         self.count += other.count;
         self.timed += other.timed;
@@ -303,6 +343,14 @@ pub struct PortStats {
 }
 
 impl PortStats {
+    /// All zero, as a constant (the kernel creates entries from a static, not its stack).
+    pub const ZERO: Self = Self {
+        waited: ReqStats::ZERO,
+        resets_sent: 0,
+        resets_received: 0,
+        handshakes_dropped: 0,
+    };
+
     pub fn add(&mut self, other: &Self) {
         self.waited.add(&other.waited);
         self.resets_sent += other.resets_sent;
@@ -380,7 +428,14 @@ pub mod drop_reason {
     pub const ACCESS_RING_FULL: u32 = 7;
     pub const DISCOVERY_RING_FULL: u32 = 8;
     pub const LISTEN_MAP_FULL: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// An HTTP/2 connection's frames could not be followed in one direction (more frames in
+    /// one buffer than the walk looks at, or unreadable bytes): its streams stop counting.
+    pub const H2_FRAMES_LOST: u32 = 10;
+    /// An HTTP/2 stream had no room in `STREAMS`: its request counts, its response will not.
+    pub const STREAM_MAP_FULL: u32 = 11;
+    /// An HTTP/2 connection had no room in `H2_CONNS`: its streams are not counted.
+    pub const H2_MAP_FULL: u32 = 12;
+    pub const COUNT: u32 = 13;
     /// Label values, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
         "connection_map_full",
@@ -393,6 +448,9 @@ pub mod drop_reason {
         "access_ring_full",
         "discovery_ring_full",
         "listen_map_full",
+        "h2_frames_lost",
+        "stream_map_full",
+        "h2_connection_map_full",
     ];
 }
 
@@ -413,6 +471,9 @@ pub mod names {
     pub const DROPPED: &str = "DROPPED";
     pub const PENDING_ACCEPT: &str = "PENDING_ACCEPT";
     pub const ACCESS: &str = "ACCESS";
+    pub const STREAMS: &str = "STREAMS";
+    pub const H2_CONNS: &str = "H2_CONNS";
+    pub const H2_WALK: &str = "H2_WALK";
     /// The program the daemon runs (BPF_PROG_TEST_RUN) to end unix connections whose
     /// socket is gone.
     pub const UNIX_SWEEP: &str = "unix_sweep";
@@ -508,6 +569,12 @@ pub const DEFAULT_MAX_REQUEST_SERIES: u32 = 8_192;
 pub const DROPPED_ENTRIES: u32 = 4_096;
 /// Listening ports of watched processes (per network namespace).
 pub const MAX_LISTEN_PORTS: u32 = 4_096;
+/// HTTP/2 connections open at once, node-wide (their frame positions, 64 bytes each,
+/// allocated as they come).
+pub const MAX_H2_CONNECTIONS: u32 = 16_384;
+/// HTTP/2 streams waiting for their response headers, node-wide (an LRU map: the streams a
+/// connection left open when it ended are forgotten first).
+pub const MAX_STREAMS: u32 = 16_384;
 /// Ports with wait and reset counters (`PortStats`, per CPU): a node's watched servers
 /// rarely listen on more.
 pub const MAX_PORT_STATS: u32 = 1_024;
@@ -526,10 +593,16 @@ mod pod {
     unsafe impl aya::Pod for ReqStats {}
     unsafe impl aya::Pod for PortStats {}
     unsafe impl aya::Pod for AccessRecord {}
+    unsafe impl aya::Pod for StreamKey {}
+    unsafe impl aya::Pod for h2::H2 {}
+    unsafe impl aya::Pod for Stream {}
 }
 
 // No implicit padding anywhere: the sizes are the sums of the fields.
 const _: () = assert!(core::mem::size_of::<ConnState>() == 64);
+const _: () = assert!(core::mem::size_of::<h2::H2>() == 80);
+const _: () = assert!(core::mem::size_of::<StreamKey>() == 16);
+const _: () = assert!(core::mem::size_of::<Stream>() == 16);
 const _: () = assert!(core::mem::size_of::<ListenKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ProcStats>() == 56);
 const _: () = assert!(core::mem::size_of::<PendingIo>() == 24);

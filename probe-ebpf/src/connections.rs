@@ -10,17 +10,20 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use probe_common::{
-    ConnState, ProcStats, conn_flags, drop_reason, fd_key, http::has_requests, phase,
+    ConnKey, ConnState, ProcStats, conn_flags, drop_reason, fd_key,
+    http::{METHOD_OTHER, PROTO_H2, has_requests},
+    phase,
 };
 
 use crate::{
-    maps::{CONNS, PENDING_ACCEPT, count_drop, is_target, stats_mut},
+    io::stream_key,
+    maps::{CONNS, H2_CONNS, PENDING_ACCEPT, STREAMS, count_drop, is_target, stats_mut},
     record::{
         FDT_FD_OFFSET, FILE_PRIVATE_DATA_OFFSET, FILES_FDT_OFFSET, SK_FAMILY_OFFSET,
         SOCKET_SK_OFFSET, TASK_FILES_OFFSET, current, kernel_at, syscall_arg0, syscall_arg1,
         syscall_ret,
     },
-    requests::{log_access, record_aborted},
+    requests::{log_access, record_aborted, record_aborted_n, stream_labels},
 };
 
 const AF_UNIX: u16 = 1;
@@ -99,7 +102,7 @@ fn try_accept_exit(ctx: &TracePointContext) -> Result<(), i64> {
         Err(err) if i64::from(err) == -EEXIST => {
             // The fd was reused without a close we saw (dup2, close_range): end the old one.
             if let Some(old) = CONNS.get_ptr(key).map(|p| unsafe { *p }) {
-                end_connection(tgid, stats, &old);
+                end_connection(key, tgid, stats, &old);
             }
             let _ = CONNS.insert(key, fresh, BPF_ANY as u64);
         }
@@ -154,16 +157,20 @@ fn try_close_enter(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     if let Some(stats) = stats_mut(tgid) {
-        end_connection(tgid, stats, &state);
+        end_connection(key, tgid, stats, &state);
     }
     Ok(())
 }
 
-/// The connection is gone: a request still waiting for its response is aborted, a
-/// finished turn gets its access-log record. Shared by both hook sets.
+/// The connection `key` is gone: a request still waiting for its response is aborted, a
+/// finished turn gets its access-log record. Shared by every hook set.
 #[inline(always)]
-pub fn end_connection(tgid: u32, stats: &mut ProcStats, state: &ConnState) {
+pub fn end_connection(key: ConnKey, tgid: u32, stats: &mut ProcStats, state: &ConnState) {
     stats.closed += 1;
+    if state.protocol == PROTO_H2 {
+        end_streams(key, tgid, stats, state);
+        return;
+    }
     if !has_requests(state.protocol) {
         return;
     }
@@ -173,5 +180,40 @@ pub fn end_connection(tgid: u32, stats: &mut ProcStats, state: &ConnState) {
         log_access(tgid, state);
     } else if state.phase == phase::RESPONSE {
         log_access(tgid, state);
+    }
+}
+
+/// Streams an HTTP/2 connection left open when it ended are aborted. The newest ones are
+/// looked up (their methods, and their `STREAMS` entries go with the connection); any
+/// older ones count with method `OTHER`, and their entries age out of the LRU map.
+#[inline(always)]
+fn end_streams(key: ConnKey, tgid: u32, stats: &mut ProcStats, state: &ConnState) {
+    // SAFETY: read at once, under RCU.
+    let Some(streams) = H2_CONNS.get_ptr(key).map(|p| unsafe { (*p).streams }) else {
+        return;
+    };
+    let _ = H2_CONNS.remove(key);
+    let mut open = streams.open;
+    let mut stream = streams.last_stream;
+    let mut i = 0;
+    while i < 8 && open > 0 && stream > 0 {
+        let sk = stream_key(key, stream);
+        // SAFETY: read at once, under RCU.
+        if let Some(s) = STREAMS.get_ptr(sk).map(|p| unsafe { *p })
+            && STREAMS.remove(sk).is_ok()
+        {
+            open -= 1;
+            stats.aborted += 1;
+            record_aborted_n(&stream_labels(tgid, state.flags, s.method, 0), 1);
+        }
+        stream = stream.saturating_sub(2);
+        i += 1;
+    }
+    if open > 0 {
+        stats.aborted += open as u64;
+        record_aborted_n(
+            &stream_labels(tgid, state.flags, METHOD_OTHER, 0),
+            open as u64,
+        );
     }
 }

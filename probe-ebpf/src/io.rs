@@ -3,19 +3,32 @@
 //! tests). The syscall hook set's programs are here too: each enter program serves the
 //! syscalls whose buffer has one shape; the exit program serves them all.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    bindings::BPF_ANY, helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext,
+    bindings::BPF_ANY,
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_loop, bpf_probe_read_user},
+    },
+    macros::tracepoint,
+    programs::TracePointContext,
 };
 use probe_common::{
-    ConnState, PendingIo, ProcStats, buf_kind, dir, drop_reason, fd_key,
-    http::Head,
+    ConnKey, ConnState, PendingIo, ProcStats, Stream, StreamKey, buf_kind, dir, drop_reason,
+    fd_key,
+    h2::{self, Frames, H2, WINDOW},
+    http::{Head, PROTO_H2, status_class},
     turn::{self, Turns},
 };
 
 use crate::{
-    maps::{CONNS, PENDING_IO, count_drop, is_target, stats_mut},
+    maps::{CONNS, H2_CONNS, PENDING_IO, STREAMS, count_drop, is_target, stats_mut},
     record::{access_log_enabled, current, syscall_arg0, syscall_arg1, syscall_ret},
-    requests::{log_access, peek, record_completed, record_exchange},
+    requests::{
+        log_access, log_stream, peek, record_completed, record_exchange, record_stream,
+        stream_labels,
+    },
 };
 
 /// sys_enter_{read,recvfrom}
@@ -135,26 +148,36 @@ fn try_io_exit(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: the entry stays valid for this program's run (RCU); a connection is driven by
     // one thread at a time, so the state is not written concurrently.
     let state = unsafe { &mut *state };
-    transfer(tgid, state, pending.dir, ret, || {
-        (pending.kind, pending.buf)
-    });
+    // No HTTP/2 frame walk in this set (an h2 connection is counted by exchanges): the walk
+    // is a raw tracepoint program of its own, which a tracepoint program cannot tail-call,
+    // and inlined here it would not fit one program's stack and verifier budget.
+    let _ = transfer::<false>(
+        fd_key(tgid, pending.fd),
+        tgid,
+        state,
+        pending.dir,
+        ret,
+        || (pending.kind, pending.buf),
+    );
     Ok(())
 }
 
-/// `ret` (> 0) bytes moved on a connection in direction `direction`, by process `tgid`:
-/// counts the bytes and moves the request/response turn (`probe_common::turn`). `buffer`
-/// says where the data is (`buf_kind`, address); it is asked only when the first bytes
-/// must be peeked at. Shared by both hook sets.
+/// `ret` (> 0) bytes moved on the connection `key` in direction `direction`, by process
+/// `tgid`: counts the bytes and moves the request/response turn (`probe_common::turn`), or
+/// walks an HTTP/2 connection's frames where `WALK_H2`. `buffer` says where the data is
+/// (`buf_kind`, address); it is asked only when the bytes must be looked at. Shared by
+/// every hook set. True when the event is an HTTP/2 connection's, for `walk_h2`.
 #[inline(always)]
-pub fn transfer(
+pub fn transfer<const WALK_H2: bool>(
+    key: ConnKey,
     tgid: u32,
     state: &mut ConnState,
     direction: u32,
     ret: i64,
     buffer: impl Fn() -> (u32, u64),
-) {
+) -> bool {
     let Some(stats) = stats_mut(tgid) else {
-        return;
+        return false;
     };
     let read = direction == dir::READ;
     if read {
@@ -162,22 +185,75 @@ pub fn transfer(
     } else {
         stats.tx_bytes += ret as u64;
     }
-    let mut kernel = Kernel {
+    // An HTTP/2 connection's frames are walked by a program of their own (`walk_h2`,
+    // tail-called by the caller): with the turn, they would need more than the 512 bytes of
+    // stack and the instructions the verifier allows one program.
+    if WALK_H2 && state.protocol == PROTO_H2 {
+        return true;
+    }
+    let mut kernel = Kernel::<_, WALK_H2> {
         tgid,
         stats,
         buffer,
     };
     turn::on_data(state, read, ret as u64, &mut kernel);
+    // Not h2 before the turn: this read began an HTTP/2 connection.
+    if !(WALK_H2 && state.protocol == PROTO_H2) {
+        return false;
+    }
+    // The connection preface: the frames start after it. Inserted from the static, by
+    // reference: a copy on the stack would take 80 of its 512 bytes.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    let inserted = H2_CONNS.insert(key, &FRESH_H2, BPF_ANY as u64);
+    if inserted.is_err() {
+        count_drop(drop_reason::H2_MAP_FULL);
+        return false;
+    }
+    let Some(conn) = H2_CONNS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: valid for this run (RCU); just created for this connection.
+    unsafe {
+        (*conn).rx.need = h2::PREFACE_LEN;
+        (*conn).flags = state.flags;
+    }
+    true
 }
 
 /// The turn's clock, bytes and counts, in the kernel.
-struct Kernel<F> {
+struct Kernel<F, const WALK_H2: bool> {
     tgid: u32,
     stats: &'static mut ProcStats,
     buffer: F,
 }
 
-impl<F: Fn() -> (u32, u64)> Turns for Kernel<F> {
+/// `ret` bytes read (`read`) or written on the HTTP/2 connection `key` by `tgid`, in the
+/// buffer `buffer` says: walks its frames (`h2::on_data`); its streams are its requests.
+/// False when the connection is not (or no longer) one.
+#[inline(always)]
+pub fn walk_h2(key: ConnKey, tgid: u32, read: bool, ret: u64, buffer: (u32, u64)) -> bool {
+    let Some(conn) = H2_CONNS.get_ptr_mut(key) else {
+        return false;
+    };
+    let Some(stats) = stats_mut(tgid) else {
+        return false;
+    };
+    // SAFETY: valid for this run (RCU); a connection is driven by one thread at a time.
+    let conn = unsafe { &mut *conn };
+    let mut streams = Requests {
+        key,
+        tgid,
+        flags: conn.flags,
+        stats,
+    };
+    let (kind, buf) = buffer;
+    if h2::on_data(conn, read, kind, buf, ret, &mut streams) {
+        count_drop(drop_reason::H2_FRAMES_LOST);
+    }
+    true
+}
+
+impl<F: Fn() -> (u32, u64), const WALK_H2: bool> Turns for Kernel<F, WALK_H2> {
     #[inline(always)]
     fn now(&mut self) -> u64 {
         unsafe { bpf_ktime_get_ns() }
@@ -214,5 +290,129 @@ impl<F: Fn() -> (u32, u64)> Turns for Kernel<F> {
     #[inline(always)]
     fn finished(&mut self, turn: &ConnState) {
         log_access(self.tgid, turn);
+    }
+
+    #[inline(always)]
+    fn walks_h2(&self) -> bool {
+        WALK_H2
+    }
+}
+
+/// A new HTTP/2 connection's state, copied into `H2_CONNS` from here (not the stack, which
+/// the frame walk needs).
+static FRESH_H2: H2 = H2::ZERO;
+
+/// An HTTP/2 connection's streams, in the kernel: each is a request in `STREAMS` until its
+/// response headers.
+struct Requests {
+    key: ConnKey,
+    tgid: u32,
+    flags: u8,
+    stats: *mut ProcStats,
+}
+
+/// What `bpf_loop` hands each step of an event's walk: pointers to the walk's state, which
+/// lives in the caller's frame and in `H2_CONNS`.
+struct Steps {
+    walk: *mut h2::Walk,
+    d: *mut h2::Direction,
+    s: *mut h2::Streams,
+    requests: *mut Requests,
+}
+
+/// One step of an event's walk (`h2::step`): the body of its `bpf_loop`, which the verifier
+/// checks once, not once per frame. Returns 1 to end the loop.
+#[inline(never)]
+extern "C" fn walk_step(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Steps` in `Requests::run`'s frame, alive for the whole loop;
+    // its pointers are to that frame and to this connection's map value.
+    let steps = unsafe { &*(ctx as *const Steps) };
+    let (w, d, s, requests) = unsafe {
+        (
+            &mut *steps.walk,
+            &mut *steps.d,
+            &mut *steps.s,
+            &mut *steps.requests,
+        )
+    };
+    if h2::step(w, d, s, requests) { 0 } else { 1 }
+}
+
+impl Frames for Requests {
+    #[inline(always)]
+    fn run(&mut self, walk: &mut h2::Walk, d: &mut h2::Direction, s: &mut h2::Streams) {
+        let mut steps = Steps {
+            walk,
+            d,
+            s,
+            requests: self,
+        };
+        // SAFETY: a static callback and a context on this frame, as bpf_loop wants.
+        unsafe {
+            bpf_loop(
+                h2::MAX_STEPS,
+                walk_step as *mut c_void,
+                &mut steps as *mut Steps as *mut c_void,
+                0,
+            )
+        };
+    }
+
+    #[inline(always)]
+    fn read(&mut self, addr: u64, len: u32, out: &mut [u8; WINDOW]) -> bool {
+        let len = if len > WINDOW as u32 {
+            WINDOW as u32
+        } else {
+            len
+        };
+        // SAFETY: at most WINDOW bytes into `out`; a fault returns an error.
+        unsafe {
+            bpf_probe_read_user(out.as_mut_ptr() as *mut c_void, len, addr as *const c_void) == 0
+        }
+    }
+
+    #[inline(always)]
+    fn opened(&mut self, stream: u32, method: u8) {
+        // SAFETY: this CPU's counters (a per-CPU map value), for this run.
+        unsafe { (*self.stats).requests += 1 };
+        let value = Stream {
+            start_ns: unsafe { bpf_ktime_get_ns() },
+            method,
+            _pad: [0; 7],
+        };
+        if STREAMS
+            .insert(stream_key(self.key, stream), value, BPF_ANY as u64)
+            .is_err()
+        {
+            count_drop(drop_reason::STREAM_MAP_FULL);
+        }
+    }
+
+    #[inline(always)]
+    fn responded(&mut self, stream: u32, status: u16) -> bool {
+        let key = stream_key(self.key, stream);
+        // SAFETY: read at once, under RCU.
+        let Some(open) = STREAMS.get_ptr(key).map(|s| unsafe { *s }) else {
+            return false;
+        };
+        if STREAMS.remove(key).is_err() {
+            return false;
+        }
+        // SAFETY: this CPU's counters (a per-CPU map value), for this run.
+        unsafe { (*self.stats).responses += 1 };
+        let duration = unsafe { bpf_ktime_get_ns() }.saturating_sub(open.start_ns);
+        let labels = stream_labels(self.tgid, self.flags, open.method, status_class(status));
+        record_stream(&labels, duration);
+        log_stream(self.tgid, open.method, status, duration);
+        true
+    }
+}
+
+#[inline(always)]
+pub fn stream_key(conn: ConnKey, stream: u32) -> StreamKey {
+    StreamKey {
+        conn,
+        stream,
+        _pad: 0,
     }
 }

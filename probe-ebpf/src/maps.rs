@@ -4,13 +4,14 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf},
 };
 use probe_common::{
     ACCESS_BYTES, ConnKey, ConnState, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PROCESSES,
     DEFAULT_MAX_REQUEST_SERIES, DEFAULT_PID_SLOTS, DISCOVERY_BYTES, DROPPED_ENTRIES, EVENTS_BYTES,
-    ExitInfo, ListenKey, MAX_LISTEN_PORTS, MAX_PORT_STATS, NO_PREALLOC, PENDING_ENTRIES, PendingIo,
-    PortStats, ProcEvent, ProcStats, ReqKey, ReqStats, drop_reason,
+    ExitInfo, ListenKey, MAX_H2_CONNECTIONS, MAX_LISTEN_PORTS, MAX_PORT_STATS, MAX_STREAMS,
+    NO_PREALLOC, PENDING_ENTRIES, PendingIo, PortStats, ProcEvent, ProcStats, ReqKey, ReqStats,
+    Stream, StreamKey, drop_reason, h2::H2,
 };
 
 /// The target set: `TARGETS[pid] != 0` when `pid` is tracked. An array indexed by PID (sized
@@ -81,6 +82,21 @@ pub static LINEAGE: LruHashMap<u32, u32> = LruHashMap::with_max_entries(DEFAULT_
 pub static REQS: PerCpuHashMap<ReqKey, ReqStats> =
     PerCpuHashMap::with_max_entries(DEFAULT_MAX_REQUEST_SERIES, NO_PREALLOC);
 
+/// HTTP/2 connections' frame positions and stream counts, by connection: created at the
+/// connection preface, removed with the connection. Allocated as used (socket-keyed sets).
+#[map]
+pub static H2_CONNS: HashMap<ConnKey, H2> =
+    HashMap::with_max_entries(MAX_H2_CONNECTIONS, NO_PREALLOC);
+
+/// The socket set's HTTP/2 frame walks (`h2_recv`, `h2_send`), tail-called by `sock_recv`
+/// and `sock_send`: a program of their own has its own stack and instruction budget.
+#[map]
+pub static H2_WALK: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+/// HTTP/2 requests waiting for their response headers, by (connection, stream).
+#[map]
+pub static STREAMS: LruHashMap<StreamKey, Stream> = LruHashMap::with_max_entries(MAX_STREAMS, 0);
+
 /// Access-log records; written only when the daemon runs with --access-log.
 #[map]
 pub static ACCESS: RingBuf = RingBuf::with_byte_size(ACCESS_BYTES, 0);
@@ -118,19 +134,21 @@ pub fn count_drop(reason: u32) {
     }
 }
 
-/// This CPU's value for `key` in a per-CPU hash, created (zeroed) on first use; a full map
-/// counts `full` as a drop.
+/// This CPU's value for `key` in a per-CPU hash, created from `zero` on first use; a full
+/// map counts `full` as a drop. `zero` is a static: a value built on the stack for the
+/// insert would take its size of the program's 512 bytes of stack.
 #[inline(always)]
-pub fn per_cpu_entry<K, V: Default>(
+pub fn per_cpu_entry<K, V>(
     map: &PerCpuHashMap<K, V>,
     key: &K,
+    zero: &'static V,
     full: u32,
 ) -> Option<*mut V> {
     if let Some(value) = map.get_ptr_mut(key) {
         return Some(value);
     }
     // EEXIST means another CPU created it first; the lookup below finds it either way.
-    let _ = map.insert(key, V::default(), BPF_NOEXIST as u64);
+    let _ = map.insert(key, zero, BPF_NOEXIST as u64);
     let value = map.get_ptr_mut(key);
     if value.is_none() {
         count_drop(full);
@@ -138,11 +156,14 @@ pub fn per_cpu_entry<K, V: Default>(
     value
 }
 
+static ZERO_PROC_STATS: ProcStats = ProcStats::ZERO;
+
 /// This CPU's counters for `tgid`, created on first use.
 #[inline(always)]
 pub fn stats_mut(tgid: u32) -> Option<&'static mut ProcStats> {
     // SAFETY: per-CPU value, only this CPU writes it while the program runs.
-    per_cpu_entry(&STATS, &tgid, drop_reason::STATS_MAP_FULL).map(|p| unsafe { &mut *p })
+    per_cpu_entry(&STATS, &tgid, &ZERO_PROC_STATS, drop_reason::STATS_MAP_FULL)
+        .map(|p| unsafe { &mut *p })
 }
 
 #[inline(always)]

@@ -24,10 +24,12 @@ use crate::{
 };
 
 /// This CPU's counters of the port, created on first use.
+static ZERO: PortStats = PortStats::ZERO;
+
 #[inline(always)]
 fn port_stats(key: &ListenKey) -> Option<&'static mut PortStats> {
     // SAFETY: per-CPU value, only this CPU writes it while the program runs.
-    per_cpu_entry(&PORT_STATS, key, drop_reason::LISTEN_MAP_FULL).map(|p| unsafe { &mut *p })
+    per_cpu_entry(&PORT_STATS, key, &ZERO, drop_reason::LISTEN_MAP_FULL).map(|p| unsafe { &mut *p })
 }
 
 /// A queued connection's first touch by a worker: how long it waited since its handshake

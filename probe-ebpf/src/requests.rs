@@ -9,7 +9,7 @@ use aya_ebpf::{
 use probe_common::{
     ACCESS_WAKE_BYTES, AccessRecord, ConnState, DURATION_BOUNDS_NS, ReqKey, ReqStats, buf_kind,
     drop_reason,
-    http::{Head, PEEK, STATUS_ABORTED, status_class},
+    http::{Head, PEEK, PROTO_H2, STATUS_ABORTED, status_class},
     transport,
 };
 
@@ -62,10 +62,32 @@ fn labels(tgid: u32, state: &ConnState, status: u8) -> ReqKey {
     }
 }
 
+/// The labels of an HTTP/2 stream of a connection with `flags`.
+#[inline(always)]
+pub fn stream_labels(tgid: u32, flags: u8, method: u8, status: u8) -> ReqKey {
+    ReqKey {
+        tgid,
+        method,
+        status,
+        protocol: PROTO_H2,
+        transport: transport::of(flags),
+    }
+}
+
+/// An HTTP/2 stream answered after `duration_ns`.
+#[inline(always)]
+pub fn record_stream(key: &ReqKey, duration_ns: u64) {
+    if let Some(stats) = req_stats(key) {
+        observe(stats, duration_ns);
+    }
+}
+
+static ZERO: ReqStats = ReqStats::ZERO;
+
 #[inline(always)]
 fn req_stats(key: &ReqKey) -> Option<&'static mut ReqStats> {
     // SAFETY: per-CPU value, only this CPU writes it while the program runs.
-    per_cpu_entry(&REQS, key, drop_reason::REQUEST_MAP_FULL).map(|p| unsafe { &mut *p })
+    per_cpu_entry(&REQS, key, &ZERO, drop_reason::REQUEST_MAP_FULL).map(|p| unsafe { &mut *p })
 }
 
 /// A request whose response started after `state.duration_ns`.
@@ -97,8 +119,19 @@ pub fn observe(stats: &mut ReqStats, d: u64) {
 /// A request that ended with its connection, before any response.
 #[inline(always)]
 pub fn record_aborted(tgid: u32, state: &ConnState) {
-    if let Some(stats) = req_stats(&labels(tgid, state, STATUS_ABORTED)) {
-        stats.count += 1;
+    record_aborted_n(&labels(tgid, state, STATUS_ABORTED), 1);
+}
+
+/// `n` requests labelled `key` (its status is set here) that ended with their connection,
+/// unanswered.
+#[inline(always)]
+pub fn record_aborted_n(key: &ReqKey, n: u64) {
+    let key = ReqKey {
+        status: STATUS_ABORTED,
+        ..*key
+    };
+    if let Some(stats) = req_stats(&key) {
+        stats.count += n;
     }
 }
 
@@ -117,7 +150,7 @@ pub fn log_access(tgid: u32, state: &ConnState) {
     if !access_log_enabled() {
         return;
     }
-    let record = AccessRecord {
+    log(AccessRecord {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         duration_ns: state.duration_ns,
         rx: state.rx,
@@ -126,7 +159,30 @@ pub fn log_access(tgid: u32, state: &ConnState) {
         status: state.status,
         method: state.method,
         protocol: state.protocol,
-    };
+    });
+}
+
+/// The access-log record of an answered HTTP/2 stream (its bytes are not told apart from
+/// the other streams': 0), when the log is on.
+#[inline(always)]
+pub fn log_stream(tgid: u32, method: u8, status: u16, duration_ns: u64) {
+    if !access_log_enabled() {
+        return;
+    }
+    log(AccessRecord {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        duration_ns,
+        rx: 0,
+        tx: 0,
+        tgid,
+        status,
+        method,
+        protocol: PROTO_H2,
+    });
+}
+
+#[inline(always)]
+fn log(record: AccessRecord) {
     let wake = if ACCESS.query(BPF_RB_AVAIL_DATA as u64) >= ACCESS_WAKE_BYTES {
         BPF_RB_FORCE_WAKEUP
     } else {

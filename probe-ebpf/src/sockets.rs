@@ -14,6 +14,8 @@
 //!   The data's first bytes are found through the syscall's registers, saved at the top of
 //!   the task's kernel stack.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_task, bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_task_pt_regs},
@@ -26,8 +28,8 @@ use probe_common::{
 
 use crate::{
     connections::end_connection,
-    io::transfer,
-    maps::{CONNS, DROPPED, LISTEN_PORTS, STATS, count_drop, is_target, stats_mut},
+    io::{transfer, walk_h2},
+    maps::{CONNS, DROPPED, H2_WALK, LISTEN_PORTS, STATS, count_drop, is_target, stats_mut},
     ports,
     record::{
         ANNOUNCE_LISTEN, NET_INUM_OFFSET, PEEK_REGS, REGS_ARG1_OFFSET, SK_FAMILY_OFFSET,
@@ -71,33 +73,78 @@ fn try_sock_data(ctx: &RawTracePointContext, direction: u32) -> Result<(), i64> 
     let sk: u64 = ctx.arg(0);
     let ret = ctx.arg::<u64>(1) as i32;
     let flags = ctx.arg::<u64>(2) as i32;
-    sock_data(sk, ret, flags, direction, user_buffer);
+    if sock_data::<true>(sk, ret, flags, direction, user_buffer) {
+        // SAFETY: a raw tracepoint program, tail-calling one of its own type with its
+        // context. Without one there (the daemon did not load it), nothing is walked.
+        unsafe { H2_WALK.tail_call(ctx, direction) };
+    }
     Ok(())
+}
+
+// The two frame walks are written out rather than with `#[raw_tracepoint]`: its shim drops
+// the inner function's result, so the compiler may leave anything in R0 where that function
+// returns (here a stack pointer, which the verifier refuses a subprogram to return). Their
+// result, whether they walked, is the program's (the kernel ignores it).
+
+/// An HTTP/2 connection's read, tail-called by `sock_recv` (`H2_WALK[dir::READ]`).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "raw_tp/sock_recv_length")]
+pub fn h2_recv(ctx: *mut c_void) -> u32 {
+    h2_data(ctx, true)
+}
+
+/// An HTTP/2 connection's write, tail-called by `sock_send` (`H2_WALK[dir::WRITE]`).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "raw_tp/sock_send_length")]
+pub fn h2_send(ctx: *mut c_void) -> u32 {
+    h2_data(ctx, false)
+}
+
+/// A subprogram of its own: the verifier explores the walk within a million instructions
+/// that way, not inlined into the program.
+#[inline(never)]
+fn h2_data(ctx: *mut c_void, read: bool) -> u32 {
+    let ctx = RawTracePointContext::new(ctx);
+    let sk: u64 = ctx.arg(0);
+    let ret = ctx.arg::<u64>(1) as i32;
+    if ret <= 0 {
+        return 0;
+    }
+    let (_, tgid, _) = current();
+    u32::from(walk_h2(sk, tgid, read, ret as u64, user_buffer()))
 }
 
 /// `ret` bytes (or an error) moved on socket `sk` by the current process: the data path both
 /// socket-layer hook sets share (the tracepoints here, the fexit programs of `tcp_calls`).
-/// `buffer` finds the data's first bytes when they must be peeked at.
+/// `buffer` finds the data when it must be looked at; `H2`: HTTP/2 frames are walked (the
+/// fentry set's buffer is only the data's first bytes, so it counts h2 by exchanges).
+/// True when the event is an HTTP/2 connection's, whose frames the caller has walked.
 #[inline(always)]
-pub fn sock_data(sk: u64, ret: i32, flags: i32, direction: u32, buffer: impl Fn() -> (u32, u64)) {
+pub fn sock_data<const H2: bool>(
+    sk: u64,
+    ret: i32,
+    flags: i32,
+    direction: u32,
+    buffer: impl Fn() -> (u32, u64),
+) -> bool {
     let (_, tgid, _) = current();
     // Untracked processes leave after one array load.
     if !is_target(tgid) {
-        return;
+        return false;
     }
     // A peek leaves the data to be read again: the real read is the one that counts.
     if direction == dir::READ && flags & MSG_PEEK != 0 {
-        return;
+        return false;
     }
     let Some(state) = take(sk, tgid) else {
-        return;
+        return false;
     };
     // Errors and EOF move no data and do not turn the connection; they are a worker's touch
     // all the same (an accepted connection reset before its first byte was accepted).
     if ret <= 0 {
-        return;
+        return false;
     }
-    transfer(tgid, state, direction, ret as i64, buffer);
+    transfer::<H2>(sk, tgid, state, direction, ret as i64, buffer)
 }
 
 /// The connection of `sk`, served by `tgid` from now on (its first touch or its accept): a
@@ -116,7 +163,7 @@ fn take(sk: u64, tgid: u32) -> Option<&'static mut ConnState> {
     // one thread at a time, so the state is not written concurrently.
     let state = unsafe { &mut *state };
     if state.owner != tgid {
-        serve(state, tgid);
+        serve(sk, state, tgid);
     }
     Some(state)
 }
@@ -125,11 +172,11 @@ fn take(sk: u64, tgid: u32) -> Option<&'static mut ConnState> {
 /// process served (a hand-off over SCM_RIGHTS, fork-per-connection) ends there and starts
 /// here, with whatever turn it was in.
 #[inline(always)]
-fn serve(state: &mut ConnState, tgid: u32) {
+fn serve(sk: u64, state: &mut ConnState, tgid: u32) {
     if state.owner != 0
         && let Some(stats) = stats_mut(state.owner)
     {
-        end_connection(state.owner, stats, state);
+        end_connection(sk, state.owner, stats, state);
         *state = ConnState {
             flags: state.flags & conn_flags::UNIX,
             port: state.port,
@@ -284,7 +331,7 @@ fn ended(sk: u64, new: u64) {
             let _ = CONNS.remove(sk);
             return;
         }
-        serve(state, tgid);
+        serve(sk, state, tgid);
     }
     let state = *state;
     // Two CPUs ending it at once: only the one that removes it counts.
@@ -292,7 +339,7 @@ fn ended(sk: u64, new: u64) {
         return;
     }
     if let Some(stats) = stats_mut(state.owner) {
-        end_connection(state.owner, stats, &state);
+        end_connection(sk, state.owner, stats, &state);
     }
 }
 

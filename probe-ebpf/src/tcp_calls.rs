@@ -50,10 +50,10 @@ fn recv_exit(ctx: &FExitContext, ret: i32) {
     let flags = ctx.arg::<u64>(3) as i32;
     // MSG_TRUNC returns more than it copied: the iterator did not move that far.
     if flags & MSG_TRUNC != 0 {
-        sock_data(sk, ret, flags, dir::READ, || (buf_kind::NONE, 0));
+        let _ = sock_data::<false>(sk, ret, flags, dir::READ, || (buf_kind::NONE, 0));
         return;
     }
-    sock_data(sk, ret, flags, dir::READ, || moved_from(msg, ret));
+    let _ = sock_data::<false>(sk, ret, flags, dir::READ, || moved_from(msg, ret));
 }
 
 /// int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)
@@ -62,7 +62,7 @@ pub fn tcp_send_exit(ctx: FExitContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let msg: u64 = ctx.arg(1);
     let ret = ctx.arg::<u64>(3) as i32;
-    sock_data(sk, ret, 0, dir::WRITE, || moved_from(msg, ret));
+    let _ = sock_data::<false>(sk, ret, 0, dir::WRITE, || moved_from(msg, ret));
     0
 }
 
@@ -77,10 +77,10 @@ pub fn unix_recv_exit(ctx: FExitContext) -> i32 {
     let flags = ctx.arg::<u64>(3) as i32;
     let ret = ctx.arg::<u64>(4) as i32;
     if flags & MSG_TRUNC != 0 {
-        sock_data(sk, ret, flags, dir::READ, || (buf_kind::NONE, 0));
+        let _ = sock_data::<false>(sk, ret, flags, dir::READ, || (buf_kind::NONE, 0));
         return 0;
     }
-    sock_data(sk, ret, flags, dir::READ, || moved_from(msg, ret));
+    let _ = sock_data::<false>(sk, ret, flags, dir::READ, || moved_from(msg, ret));
     0
 }
 
@@ -92,7 +92,7 @@ pub fn unix_send_exit(ctx: FExitContext) -> i32 {
     };
     let msg: u64 = ctx.arg(1);
     let ret = ctx.arg::<u64>(3) as i32;
-    sock_data(sk, ret, 0, dir::WRITE, || moved_from(msg, ret));
+    let _ = sock_data::<false>(sk, ret, 0, dir::WRITE, || moved_from(msg, ret));
     0
 }
 
@@ -112,7 +112,7 @@ fn socket_sk(socket: u64) -> Option<u64> {
 pub fn tcp_sendpage_exit(ctx: FExitContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let ret = ctx.arg::<u64>(5) as i32;
-    sock_data(sk, ret, 0, dir::WRITE, || (buf_kind::NONE, 0));
+    let _ = sock_data::<false>(sk, ret, 0, dir::WRITE, || (buf_kind::NONE, 0));
     0
 }
 

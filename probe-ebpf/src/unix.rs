@@ -93,7 +93,7 @@ pub fn ended(sk: ConnKey, state: &ConnState) -> bool {
         && is_target(state.owner)
         && let Some(stats) = stats_mut(state.owner)
     {
-        end_connection(state.owner, stats, &state);
+        end_connection(sk, state.owner, stats, &state);
     }
     true
 }

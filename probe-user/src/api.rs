@@ -9,7 +9,7 @@ use std::{
 
 use probe_common::{
     DURATION_BOUNDS_NS, ReqStats,
-    http::{STATUS_CLASSES, has_requests, name_of},
+    http::{STATUS_CLASSES, is_request, name_of},
 };
 use serde::Serialize;
 
@@ -161,7 +161,7 @@ fn server(view: &ServerView) -> ApiServer {
     let mut per_pid: BTreeMap<u32, (u64, BTreeMap<&'static str, u64>)> = BTreeMap::new();
     let mut exchanges_total = 0;
     for (key, stats) in &view.requests {
-        if !has_requests(key.protocol) {
+        if !is_request(key.protocol, key.method) {
             exchanges_total += stats.count;
             continue;
         }

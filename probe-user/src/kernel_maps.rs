@@ -13,7 +13,8 @@ use aya::{
 use probe_common::{
     ConnKey, ConnState, ListenKey, PendingIo, PortStats, ProcStats, ReqKey, ReqStats, conn_flags,
     drop_reason,
-    http::{STATUS_ABORTED, has_requests},
+    h2::H2,
+    http::{METHOD_OTHER, PROTO_H2, STATUS_ABORTED, has_requests},
     names, phase, transport,
 };
 
@@ -22,6 +23,7 @@ use crate::probe::{ProbeError, take};
 pub struct KernelMaps {
     targets: Array<MapData, u8>,
     conns: HashMap<MapData, ConnKey, ConnState>,
+    h2_conns: HashMap<MapData, ConnKey, H2>,
     listen_ports: HashMap<MapData, ListenKey, u8>,
     ports: PerCpuHashMap<MapData, ListenKey, PortStats>,
     pending: HashMap<MapData, u64, PendingIo>,
@@ -57,6 +59,7 @@ impl KernelMaps {
         Ok(Self {
             targets: take(ebpf, names::TARGETS)?,
             conns: take(ebpf, names::CONNS)?,
+            h2_conns: take(ebpf, names::H2_CONNS)?,
             listen_ports: take(ebpf, names::LISTEN_PORTS)?,
             ports: take(ebpf, names::PORT_STATS)?,
             pending: take(ebpf, names::PENDING_IO)?,
@@ -179,17 +182,26 @@ impl KernelMaps {
         for (key, state) in held {
             let r = &mut out[index[&state.owner]];
             r.held.push(key);
-            if state.phase == phase::REQUEST && has_requests(state.protocol) {
-                // The kernel closed it with the process: aborted.
+            // The kernel closed it with the process: what it was reading is aborted (the
+            // request of an HTTP/1 turn, the open streams of an h2 connection).
+            let (method, count) = if state.protocol == PROTO_H2 {
+                let open = self.h2_conns.get(&key, 0).map_or(0, |h2| h2.streams.open);
+                (METHOD_OTHER, u64::from(open))
+            } else if state.phase == phase::REQUEST && has_requests(state.protocol) {
+                (state.method, 1)
+            } else {
+                (state.method, 0)
+            };
+            if count > 0 {
                 let labels = ReqKey {
                     tgid: state.owner,
-                    method: state.method,
+                    method,
                     status: STATUS_ABORTED,
                     protocol: state.protocol,
                     transport: transport::of(state.flags),
                 };
                 let aborted = ReqStats {
-                    count: 1,
+                    count,
                     ..Default::default()
                 };
                 r.requests.push((labels, aborted));
@@ -207,6 +219,7 @@ impl KernelMaps {
         }
         for key in &remains.held {
             let _ = self.conns.remove(key);
+            let _ = self.h2_conns.remove(key);
         }
         let _ = self.stats.remove(&pid);
         // Pending-syscall slots of its threads (keyed by pid_tgid) that outlived the process.

@@ -16,8 +16,9 @@ use std::{collections::BTreeMap, fs, mem::size_of, os::fd::AsRawFd as _};
 
 use probe_common::{
     ACCESS_BYTES, ConnKey, ConnState, DISCOVERY_BYTES, DROPPED_ENTRIES, EVENTS_BYTES, ExitInfo,
-    ListenKey, MAX_LISTEN_PORTS, MAX_PORT_STATS, PENDING_ENTRIES, PendingIo, PortStats, ProcStats,
-    ReqKey, ReqStats, drop_reason, names,
+    ListenKey, MAX_H2_CONNECTIONS, MAX_LISTEN_PORTS, MAX_PORT_STATS, MAX_STREAMS, PENDING_ENTRIES,
+    PendingIo, PortStats, ProcStats, ReqKey, ReqStats, Stream, StreamKey, drop_reason, h2::H2,
+    names,
 };
 
 use crate::probe::Limits;
@@ -82,6 +83,22 @@ pub fn bounds(limits: &Limits, pid_slots: u32) -> Vec<MapBound> {
             limits.max_connections,
             size_of::<ConnKey>(),
             size_of::<ConnState>(),
+        ),
+        map(
+            names::H2_CONNS,
+            Kind::Hash,
+            MAX_H2_CONNECTIONS,
+            size_of::<ConnKey>(),
+            size_of::<H2>(),
+        ),
+        // The HTTP/2 frame walks' program array: two program descriptors.
+        map(names::H2_WALK, Kind::Array, 2, 4, 4),
+        map(
+            names::STREAMS,
+            Kind::Hash,
+            MAX_STREAMS,
+            size_of::<StreamKey>(),
+            size_of::<Stream>(),
         ),
         map(
             names::DROPPED,

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use probe_common::{
     DURATION_BOUNDS_NS, ReqStats, drop_reason, event_kind,
-    http::{METHODS, PROTOCOLS, STATUS_CLASSES, has_requests, name_of},
+    http::{METHODS, PROTOCOLS, STATUS_CLASSES, is_request, name_of},
     transport,
 };
 use prometheus::{
@@ -353,7 +353,7 @@ impl Catalog {
             }
             for (key, stats) in &server.requests {
                 let pid = pid_label(key.tgid);
-                if !has_requests(key.protocol) {
+                if !is_request(key.protocol, key.method) {
                     add(
                         &self.exchanges,
                         &[

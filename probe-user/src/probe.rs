@@ -5,10 +5,10 @@ use std::path::Path;
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{MapData, MapError, RingBuf},
-    programs::{FExit as FExitProgram, ProgramError, RawTracePoint, TracePoint},
+    maps::{MapData, MapError, ProgramArray, RingBuf},
+    programs::{FExit as FExitProgram, ProgramError, ProgramFd, RawTracePoint, TracePoint},
 };
-use probe_common::{names, syscall_layout};
+use probe_common::{dir, names, syscall_layout};
 use thiserror::Error;
 
 use crate::{
@@ -631,6 +631,9 @@ pub struct Probe {
     pub skipped: Vec<&'static str>,
     /// BTF names SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (Linux >= 6.15).
     pub listen_overflow_reason: bool,
+    /// The socket set's HTTP/2 frame walks, tail-called from here (held: the kernel empties
+    /// a program array when its last descriptor closes).
+    h2_walk: Option<ProgramArray<MapData>>,
 }
 
 impl Probe {
@@ -737,6 +740,7 @@ impl Probe {
             kernel_btf: None,
             skipped: Vec::new(),
             listen_overflow_reason: socket.is_some_and(|o| o.listen_overflow != u32::MAX),
+            h2_walk: None,
         };
         let set = options.hooks;
         if options.empty_hooks {
@@ -747,6 +751,9 @@ impl Probe {
         }
         for hook in HOOKS.iter().filter(|h| h.wanted(set, task.is_some())) {
             probe.attach(tracefs, hook)?;
+        }
+        if set == HookSet::Socket {
+            probe.h2_walks()?;
         }
         if options.calibration {
             probe.attach(tracefs, &CALIBRATION)?;
@@ -863,7 +870,12 @@ impl Probe {
     /// The program that ends unix connections whose socket is gone, loaded, not attached:
     /// the daemon runs it.
     fn unix_sweep(&mut self) -> Result<UnixSweep, ProbeError> {
-        let name = names::UNIX_SWEEP;
+        Ok(UnixSweep::new(self.load_unattached(names::UNIX_SWEEP)?))
+    }
+
+    /// Loads raw tracepoint program `name` without attaching it: its descriptor, for the
+    /// daemon to run it or for a program array.
+    fn load_unattached(&mut self, name: &'static str) -> Result<ProgramFd, ProbeError> {
         let program_error = |e| ProbeError::Program {
             name,
             source: Box::new(e),
@@ -876,10 +888,30 @@ impl Probe {
             .map_err(program_error)?;
         program.load().map_err(program_error)?;
         let fd = program.fd().map_err(program_error)?;
-        let fd = fd
-            .try_clone()
-            .map_err(|e| program_error(ProgramError::IOError(e)))?;
-        Ok(UnixSweep::new(fd))
+        fd.try_clone()
+            .map_err(|e| program_error(ProgramError::IOError(e)))
+    }
+
+    /// The socket set's HTTP/2 frame walks, loaded, not attached: `sock_recv` and
+    /// `sock_send` tail-call them (`H2_WALK`) for an h2 connection's reads and writes.
+    fn h2_walks(&mut self) -> Result<(), ProbeError> {
+        let walks = [
+            (dir::READ, self.load_unattached("h2_recv")?),
+            (dir::WRITE, self.load_unattached("h2_send")?),
+        ];
+        let name = names::H2_WALK;
+        let mut array: ProgramArray<MapData> = take(&mut self.ebpf, name)?;
+        for (index, fd) in &walks {
+            array
+                .set(*index, fd, 0)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        }
+        self.h2_walk = Some(array);
+        log::info!(
+            "HTTP/2: h2_recv and h2_send loaded, tail-called by sock_recv and sock_send for \
+             h2 connections (streams are requests)"
+        );
+        Ok(())
     }
 
     /// Programs loaded and attached.

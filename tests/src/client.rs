@@ -327,3 +327,69 @@ fn head(method: &str, path: &str, body_len: usize, extra: &str) -> String {
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {body_len}\r\n{extra}\r\n"
     )
 }
+
+/// An HTTP/2 client without TLS (prior knowledge) for servers whose machine has no Python
+/// (the kernel matrix's guests): `streams` GET / requests opened at once on one connection,
+/// with static-table HPACK (`GET`, `http`, `/`) and a literal `:authority`. Returns the
+/// `:status` of each response as its first header field shows it (0x88: 200, ...), in the
+/// order the responses came, once every stream ended.
+pub fn h2c_gets(port: u16, streams: u32) -> std::io::Result<Vec<u16>> {
+    use std::io::{Error, ErrorKind};
+    const STATIC_STATUS: [u16; 7] = [200, 204, 206, 304, 400, 404, 500];
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut sock = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    sock.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    let authority = b"localhost";
+    for i in 0..streams {
+        let mut block = vec![0x82, 0x86, 0x84, 0x41, authority.len() as u8];
+        block.extend_from_slice(authority);
+        // END_STREAM | END_HEADERS
+        out.extend(frame(0x1, 0x5, 2 * i + 1, &block));
+    }
+    sock.write_all(&out)?;
+    let mut statuses = Vec::new();
+    let mut ended = 0;
+    while ended < streams {
+        let mut head = [0u8; 9];
+        sock.read_exact(&mut head)?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        sock.read_exact(&mut payload)?;
+        match kind {
+            // SETTINGS (not an ACK): acknowledge it.
+            0x4 if flags & 0x1 == 0 => sock.write_all(&frame(0x4, 0x1, 0, &[]))?,
+            0x1 => {
+                let first = payload.first().copied().unwrap_or(0);
+                let status = match first {
+                    0x88..=0x8e => STATIC_STATUS[(first - 0x88) as usize],
+                    _ => 0,
+                };
+                statuses.push(status);
+            }
+            // GOAWAY, RST_STREAM
+            0x7 | 0x3 => {
+                return Err(Error::new(
+                    ErrorKind::ConnectionAborted,
+                    format!("frame type {kind} on stream {stream}"),
+                ));
+            }
+            _ => {}
+        }
+        if (kind == 0x0 || kind == 0x1) && flags & 0x1 != 0 && stream % 2 == 1 {
+            ended += 1;
+        }
+    }
+    // GOAWAY (last stream 0, NO_ERROR), then close.
+    sock.write_all(&frame(0x7, 0, 0, &[0; 8]))?;
+    Ok(statuses)
+}

@@ -147,8 +147,7 @@ pub fn gunicorn_uds(workers: u32) -> (Server, PathBuf) {
 /// (stub_status).
 pub fn nginx_to_unix(upstream: &std::path::Path) -> Server {
     let port = free_port();
-    let dir = std::env::temp_dir().join(format!("flyprobe-nginx-{port}"));
-    std::fs::create_dir_all(&dir).expect("nginx dir");
+    let dir = nginx_dir(port);
     let conf = nginx_conf(
         &dir,
         1,
@@ -332,8 +331,8 @@ http {{
 /// `upstream` (the axum server, which is not watched).
 pub fn nginx(upstream: u16) -> Server {
     let port = free_port();
-    let dir = std::env::temp_dir().join(format!("flyprobe-nginx-{port}"));
-    std::fs::create_dir_all(dir.join("static")).expect("nginx dir");
+    let dir = nginx_dir(port);
+    std::fs::create_dir_all(dir.join("static")).expect("nginx static dir");
     std::fs::write(dir.join("static/big.bin"), vec![b'x'; 1 << 20]).expect("static file");
     let d = dir.display();
     let conf = nginx_conf(
@@ -353,6 +352,39 @@ pub fn nginx(upstream: u16) -> Server {
         ),
     );
     start_nginx(dir, port, &conf, 2)
+}
+
+/// nginx (1 worker) speaking HTTP/2 without TLS (prior knowledge, `listen ... http2`) on
+/// its port, with its own counters (stub_status) at `/stub` over HTTP/1.1 on the second
+/// port returned.
+pub fn nginx_h2c() -> (Server, u16) {
+    let port = free_port();
+    let stub = free_port();
+    let dir = nginx_dir(port);
+    let conf = nginx_conf(
+        &dir,
+        1,
+        "keepalive_requests 100000;",
+        &format!(
+            "listen 127.0.0.1:{port} http2;
+    listen 127.0.0.1:{stub};
+    location = / {{ return 200 'ok'; }}
+    location = /echo {{ return 200 'received'; }}
+    location = /error {{ return 500; }}
+    location = /stub {{ stub_status; }}"
+        ),
+    );
+    // Ready once it answers GET / over HTTP/1.1, which the h2 port does not speak.
+    let mut server = start_nginx(dir, stub, &conf, 1);
+    server.port = port;
+    (server, stub)
+}
+
+/// A scratch directory for the nginx on `port`.
+fn nginx_dir(port: u16) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flyprobe-nginx-{port}"));
+    std::fs::create_dir_all(&dir).expect("nginx dir");
+    dir
 }
 
 /// nginx with configuration `conf` written under `dir` (the server's scratch directory),
@@ -535,4 +567,24 @@ fn answers(how: &str, connect: impl Fn() -> std::io::Result<Conn>) {
                 .ok_or(resp.status.to_string())
         },
     );
+}
+
+/// A gRPC server (Python's grpcio: gRPC's C core, its own HTTP/2): tests/apps/grpc_echo.py,
+/// one unary echo method, on a free loopback port.
+pub fn grpc_echo() -> Server {
+    let port = free_port();
+    let guard = Guard::spawn(
+        "grpc",
+        Command::new(python())
+            .args(["grpc_echo.py", "serve", &port.to_string()])
+            .current_dir(apps_dir()),
+    );
+    eventually("the gRPC server to listen", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| ())
+    });
+    Server {
+        guard,
+        port,
+        scratch: None,
+    }
 }

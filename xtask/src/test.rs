@@ -41,6 +41,8 @@ pub fn run_all(args: &TestArgs) -> Result<()> {
         "--test",
         "http_matrix",
         "--test",
+        "http2",
+        "--test",
         "lifecycle",
         "--test",
         "unix_sockets",

@@ -18,7 +18,7 @@ use std::{
 };
 
 use flyprobe_tests::{
-    client::Conn,
+    client::{self, Conn},
     flyprobe::{self, Flyprobe, Metrics},
     servers::{self, Server},
 };
@@ -230,6 +230,43 @@ fn run_set(suite: &mut Suite, set: &str, expected: &str, first: bool) {
         let log = fp.stop();
         Ok(log.lines().last().unwrap_or("").to_string())
     });
+    suite.check(set, "nginx-h2c", || h2c_streams(set, expected));
+}
+
+/// nginx speaking HTTP/2 without TLS, 8 GET streams opened at once on one connection: with
+/// the socket hooks, 8 h2 requests (GET, 2xx) and nothing in flight; with the others, which
+/// do not walk frames, h2 exchanges and no request.
+fn h2c_streams(set: &str, expected: &str) -> Result<String, String> {
+    let (nginx, _) = servers::nginx_h2c();
+    let fp = Flyprobe::start(&["--hooks", set, "--pid-tree", &nginx.pid().to_string()]);
+    let statuses = client::h2c_gets(nginx.port, 8).map_err(|e| format!("h2c: {e}"))?;
+    if statuses != vec![200; 8] {
+        return Err(format!("nginx answered {statuses:?}"));
+    }
+    let of = |extra: &[(&'static str, &'static str)]| {
+        let mut labels = vec![("server", "nginx"), ("protocol", "h2")];
+        labels.extend_from_slice(extra);
+        labels
+    };
+    let m = settle(&fp, "the h2c streams", |m| {
+        let requests = m.total(
+            "server_requests_total",
+            &of(&[("method", "GET"), ("status", "2xx")]),
+        );
+        let all = m.total("server_requests_total", &of(&[]));
+        let exchanges = m.total("server_exchanges_total", &of(&[]));
+        let in_flight = m.total("server_in_flight_requests", &[("server", "nginx")]);
+        let ok = if expected == "socket" {
+            requests == 8 && all == 8 && in_flight == 0
+        } else {
+            all == 0 && exchanges > 0
+        };
+        ok.then_some(())
+    });
+    fp.stop();
+    let requests = m.total("server_requests_total", &of(&[]));
+    let exchanges = m.total("server_exchanges_total", &of(&[]));
+    Ok(format!("{requests} h2 requests, {exchanges} h2 exchanges"))
 }
 
 /// Three keep-alive connections with a known mix of methods and statuses: every count equal
