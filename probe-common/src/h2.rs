@@ -26,6 +26,7 @@ pub const PREFACE_LEN: u32 = 24;
 /// A frame header: length (24 bits), type, flags, stream id (31 bits).
 pub const FRAME_HEADER: u32 = 9;
 const TYPE_HEADERS: u8 = 0x1;
+const TYPE_RST_STREAM: u8 = 0x3;
 const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
 
@@ -72,7 +73,9 @@ impl H2 {
         tx: Direction::ZERO,
         streams: Streams {
             last_stream: 0,
-            open: 0,
+            opened: 0,
+            reset_rx: 0,
+            ended_tx: 0,
         },
         flags: 0,
         _pad: [0; 7],
@@ -106,15 +109,30 @@ pub struct H2 {
     pub _pad: [u8; 7],
 }
 
-/// An HTTP/2 connection's streams.
+/// An HTTP/2 connection's streams. Each counter is written by one direction's walk only
+/// (a server may read and write a connection from two threads at once).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Streams {
     /// The highest stream id the client opened: a HEADERS frame on a stream at or below it
     /// is trailers, not a request.
     pub last_stream: u32,
-    /// Streams opened and not yet answered: in flight, aborted if the connection ends.
-    pub open: u32,
+    /// Streams the client opened (reads).
+    pub opened: u32,
+    /// Open streams the client reset (reads).
+    pub reset_rx: u32,
+    /// Open streams the server answered or reset (writes).
+    pub ended_tx: u32,
+}
+
+impl Streams {
+    /// Streams opened and not yet answered or reset: in flight, aborted if the connection
+    /// ends.
+    pub const fn open(&self) -> u32 {
+        self.opened
+            .saturating_sub(self.reset_rx)
+            .saturating_sub(self.ended_tx)
+    }
 }
 
 /// What the walk needs from around it: the bytes, and where requests go. In the kernel:
@@ -127,6 +145,9 @@ pub trait Frames {
     /// The server sent response headers with the final `status` (0 when not known) on
     /// `stream`: true if that answered an open stream (its first response).
     fn responded(&mut self, stream: u32, status: u16) -> bool;
+    /// `stream` was reset (RST_STREAM, by the client when `read`): true if it was open, and
+    /// is now aborted.
+    fn reset(&mut self, stream: u32, read: bool) -> bool;
     /// Runs [`step`] until it says the event is done, at most [`MAX_STEPS`] times. The
     /// kernel runs them in `bpf_loop`, whose body the verifier checks once.
     #[inline(always)]
@@ -135,7 +156,7 @@ pub trait Frames {
         Self: Sized,
     {
         let mut n = 0;
-        while n < MAX_STEPS && step(w, d, s, self) {
+        while n < STEP_LOOPS && step(w, d, s, self) {
             n += 1;
         }
     }
@@ -144,6 +165,8 @@ pub trait Frames {
 /// Steps of one event's walk: one per frame, per header field looked at, per iovec. An
 /// event that needs more (a 64 KiB read of tiny frames) loses the direction.
 pub const MAX_STEPS: u32 = 8192;
+/// Calls of [`step`] per event: the last one finds the event done.
+pub const STEP_LOOPS: u32 = MAX_STEPS + 1;
 
 /// `ret` bytes were read (`read`) or written on the connection, in the buffer `buf` shaped
 /// as `kind` (`buf_kind`) says. True if this event lost the direction's frames.
@@ -232,8 +255,9 @@ fn start(
             }
         },
         _ => {
-            // No bytes to see (sendfile, io_uring): still in step if they are all inside
-            // the current frame (a DATA frame's payload sent from a file).
+            // No bytes to see (sendfile, io_uring), or not the ones this event moved
+            // (recvmmsg): still in step if they are all inside the current frame (a DATA
+            // frame's payload sent from a file).
             if d.block_stream != 0 {
                 finish(d, s, read, f, None);
             }
@@ -326,10 +350,17 @@ pub fn step(w: &mut Walk, d: &mut Direction, s: &mut Streams, f: &mut impl Frame
     // Client streams have odd ids; a client's HEADERS on a stream it opened before are
     // trailers.
     let opens = w.read && header.stream > s.last_stream;
+    if header.kind == TYPE_RST_STREAM && header.stream & 1 == 1 && f.reset(header.stream, w.read) {
+        if w.read {
+            s.reset_rx += 1;
+        } else {
+            s.ended_tx += 1;
+        }
+    }
     if header.kind == TYPE_HEADERS && header.stream & 1 == 1 && (opens || !w.read) {
         if opens {
             s.last_stream = header.stream;
-            s.open += 1;
+            s.opened += 1;
         }
         d.block_stream = header.stream;
         d.block_len = 0;
@@ -510,7 +541,7 @@ fn finish(d: &mut Direction, s: &mut Streams, read: bool, f: &mut impl Frames, f
     }
     let status = found.unwrap_or(0);
     if !is_interim(status) && f.responded(stream, status) {
-        s.open = s.open.saturating_sub(1);
+        s.ended_tx += 1;
     }
 }
 
@@ -861,6 +892,8 @@ mod tests {
         open: BTreeMap<u32, &'static str>,
         /// Responses: stream -> (method, status).
         responded: BTreeMap<u32, (&'static str, u16)>,
+        /// Streams reset while open: stream -> method.
+        aborted: BTreeMap<u32, &'static str>,
         lost: u32,
     }
 
@@ -890,6 +923,15 @@ mod tests {
                 None => false,
             }
         }
+        fn reset(&mut self, stream: u32, _read: bool) -> bool {
+            match self.open.remove(&stream) {
+                Some(method) => {
+                    self.aborted.insert(stream, method);
+                    true
+                }
+                None => false,
+            }
+        }
     }
 
     impl Server {
@@ -907,10 +949,17 @@ mod tests {
                 let n = segments.max(1);
                 let step = bytes.len().div_ceil(n).max(1);
                 let mut iov = Vec::new();
-                for part in bytes.chunks(step) {
-                    let at = self.place(part);
+                let parts: Vec<&[u8]> = bytes.chunks(step).collect();
+                for (k, part) in parts.iter().enumerate() {
+                    // The last iovec has room to spare, as a read's buffer does: the walk
+                    // must stop at the bytes the call moved.
+                    let mut room = part.to_vec();
+                    if k + 1 == parts.len() {
+                        room.extend_from_slice(&[0xee; 7]);
+                    }
+                    let at = self.place(&room);
                     iov.extend_from_slice(&at.to_le_bytes());
-                    iov.extend_from_slice(&(part.len() as u64).to_le_bytes());
+                    iov.extend_from_slice(&(room.len() as u64).to_le_bytes());
                 }
                 let iov = self.place(&iov);
                 if msghdr {
@@ -1151,13 +1200,13 @@ mod tests {
         ));
         s.read(&first);
         assert_eq!(s.opened, vec![(1, "GET")]);
-        assert_eq!(s.h2.streams.open, 1, "in flight");
+        assert_eq!(s.h2.streams.open(), 1, "in flight");
         let mut reply = headers(1, 0, &status_block(200, 0));
         reply.extend(data(1, 5));
         reply.extend(frame(0x0, END_STREAM, 1, b""));
         s.write(&reply);
         assert_eq!(s.responded.get(&1), Some(&("GET", 200)));
-        assert_eq!((s.h2.streams.open, s.lost), (0, 0));
+        assert_eq!((s.h2.streams.open(), s.lost), (0, 0));
     }
 
     #[test]
@@ -1179,7 +1228,7 @@ mod tests {
             reqs.extend(data(2 * i as u32 + 1, 3));
         }
         s.read(&reqs);
-        assert_eq!(s.h2.streams.open, 4);
+        assert_eq!(s.h2.streams.open(), 4);
         // Client trailers on stream 3 are not a request.
         s.read(&headers(3, END_STREAM, &[0x40 | 58, 0x01, b'x']));
         assert_eq!(s.opened.len(), 4);
@@ -1204,7 +1253,7 @@ mod tests {
                 (7, ("DELETE", 204))
             ]
         );
-        assert_eq!(s.h2.streams.open, 0);
+        assert_eq!(s.h2.streams.open(), 0);
     }
 
     #[test]
@@ -1218,7 +1267,7 @@ mod tests {
         ));
         s.read(&r);
         s.write(&headers(1, 0, &status_block(100, 1)));
-        assert_eq!(s.h2.streams.open, 1);
+        assert_eq!(s.h2.streams.open(), 1);
         s.write(&headers(1, END_STREAM, &status_block(201, 2)));
         assert_eq!(s.responded.get(&1), Some(&("PUT", 201)));
     }
@@ -1310,6 +1359,11 @@ mod tests {
         interim: bool,
         /// The request target's length: a long one is cut by buffer ends.
         path: usize,
+        /// 0: answered; 1: the client resets it before the answer; 2: the server refuses it
+        /// (RST_STREAM instead of an answer).
+        reset: u8,
+        /// The request's HEADERS frame is PADDED (bit 0) and has PRIORITY (bit 1).
+        framing: u8,
     }
 
     fn arb_exchange() -> impl Strategy<Value = Exchange> {
@@ -1324,28 +1378,34 @@ mod tests {
             0..300usize,
             any::<bool>(),
             1..300usize,
+            prop::sample::select(vec![0u8, 0, 0, 1, 2]),
+            0..4u8,
         )
-            .prop_map(|(m, how, order, status, status_how, body, interim, path)| {
-                let method = METHODS[m + 1];
-                let how = match how {
-                    0 if method == "GET" || method == "POST" => MethodField::Indexed,
-                    0 | 1 => MethodField::Literal(0x40, true),
-                    2 => MethodField::Literal(0x00, false),
-                    3 => MethodField::Literal(0x10, true),
-                    4 if method.len() <= 6 => MethodField::LiteralName,
-                    _ => MethodField::Literal(0x40, false),
-                };
-                Exchange {
-                    method,
-                    how,
-                    order,
-                    status,
-                    status_how,
-                    body,
-                    interim,
-                    path,
-                }
-            })
+            .prop_map(
+                |(m, how, order, status, status_how, body, interim, path, reset, framing)| {
+                    let method = METHODS[m + 1];
+                    let how = match how {
+                        0 if method == "GET" || method == "POST" => MethodField::Indexed,
+                        0 | 1 => MethodField::Literal(0x40, true),
+                        2 => MethodField::Literal(0x00, false),
+                        3 => MethodField::Literal(0x10, true),
+                        4 if method.len() <= 6 => MethodField::LiteralName,
+                        _ => MethodField::Literal(0x40, false),
+                    };
+                    Exchange {
+                        method,
+                        how,
+                        order,
+                        status,
+                        status_how,
+                        body,
+                        interim,
+                        path,
+                        reset,
+                        framing,
+                    }
+                },
+            )
     }
 
     /// Random cuts of `bytes` into events, each through 1..=3 iovecs.
@@ -1390,15 +1450,39 @@ mod tests {
                 let id = 2 * i as u32 + 1;
                 let end = if e.body == 0 { END_STREAM } else { 0 };
                 let path = std::format!("/{}", "p".repeat(e.path));
-                client.extend(headers(id, end, &request_block(e.method, e.how, &path, e.order)));
+                let block = request_block(e.method, e.how, &path, e.order);
+                let (mut payload, mut flags) = (Vec::new(), end | END_HEADERS);
+                if e.framing & 1 != 0 {
+                    payload.push(3);
+                    flags |= 0x8;
+                }
+                if e.framing & 2 != 0 {
+                    payload.extend([0, 0, 0, 0, 15]);
+                    flags |= 0x20;
+                }
+                payload.extend(&block);
+                if e.framing & 1 != 0 {
+                    payload.extend([0; 3]);
+                }
+                client.extend(frame(0x1, flags, id, &payload));
                 if e.body > 0 {
                     client.extend(data(id, e.body));
                     client.extend(frame(0x0, END_STREAM, id, b""));
+                }
+                if e.reset == 1 {
+                    client.extend(frame(0x3, 0, id, &[0, 0, 0, 8]));
                 }
             }
             client.extend(window_update(0));
             for (i, e) in exchanges.iter().enumerate().rev() {
                 let id = 2 * i as u32 + 1;
+                if e.reset == 1 {
+                    continue;
+                }
+                if e.reset == 2 {
+                    server.extend(frame(0x3, 0, id, &[0, 0, 0, 7]));
+                    continue;
+                }
                 if e.interim {
                     server.extend(headers(id, 0, &status_block(100, 1)));
                 }
@@ -1410,19 +1494,30 @@ mod tests {
             for (bytes, segments, msghdr) in events(&client, &rcuts) {
                 s.event(true, &bytes, segments, msghdr);
             }
-            prop_assert_eq!(s.h2.streams.open, exchanges.len() as u32);
+            let cancelled = exchanges.iter().filter(|e| e.reset == 1).count() as u32;
+            prop_assert_eq!(s.opened.len(), exchanges.len(), "each stream opened once");
+            prop_assert_eq!(s.h2.streams.open(), exchanges.len() as u32 - cancelled);
             for (bytes, segments, msghdr) in events(&server, &wcuts) {
                 s.event(false, &bytes, segments, msghdr);
             }
             prop_assert_eq!(s.lost, 0);
-            prop_assert_eq!(s.h2.streams.open, 0);
+            prop_assert_eq!(s.h2.streams.open(), 0);
             let want: Vec<_> = exchanges
                 .iter()
                 .enumerate()
+                .filter(|(_, e)| e.reset == 0)
                 .map(|(i, e)| (2 * i as u32 + 1, (e.method, e.status)))
                 .collect();
             let got: Vec<_> = s.responded.iter().map(|(k, v)| (*k, *v)).collect();
             prop_assert_eq!(got, want);
+            let aborted: Vec<_> = exchanges
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.reset != 0)
+                .map(|(i, e)| (2 * i as u32 + 1, e.method))
+                .collect();
+            let got: Vec<_> = s.aborted.iter().map(|(k, v)| (*k, *v)).collect();
+            prop_assert_eq!(got, aborted, "reset streams are aborted with their methods");
         }
 
         /// Whatever the bytes, the walk neither panics nor reads outside them.

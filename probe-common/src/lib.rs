@@ -170,6 +170,9 @@ pub mod buf_kind {
     pub const MSGHDR: u32 = 2;
     /// No user buffer (sendfile).
     pub const NONE: u32 = 3;
+    /// `struct mmsghdr *` (recvmmsg, sendmmsg): peeked at as its first message's msghdr;
+    /// which message an event is cannot be told, so HTTP/2 frames are not walked there.
+    pub const MMSGHDR: u32 = 4;
 }
 
 /// A read or write on a tracked connection, remembered per thread until the syscall returns.
@@ -221,7 +224,8 @@ pub mod x86_64_syscall {
             READ | WRITE | SENDTO | RECVFROM => buf_kind::PLAIN,
             READV | WRITEV => buf_kind::IOVEC,
             // An mmsghdr starts with its msghdr: the first message is the one peeked at.
-            SENDMSG | RECVMSG | RECVMMSG | SENDMMSG => buf_kind::MSGHDR,
+            SENDMSG | RECVMSG => buf_kind::MSGHDR,
+            RECVMMSG | SENDMMSG => buf_kind::MMSGHDR,
             _ => buf_kind::NONE,
         }
     }
@@ -600,7 +604,7 @@ mod pod {
 
 // No implicit padding anywhere: the sizes are the sums of the fields.
 const _: () = assert!(core::mem::size_of::<ConnState>() == 64);
-const _: () = assert!(core::mem::size_of::<h2::H2>() == 80);
+const _: () = assert!(core::mem::size_of::<h2::H2>() == 88);
 const _: () = assert!(core::mem::size_of::<StreamKey>() == 16);
 const _: () = assert!(core::mem::size_of::<Stream>() == 16);
 const _: () = assert!(core::mem::size_of::<ListenKey>() == 8);
@@ -655,8 +659,11 @@ mod tests {
         for nr in [READV, WRITEV] {
             assert_eq!(buffer_kind(nr), buf_kind::IOVEC);
         }
-        for nr in [SENDMSG, RECVMSG, RECVMMSG, SENDMMSG] {
+        for nr in [SENDMSG, RECVMSG] {
             assert_eq!(buffer_kind(nr), buf_kind::MSGHDR);
+        }
+        for nr in [RECVMMSG, SENDMMSG] {
+            assert_eq!(buffer_kind(nr), buf_kind::MMSGHDR);
         }
         // sendfile (40), splice (275), io_uring_enter (426): no user buffer in the registers.
         for nr in [40, 275, 426] {

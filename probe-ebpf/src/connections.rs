@@ -193,7 +193,7 @@ fn end_streams(key: ConnKey, tgid: u32, stats: &mut ProcStats, state: &ConnState
         return;
     };
     let _ = H2_CONNS.remove(key);
-    let mut open = streams.open;
+    let mut open = streams.open();
     let mut stream = streams.last_stream;
     let mut i = 0;
     while i < 8 && open > 0 && stream > 0 {

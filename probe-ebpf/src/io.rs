@@ -26,8 +26,8 @@ use crate::{
     maps::{CONNS, H2_CONNS, PENDING_IO, STREAMS, count_drop, is_target, stats_mut},
     record::{access_log_enabled, current, syscall_arg0, syscall_arg1, syscall_ret},
     requests::{
-        log_access, log_stream, peek, record_completed, record_exchange, record_stream,
-        stream_labels,
+        log_access, log_stream, peek, record_aborted_n, record_completed, record_exchange,
+        record_stream, stream_labels,
     },
 };
 
@@ -202,7 +202,7 @@ pub fn transfer<const WALK_H2: bool>(
         return false;
     }
     // The connection preface: the frames start after it. Inserted from the static, by
-    // reference: a copy on the stack would take 80 of its 512 bytes.
+    // reference: a copy on the stack would take 88 of its 512 bytes.
     #[allow(clippy::needless_borrows_for_generic_args)]
     let inserted = H2_CONNS.insert(key, &FRESH_H2, BPF_ANY as u64);
     if inserted.is_err() {
@@ -350,7 +350,7 @@ impl Frames for Requests {
         // SAFETY: a static callback and a context on this frame, as bpf_loop wants.
         unsafe {
             bpf_loop(
-                h2::MAX_STEPS,
+                h2::STEP_LOOPS,
                 walk_step as *mut c_void,
                 &mut steps as *mut Steps as *mut c_void,
                 0,
@@ -386,6 +386,23 @@ impl Frames for Requests {
         {
             count_drop(drop_reason::STREAM_MAP_FULL);
         }
+    }
+
+    #[inline(always)]
+    fn reset(&mut self, stream: u32, _read: bool) -> bool {
+        let key = stream_key(self.key, stream);
+        // SAFETY: read at once, under RCU.
+        let Some(open) = STREAMS.get_ptr(key).map(|s| unsafe { *s }) else {
+            return false;
+        };
+        // The response's write on another CPU may have taken it first.
+        if STREAMS.remove(key).is_err() {
+            return false;
+        }
+        // SAFETY: this CPU's counters (a per-CPU map value), for this run.
+        unsafe { (*self.stats).aborted += 1 };
+        record_aborted_n(&stream_labels(self.tgid, self.flags, open.method, 0), 1);
+        true
     }
 
     #[inline(always)]

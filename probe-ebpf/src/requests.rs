@@ -28,7 +28,7 @@ pub fn peek(kind: u32, buf: u64, ret: i64) -> Option<(Head, usize)> {
         // struct iovec { void *iov_base; size_t iov_len; }
         buf_kind::IOVEC => first_iovec(buf)?,
         // struct msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
-        buf_kind::MSGHDR => {
+        buf_kind::MSGHDR | buf_kind::MMSGHDR => {
             let iov: u64 = unsafe { bpf_probe_read_user((buf + 16) as *const u64) }.ok()?;
             first_iovec(iov)?
         }

@@ -11,8 +11,8 @@ use aya::{
     programs::ProgramFd,
 };
 use probe_common::{
-    ConnKey, ConnState, ListenKey, PendingIo, PortStats, ProcStats, ReqKey, ReqStats, conn_flags,
-    drop_reason,
+    ConnKey, ConnState, ListenKey, PendingIo, PortStats, ProcStats, ReqKey, ReqStats, Stream,
+    StreamKey, conn_flags, drop_reason,
     h2::H2,
     http::{METHOD_OTHER, PROTO_H2, STATUS_ABORTED, has_requests},
     names, phase, transport,
@@ -24,6 +24,7 @@ pub struct KernelMaps {
     targets: Array<MapData, u8>,
     conns: HashMap<MapData, ConnKey, ConnState>,
     h2_conns: HashMap<MapData, ConnKey, H2>,
+    streams: HashMap<MapData, StreamKey, Stream>,
     listen_ports: HashMap<MapData, ListenKey, u8>,
     ports: PerCpuHashMap<MapData, ListenKey, PortStats>,
     pending: HashMap<MapData, u64, PendingIo>,
@@ -60,6 +61,7 @@ impl KernelMaps {
             targets: take(ebpf, names::TARGETS)?,
             conns: take(ebpf, names::CONNS)?,
             h2_conns: take(ebpf, names::H2_CONNS)?,
+            streams: take(ebpf, names::STREAMS)?,
             listen_ports: take(ebpf, names::LISTEN_PORTS)?,
             ports: take(ebpf, names::PORT_STATS)?,
             pending: take(ebpf, names::PENDING_IO)?,
@@ -185,7 +187,7 @@ impl KernelMaps {
             // The kernel closed it with the process: what it was reading is aborted (the
             // request of an HTTP/1 turn, the open streams of an h2 connection).
             let (method, count) = if state.protocol == PROTO_H2 {
-                let open = self.h2_conns.get(&key, 0).map_or(0, |h2| h2.streams.open);
+                let open = self.h2_conns.get(&key, 0).map_or(0, |h2| h2.streams.open());
                 (METHOD_OTHER, u64::from(open))
             } else if state.phase == phase::REQUEST && has_requests(state.protocol) {
                 (state.method, 1)
@@ -239,7 +241,7 @@ impl KernelMaps {
     /// the maps, so it runs in the 1 s sweep, not at scrape time.
     /// Unix connections whose socket is gone are ended on the way (no kernel event marks
     /// their close).
-    pub fn census(&self) -> Census {
+    pub fn census(&mut self) -> Census {
         let mut queued: BTreeMap<(u32, u16), u64> = BTreeMap::new();
         let mut connections = 0;
         let mut unix = Vec::new();
@@ -265,14 +267,47 @@ impl KernelMaps {
         if unix_ended > 0 {
             log::debug!("{unix_ended} unix connections ended (their sockets are gone)");
         }
+        let (h2_connections, h2_streams) = self.sweep_h2();
         Census {
             entries: vec![
                 ("connections", connections),
                 ("processes", self.stats.keys().count() as u64),
                 ("request_series", self.reqs.keys().count() as u64),
+                ("h2_connections", h2_connections),
+                ("h2_streams", h2_streams),
             ],
             queued,
         }
+    }
+
+    /// Frees HTTP/2 state whose connection is gone, which the kernel could not free with
+    /// it: the walk's entry of a connection ended without a kernel event (a unix socket the
+    /// sweep ended, an exited worker's), and open streams of ended connections beyond the
+    /// newest eight the kernel looks up. Returns what is left: (connections, streams).
+    fn sweep_h2(&mut self) -> (u64, u64) {
+        let conns = &self.conns;
+        let gone: Vec<ConnKey> = self
+            .h2_conns
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| conns.get(key, 0).is_err())
+            .collect();
+        for key in &gone {
+            let _ = self.h2_conns.remove(key);
+        }
+        let h2_conns = &self.h2_conns;
+        let (mut open, mut stale) = (0, Vec::new());
+        for key in self.streams.keys().filter_map(Result::ok) {
+            if h2_conns.get(&key.conn, 0).is_ok() {
+                open += 1;
+            } else {
+                stale.push(key);
+            }
+        }
+        for key in &stale {
+            let _ = self.streams.remove(key);
+        }
+        (self.h2_conns.keys().count() as u64, open)
     }
 
     pub fn drops(&self) -> [u64; drop_reason::COUNT as usize] {

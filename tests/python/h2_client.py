@@ -54,15 +54,32 @@ def run_connection(args, requests):
             conn.send_data(stream, body, end_stream=True)
         open_streams[stream] = method
 
-    if args.abandon:
+    if args.abandon or args.cancel:
         while pending and len(open_streams) < args.window:
             start_next()
         sock.sendall(conn.data_to_send())
-        # Until the server has read them (it answers the SETTINGS), then gone without a word.
-        sock.recv(65536)
-        time.sleep(0.5)
-        sock.close()
-        return collections.Counter(f"{m} abandoned" for m in open_streams.values())
+        # Until the server has read them: it acknowledges the SETTINGS sent before them.
+        acked = False
+        while not acked:
+            data = sock.recv(65536)
+            if not data:
+                raise SystemExit("the server closed the connection")
+            for event in conn.receive_data(data):
+                acked |= isinstance(event, h2.events.SettingsAcknowledged)
+            sock.sendall(conn.data_to_send())
+        time.sleep(0.3)
+        gone = collections.Counter(f"{m} abandoned" for m in open_streams.values())
+        if args.abandon:
+            sock.close()
+            return gone
+        for stream in list(open_streams):
+            conn.reset_stream(stream, error_code=8)
+        sock.sendall(conn.data_to_send())
+        open_streams.clear()
+        pending.extend(tuple(r.split(" ", 1)) for r in args.then)
+        requests = list(requests) + pending
+        done = sum(gone.values())
+        seen += gone
     while done < len(requests):
         while pending and len(open_streams) < args.window:
             start_next()
@@ -71,6 +88,8 @@ def run_connection(args, requests):
         if not data:
             raise SystemExit("the server closed the connection")
         for event in conn.receive_data(data):
+            if getattr(event, "stream_id", None) not in (None, *open_streams):
+                continue  # a stream this client reset
             if isinstance(event, h2.events.ResponseReceived):
                 status = dict(event.headers)[b":status"].decode()
                 seen[f"{open_streams[event.stream_id]} {status}"] += 1
@@ -103,6 +122,13 @@ def main():
         action="store_true",
         help="send the requests, then close each connection without reading a response",
     )
+    parser.add_argument(
+        "--cancel",
+        action="store_true",
+        help="send the requests, reset each stream (RST_STREAM CANCEL) once the server has "
+        "read them, then send the --then requests on the same connection",
+    )
+    parser.add_argument("--then", action="append", default=[])
     args = parser.parse_args()
     requests = [tuple(r.split(" ", 1)) for r in args.request] * args.repeat
     total = collections.Counter()

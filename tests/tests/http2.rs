@@ -3,15 +3,15 @@
 //! from request headers to response headers; many streams multiplexed on one connection;
 //! nothing in flight when idle, nothing aborted by a clean close; streams a client abandons
 //! are aborted. Compared with what the h2 client (Python's `h2`, hypercorn's own library)
-//! saw and, for nginx, with its own stub_status. With the syscall hooks, which do not walk
-//! frames, an h2 connection is read/write exchanges, never requests.
+//! saw and, for nginx, with its own stub_status. With the fentry and syscall hooks, which
+//! do not walk frames, an h2 connection is read/write exchanges, never requests.
 
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use flyprobe_tests::{
     client::Conn,
     eventually,
-    flyprobe::{self, Flyprobe, Metrics},
+    flyprobe::{Flyprobe, Metrics},
     require_root,
     servers::{self, Server},
     workspace,
@@ -76,8 +76,12 @@ fn h2_client(port: u16, requests: &[&str], repeat: u32, connections: u32, extra:
     seen
 }
 
-fn syscall_hooks() -> bool {
-    flyprobe::hooks().as_deref() == Some("syscall")
+/// Whether this flyprobe walks HTTP/2 frames: the socket hooks do; the fentry hooks (where
+/// `auto` finds them) and the syscall hooks count h2 by exchanges.
+fn walks_frames(fp: &Flyprobe) -> bool {
+    fp.scrape()
+        .get("flyprobe_build_info", &[("hooks", "socket")])
+        .is_some()
 }
 
 /// h2 requests of `server` by (method, status class).
@@ -224,7 +228,7 @@ fn multiplexed(server: &Server, label: &str) {
     let fp = Flyprobe::watch(server.pid());
     // 3 connections, 20 rounds of the mix each, 16 streams open at once.
     let seen = h2_client(server.port, &REQUESTS, 20, 3, &["--window", "16"]);
-    if syscall_hooks() {
+    if !walks_frames(&fp) {
         let m = eventually("h2 exchanges", SETTLE, || {
             let m = fp.scrape();
             match m.total("server_connections_closed_total", &[("server", label)]) {
@@ -274,7 +278,7 @@ fn nginx_h2c_streams_match_its_stub_status() {
         seen.requests,
         "nginx served what the client sent"
     );
-    if syscall_hooks() {
+    if !walks_frames(&fp) {
         let m = eventually("the stub reads", SETTLE, || {
             let m = fp.scrape();
             match m.total("server_connections_closed_total", &[("server", "nginx")]) {
@@ -367,7 +371,7 @@ fn streams_a_client_abandons_are_aborted_with_their_methods() {
             n => Err(n),
         }
     });
-    if syscall_hooks() {
+    if !walks_frames(&fp) {
         assert_exchanges_only(&m, label);
         fp.stop();
         return;
@@ -401,7 +405,7 @@ fn the_guests_h2c_client_counts_eight_streams_on_one_connection() {
     let statuses = flyprobe_tests::client::h2c_gets(server.port, 8).expect("h2c");
     assert_eq!(statuses, vec![200; 8]);
     let of = [("server", "nginx"), ("protocol", "h2")];
-    let want = if syscall_hooks() { 0 } else { 8 };
+    let want = if !walks_frames(&fp) { 0 } else { 8 };
     let m = eventually("the connection closed", SETTLE, || {
         let m = fp.scrape();
         match m.total("server_connections_closed_total", &[("server", "nginx")]) {
@@ -442,7 +446,7 @@ fn grpc_calls_are_post_requests() {
         (Some(270), Some(30))
     );
     let label = "python";
-    if syscall_hooks() {
+    if !walks_frames(&fp) {
         let m = eventually("h2 exchanges", SETTLE, || {
             let m = fp.scrape();
             match m.total(
@@ -472,9 +476,19 @@ fn grpc_calls_are_post_requests() {
         }
     });
     assert_eq!(
-        m.total("server_in_flight_requests", &[("server", label)]),
-        0,
-        "{}",
+        (
+            m.total("server_in_flight_requests", &[("server", label)]),
+            m.total(
+                "server_requests_total",
+                &[("server", label), ("status", "aborted")]
+            ),
+            m.total(
+                "flyprobe_dropped_events_total",
+                &[("reason", "h2_frames_lost")]
+            ),
+        ),
+        (0, 0, 0),
+        "nothing in flight, aborted or lost\n{}",
         m.text
     );
     assert_eq!(
@@ -483,6 +497,60 @@ fn grpc_calls_are_post_requests() {
             &[("server", label)]
         ),
         300
+    );
+    fp.stop();
+}
+
+#[test]
+fn streams_the_client_cancels_are_aborted_and_leave_nothing_in_flight() {
+    require_root();
+    let server = servers::hypercorn(1);
+    let fp = Flyprobe::watch(server.pid());
+    // Four slow requests cancelled with RST_STREAM on a connection that stays open, then
+    // two answered ones on it.
+    let seen = h2_client(
+        server.port,
+        &[
+            "GET /slow?ms=3000",
+            "GET /slow?ms=3000",
+            "POST /slow?ms=3000",
+            "GET /slow?ms=3000",
+        ],
+        1,
+        1,
+        &["--cancel", "--then", "GET /", "--then", "POST /echo"],
+    );
+    assert_eq!(seen.requests, 6, "{seen:?}");
+    let label = "hypercorn";
+    let m = eventually("the connection closed", SETTLE, || {
+        let m = fp.scrape();
+        match m.total("server_connections_closed_total", &[("server", label)]) {
+            1 => Ok(m),
+            n => Err(n),
+        }
+    });
+    if !walks_frames(&fp) {
+        assert_exchanges_only(&m, label);
+        fp.stop();
+        return;
+    }
+    let count = |method: &str, status: &str| {
+        m.total(
+            "server_requests_total",
+            &[("server", label), ("method", method), ("status", status)],
+        )
+    };
+    assert_eq!(
+        (
+            count("GET", "aborted"),
+            count("POST", "aborted"),
+            count("GET", "2xx"),
+            count("POST", "2xx"),
+            m.total("server_in_flight_requests", &[("server", label)]),
+        ),
+        (3, 1, 1, 1, 0),
+        "cancelled streams aborted with their methods, the others answered\n{}",
+        m.text
     );
     fp.stop();
 }
