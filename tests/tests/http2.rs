@@ -344,27 +344,24 @@ fn stub_requests(port: u16) -> u64 {
         .unwrap_or_else(|| panic!("unexpected stub_status: {text}"))
 }
 
-#[test]
-fn streams_a_client_abandons_are_aborted_with_their_methods() {
-    require_root();
+/// Four slow streams (GET, GET, POST, GET) on one hypercorn connection that the client
+/// ends early as `how` says (h2_client.py's options): each is aborted with its method;
+/// `answered` requests follow on the same connection. Nothing is in flight after.
+fn slow_streams_ended_early(how: &[&str], answered: (u64, u64)) {
     let server = servers::hypercorn(1);
     let fp = Flyprobe::watch(server.pid());
-    // Three slow requests and a POST, sent at once; the client leaves before any answer.
-    let seen = h2_client(
-        server.port,
-        &[
-            "GET /slow?ms=3000",
-            "GET /slow?ms=3000",
-            "GET /slow?ms=3000",
-            "POST /slow?ms=3000",
-        ],
-        1,
-        1,
-        &["--abandon", "--window", "10"],
-    );
-    assert_eq!(seen.requests, 4);
+    let slow = "/slow?ms=3000";
+    let requests = [
+        format!("GET {slow}"),
+        format!("GET {slow}"),
+        format!("POST {slow}"),
+        format!("GET {slow}"),
+    ];
+    let requests: Vec<&str> = requests.iter().map(String::as_str).collect();
+    let seen = h2_client(server.port, &requests, 1, 1, how);
+    assert_eq!(seen.requests, 4 + answered.0 + answered.1, "{seen:?}");
     let label = "hypercorn";
-    let m = eventually("the abandoned connection closed", SETTLE, || {
+    let m = eventually("the connection closed", SETTLE, || {
         let m = fp.scrape();
         match m.total("server_connections_closed_total", &[("server", label)]) {
             1 => Ok(m),
@@ -376,23 +373,42 @@ fn streams_a_client_abandons_are_aborted_with_their_methods() {
         fp.stop();
         return;
     }
-    let aborted = |method: &str| {
+    let count = |method: &str, status: &str| {
         m.total(
             "server_requests_total",
-            &[("server", label), ("method", method), ("status", "aborted")],
+            &[("server", label), ("method", method), ("status", status)],
         )
     };
     assert_eq!(
         (
-            aborted("GET"),
-            aborted("POST"),
-            m.total("server_in_flight_requests", &[("server", label)])
+            count("GET", "aborted"),
+            count("POST", "aborted"),
+            count("GET", "2xx"),
+            count("POST", "2xx"),
+            m.total("server_in_flight_requests", &[("server", label)]),
         ),
-        (3, 1, 0),
-        "each abandoned stream aborted, with its method\n{}",
+        (3, 1, answered.0, answered.1, 0),
+        "each stream ended early aborted with its method, the others answered\n{}",
         m.text
     );
     fp.stop();
+}
+
+#[test]
+fn streams_a_client_abandons_are_aborted_with_their_methods() {
+    require_root();
+    // Sent at once; the client leaves before any answer.
+    slow_streams_ended_early(&["--abandon", "--window", "10"], (0, 0));
+}
+
+#[test]
+fn streams_the_client_cancels_are_aborted_and_leave_nothing_in_flight() {
+    require_root();
+    // Cancelled with RST_STREAM on a connection that stays open, then two answered ones.
+    slow_streams_ended_early(
+        &["--cancel", "--then", "GET /", "--then", "POST /echo"],
+        (1, 1),
+    );
 }
 
 /// The kernel matrix's guests have no Python: they check HTTP/2 with the workspace's own
@@ -497,60 +513,6 @@ fn grpc_calls_are_post_requests() {
             &[("server", label)]
         ),
         300
-    );
-    fp.stop();
-}
-
-#[test]
-fn streams_the_client_cancels_are_aborted_and_leave_nothing_in_flight() {
-    require_root();
-    let server = servers::hypercorn(1);
-    let fp = Flyprobe::watch(server.pid());
-    // Four slow requests cancelled with RST_STREAM on a connection that stays open, then
-    // two answered ones on it.
-    let seen = h2_client(
-        server.port,
-        &[
-            "GET /slow?ms=3000",
-            "GET /slow?ms=3000",
-            "POST /slow?ms=3000",
-            "GET /slow?ms=3000",
-        ],
-        1,
-        1,
-        &["--cancel", "--then", "GET /", "--then", "POST /echo"],
-    );
-    assert_eq!(seen.requests, 6, "{seen:?}");
-    let label = "hypercorn";
-    let m = eventually("the connection closed", SETTLE, || {
-        let m = fp.scrape();
-        match m.total("server_connections_closed_total", &[("server", label)]) {
-            1 => Ok(m),
-            n => Err(n),
-        }
-    });
-    if !walks_frames(&fp) {
-        assert_exchanges_only(&m, label);
-        fp.stop();
-        return;
-    }
-    let count = |method: &str, status: &str| {
-        m.total(
-            "server_requests_total",
-            &[("server", label), ("method", method), ("status", status)],
-        )
-    };
-    assert_eq!(
-        (
-            count("GET", "aborted"),
-            count("POST", "aborted"),
-            count("GET", "2xx"),
-            count("POST", "2xx"),
-            m.total("server_in_flight_requests", &[("server", label)]),
-        ),
-        (3, 1, 1, 1, 0),
-        "cancelled streams aborted with their methods, the others answered\n{}",
-        m.text
     );
     fp.stop();
 }
