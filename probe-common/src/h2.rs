@@ -145,9 +145,9 @@ pub trait Frames {
     /// The server sent response headers with the final `status` (0 when not known) on
     /// `stream`: true if that answered an open stream (its first response).
     fn responded(&mut self, stream: u32, status: u16) -> bool;
-    /// `stream` was reset (RST_STREAM, by the client when `read`): true if it was open, and
-    /// is now aborted.
-    fn reset(&mut self, stream: u32, read: bool) -> bool;
+    /// `stream` was reset (RST_STREAM, by either side): true if it was open, and is now
+    /// aborted.
+    fn reset(&mut self, stream: u32) -> bool;
     /// Runs [`step`] until it says the event is done, at most [`MAX_STEPS`] times. The
     /// kernel runs them in `bpf_loop`, whose body the verifier checks once.
     #[inline(always)]
@@ -350,7 +350,7 @@ pub fn step(w: &mut Walk, d: &mut Direction, s: &mut Streams, f: &mut impl Frame
     // Client streams have odd ids; a client's HEADERS on a stream it opened before are
     // trailers.
     let opens = w.read && header.stream > s.last_stream;
-    if header.kind == TYPE_RST_STREAM && header.stream & 1 == 1 && f.reset(header.stream, w.read) {
+    if header.kind == TYPE_RST_STREAM && header.stream & 1 == 1 && f.reset(header.stream) {
         if w.read {
             s.reset_rx += 1;
         } else {
@@ -923,7 +923,7 @@ mod tests {
                 None => false,
             }
         }
-        fn reset(&mut self, stream: u32, _read: bool) -> bool {
+        fn reset(&mut self, stream: u32) -> bool {
             match self.open.remove(&stream) {
                 Some(method) => {
                     self.aborted.insert(stream, method);

@@ -40,7 +40,7 @@ pub const fn has_requests(protocol: u8) -> bool {
 
 /// Whether a counted series (`ReqKey`) is requests rather than exchanges: HTTP/2 streams
 /// have a method (`OTHER` at least); an h2 connection whose frames are not walked (the
-/// syscall hook set) is counted by exchanges, without one.
+/// fentry and syscall hook sets) is counted by exchanges, without one.
 #[inline(always)]
 pub const fn is_request(protocol: u8, method: u8) -> bool {
     has_requests(protocol) || (protocol == PROTO_H2 && method != METHOD_NONE)

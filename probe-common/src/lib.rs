@@ -573,8 +573,8 @@ pub const DEFAULT_MAX_REQUEST_SERIES: u32 = 8_192;
 pub const DROPPED_ENTRIES: u32 = 4_096;
 /// Listening ports of watched processes (per network namespace).
 pub const MAX_LISTEN_PORTS: u32 = 4_096;
-/// HTTP/2 connections open at once, node-wide (their frame positions, 64 bytes each,
-/// allocated as they come).
+/// HTTP/2 connections open at once, node-wide (their frame positions, `h2::H2`, allocated
+/// as they come).
 pub const MAX_H2_CONNECTIONS: u32 = 16_384;
 /// HTTP/2 streams waiting for their response headers, node-wide (an LRU map: the streams a
 /// connection left open when it ended are forgotten first).

@@ -16,14 +16,14 @@ use probe_common::{
 };
 
 use crate::{
-    io::stream_key,
-    maps::{CONNS, H2_CONNS, PENDING_ACCEPT, STREAMS, count_drop, is_target, stats_mut},
+    io::{abort_streams, take_stream},
+    maps::{CONNS, H2_CONNS, PENDING_ACCEPT, count_drop, is_target, stats_mut},
     record::{
         FDT_FD_OFFSET, FILE_PRIVATE_DATA_OFFSET, FILES_FDT_OFFSET, SK_FAMILY_OFFSET,
         SOCKET_SK_OFFSET, TASK_FILES_OFFSET, current, kernel_at, syscall_arg0, syscall_arg1,
         syscall_ret,
     },
-    requests::{log_access, record_aborted, record_aborted_n, stream_labels},
+    requests::{log_access, record_aborted},
 };
 
 const AF_UNIX: u16 = 1;
@@ -197,23 +197,14 @@ fn end_streams(key: ConnKey, tgid: u32, stats: &mut ProcStats, state: &ConnState
     let mut stream = streams.last_stream;
     let mut i = 0;
     while i < 8 && open > 0 && stream > 0 {
-        let sk = stream_key(key, stream);
-        // SAFETY: read at once, under RCU.
-        if let Some(s) = STREAMS.get_ptr(sk).map(|p| unsafe { *p })
-            && STREAMS.remove(sk).is_ok()
-        {
+        if let Some(s) = take_stream(key, stream) {
             open -= 1;
-            stats.aborted += 1;
-            record_aborted_n(&stream_labels(tgid, state.flags, s.method, 0), 1);
+            abort_streams(tgid, state.flags, s.method, 1, stats);
         }
         stream = stream.saturating_sub(2);
         i += 1;
     }
     if open > 0 {
-        stats.aborted += open as u64;
-        record_aborted_n(
-            &stream_labels(tgid, state.flags, METHOD_OTHER, 0),
-            open as u64,
-        );
+        abort_streams(tgid, state.flags, METHOD_OTHER, open as u64, stats);
     }
 }

@@ -389,32 +389,22 @@ impl Frames for Requests {
     }
 
     #[inline(always)]
-    fn reset(&mut self, stream: u32, _read: bool) -> bool {
-        let key = stream_key(self.key, stream);
-        // SAFETY: read at once, under RCU.
-        let Some(open) = STREAMS.get_ptr(key).map(|s| unsafe { *s }) else {
+    fn reset(&mut self, stream: u32) -> bool {
+        let Some(open) = take_stream(self.key, stream) else {
             return false;
         };
-        // The response's write on another CPU may have taken it first.
-        if STREAMS.remove(key).is_err() {
-            return false;
-        }
         // SAFETY: this CPU's counters (a per-CPU map value), for this run.
-        unsafe { (*self.stats).aborted += 1 };
-        record_aborted_n(&stream_labels(self.tgid, self.flags, open.method, 0), 1);
+        abort_streams(self.tgid, self.flags, open.method, 1, unsafe {
+            &mut *self.stats
+        });
         true
     }
 
     #[inline(always)]
     fn responded(&mut self, stream: u32, status: u16) -> bool {
-        let key = stream_key(self.key, stream);
-        // SAFETY: read at once, under RCU.
-        let Some(open) = STREAMS.get_ptr(key).map(|s| unsafe { *s }) else {
+        let Some(open) = take_stream(self.key, stream) else {
             return false;
         };
-        if STREAMS.remove(key).is_err() {
-            return false;
-        }
         // SAFETY: this CPU's counters (a per-CPU map value), for this run.
         unsafe { (*self.stats).responses += 1 };
         let duration = unsafe { bpf_ktime_get_ns() }.saturating_sub(open.start_ns);
@@ -426,10 +416,29 @@ impl Frames for Requests {
 }
 
 #[inline(always)]
-pub fn stream_key(conn: ConnKey, stream: u32) -> StreamKey {
+fn stream_key(conn: ConnKey, stream: u32) -> StreamKey {
     StreamKey {
         conn,
         stream,
         _pad: 0,
     }
+}
+
+/// The open stream `stream` of connection `conn`, taken out of `STREAMS`; None when it is
+/// not open (answered, reset, never seen) or another CPU took it first.
+#[inline(always)]
+pub fn take_stream(conn: ConnKey, stream: u32) -> Option<Stream> {
+    let key = stream_key(conn, stream);
+    // SAFETY: read at once, under RCU.
+    let open = STREAMS.get_ptr(key).map(|s| unsafe { *s })?;
+    STREAMS.remove(key).ok()?;
+    Some(open)
+}
+
+/// `n` HTTP/2 streams of `method` that ended unanswered (reset, or open when their
+/// connection ended), for process `tgid` whose counters are `stats`.
+#[inline(always)]
+pub fn abort_streams(tgid: u32, flags: u8, method: u8, n: u64, stats: &mut ProcStats) {
+    stats.aborted += n;
+    record_aborted_n(&stream_labels(tgid, flags, method, 0), n);
 }

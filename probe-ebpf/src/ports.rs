@@ -23,9 +23,9 @@ use crate::{
     sockets::listen_key,
 };
 
-/// This CPU's counters of the port, created on first use.
 static ZERO: PortStats = PortStats::ZERO;
 
+/// This CPU's counters of the port, created on first use.
 #[inline(always)]
 fn port_stats(key: &ListenKey) -> Option<&'static mut PortStats> {
     // SAFETY: per-CPU value, only this CPU writes it while the program runs.

@@ -285,13 +285,14 @@ impl KernelMaps {
     /// sweep ended, an exited worker's), and open streams of ended connections beyond the
     /// newest eight the kernel looks up. Returns what is left: (connections, streams).
     fn sweep_h2(&mut self) -> (u64, u64) {
-        let conns = &self.conns;
-        let gone: Vec<ConnKey> = self
-            .h2_conns
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|key| conns.get(key, 0).is_err())
-            .collect();
+        let (mut connections, mut gone) = (0, Vec::new());
+        for key in self.h2_conns.keys().filter_map(Result::ok) {
+            if self.conns.get(&key, 0).is_ok() {
+                connections += 1;
+            } else {
+                gone.push(key);
+            }
+        }
         for key in &gone {
             let _ = self.h2_conns.remove(key);
         }
@@ -307,7 +308,7 @@ impl KernelMaps {
         for key in &stale {
             let _ = self.streams.remove(key);
         }
-        (self.h2_conns.keys().count() as u64, open)
+        (connections, open)
     }
 
     pub fn drops(&self) -> [u64; drop_reason::COUNT as usize] {
