@@ -21,7 +21,10 @@ pub const PROTO_HTTP1: u8 = 1;
 pub const PROTO_TLS: u8 = 2;
 pub const PROTO_H2: u8 = 3;
 pub const PROTO_OTHER: u8 = 4;
-pub const PROTOCOLS: [&str; 5] = ["unknown", "http1", "tls", "h2", "other"];
+/// HTTP/1.x over TLS, seen in plaintext through OpenSSL: a label value only (the
+/// connection's state says `PROTO_HTTP1` with `conn_flags::TLS`).
+pub const PROTO_HTTPS: u8 = 5;
+pub const PROTOCOLS: [&str; 6] = ["unknown", "http1", "tls", "h2", "other", "https"];
 
 /// Status classes (`STATUS_CLASSES` names them); 0 when the response's status is not known
 /// (no bytes to look at, or not a status line), `STATUS_ABORTED` for a request that ended
@@ -35,7 +38,18 @@ pub const STATUS_CLASSES: [&str; 7] = ["", "1xx", "2xx", "3xx", "4xx", "5xx", "a
 /// sendfile) is counted by turns as requests.
 #[inline(always)]
 pub const fn has_requests(protocol: u8) -> bool {
-    protocol == PROTO_HTTP1 || protocol == PROTO_UNKNOWN
+    protocol == PROTO_HTTP1 || protocol == PROTO_UNKNOWN || protocol == PROTO_HTTPS
+}
+
+/// The `protocol` label of a connection speaking `protocol` with `conn_flags` `flags`:
+/// HTTP/1.x whose plaintext came through OpenSSL is `https`.
+#[inline(always)]
+pub const fn label_of(protocol: u8, flags: u8) -> u8 {
+    if protocol == PROTO_HTTP1 && flags & crate::conn_flags::TLS != 0 {
+        PROTO_HTTPS
+    } else {
+        protocol
+    }
 }
 
 /// Whether a counted series (`ReqKey`) is requests rather than exchanges: HTTP/2 streams

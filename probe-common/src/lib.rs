@@ -28,6 +28,17 @@ pub mod conn_flags {
     /// A unix-domain stream connection (`transport="unix"`); `ConnState::ino` names its
     /// socket, since no kernel event marks its close.
     pub const UNIX: u8 = 2;
+    /// A TLS connection whose plaintext OpenSSL's uprobes see: its turns are the plaintext's
+    /// (`SSL_read`, `SSL_write`), its socket events count bytes only.
+    pub const TLS: u8 = 4;
+}
+
+/// What `TARGETS[pid]` holds (0: not tracked).
+pub mod target {
+    pub const TRACKED: u8 = 1;
+    /// Tracked, and its libssl has the OpenSSL uprobes (`--tls`): its TLS connections wait
+    /// for their plaintext instead of counting handshake exchanges. Inherited on fork.
+    pub const OPENSSL: u8 = 3;
 }
 
 /// `ReqKey::transport`, the `transport` label.
@@ -264,6 +275,39 @@ pub struct StreamKey {
     pub _pad: u32,
 }
 
+/// A thread's OpenSSL call in progress (`SSL_read[_ex]`, `SSL_write[_ex]`), from its entry
+/// to its return, and the TLS connection the thread last read or wrote: what ties the
+/// plaintext to its connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsCall {
+    /// The `SSL *`.
+    pub ssl: u64,
+    /// The plaintext buffer.
+    pub buf: u64,
+    /// The `_ex` functions' `size_t *` byte count; 0 for `SSL_read`/`SSL_write`.
+    pub len_ptr: u64,
+    /// The TLS connection this call moved bytes on (its socket reads or writes during the
+    /// call: a socket BIO); 0 when none did (served from OpenSSL's buffer, or a memory BIO).
+    pub conn: ConnKey,
+    /// The TLS connection this thread last read or wrote on.
+    pub last: ConnKey,
+    /// Plaintext bytes of the call, for the HTTP/2 walk it tail-calls.
+    pub bytes: u64,
+    /// `dir::*` while the call runs, `dir::NONE` after its return.
+    pub dir: u32,
+    pub _pad: u32,
+}
+
+/// An `SSL *` of a process: the key of the connection it was last seen on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SslKey {
+    pub ssl: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
 /// An HTTP/2 request waiting for its response headers.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -439,7 +483,10 @@ pub mod drop_reason {
     pub const STREAM_MAP_FULL: u32 = 11;
     /// An HTTP/2 connection had no room in `H2_CONNS`: its streams are not counted.
     pub const H2_MAP_FULL: u32 = 12;
-    pub const COUNT: u32 = 13;
+    /// An OpenSSL call's plaintext whose connection was not known (no socket event of a
+    /// TLS connection on its thread yet): not counted.
+    pub const TLS_UNTIED: u32 = 13;
+    pub const COUNT: u32 = 14;
     /// Label values, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
         "connection_map_full",
@@ -455,6 +502,7 @@ pub mod drop_reason {
         "h2_frames_lost",
         "stream_map_full",
         "h2_connection_map_full",
+        "tls_untied",
     ];
 }
 
@@ -478,6 +526,9 @@ pub mod names {
     pub const STREAMS: &str = "STREAMS";
     pub const H2_CONNS: &str = "H2_CONNS";
     pub const H2_WALK: &str = "H2_WALK";
+    pub const TLS_CALLS: &str = "TLS_CALLS";
+    pub const SSL_CONNS: &str = "SSL_CONNS";
+    pub const TLS_H2_WALK: &str = "TLS_H2_WALK";
     /// The program the daemon runs (BPF_PROG_TEST_RUN) to end unix connections whose
     /// socket is gone.
     pub const UNIX_SWEEP: &str = "unix_sweep";
@@ -538,6 +589,11 @@ pub mod syscall_layout {
     pub const ARG0: usize = 16;
     pub const ARG1: usize = 24;
     pub const RET: usize = 16;
+
+    /// Argument `n`: each takes 8 bytes after the first.
+    pub const fn arg(n: usize) -> usize {
+        ARG0 + 8 * n
+    }
 }
 
 /// Slots of the PID-indexed target set: the daemon sizes it to the kernel's pid_max.
@@ -579,6 +635,9 @@ pub const MAX_H2_CONNECTIONS: u32 = 16_384;
 /// HTTP/2 streams waiting for their response headers, node-wide (an LRU map: the streams a
 /// connection left open when it ended are forgotten first).
 pub const MAX_STREAMS: u32 = 16_384;
+/// OpenSSL connections (`SSL *` -> connection) remembered at once, node-wide (LRU; an entry
+/// leaves with `SSL_free`).
+pub const MAX_SSL_CONNS: u32 = 16_384;
 /// Ports with wait and reset counters (`PortStats`, per CPU): a node's watched servers
 /// rarely listen on more.
 pub const MAX_PORT_STATS: u32 = 1_024;
@@ -600,6 +659,8 @@ mod pod {
     unsafe impl aya::Pod for StreamKey {}
     unsafe impl aya::Pod for h2::H2 {}
     unsafe impl aya::Pod for Stream {}
+    unsafe impl aya::Pod for TlsCall {}
+    unsafe impl aya::Pod for SslKey {}
 }
 
 // No implicit padding anywhere: the sizes are the sums of the fields.

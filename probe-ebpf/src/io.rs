@@ -15,26 +15,37 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use probe_common::{
-    ConnKey, ConnState, PendingIo, ProcStats, Stream, StreamKey, buf_kind, dir, drop_reason,
-    fd_key,
+    ConnKey, ConnState, PendingIo, ProcStats, Stream, StreamKey, buf_kind, conn_flags, dir,
+    drop_reason, fd_key,
     h2::{self, Frames, H2, WINDOW},
-    http::{Head, PROTO_H2, status_class},
+    http::{Head, PROTO_H2, PROTO_TLS, status_class},
     turn::{self, Turns},
 };
 
 use crate::{
-    maps::{CONNS, H2_CONNS, PENDING_IO, STREAMS, count_drop, is_target, stats_mut},
-    record::{access_log_enabled, current, syscall_arg0, syscall_arg1, syscall_ret},
+    maps::{CONNS, H2_CONNS, PENDING_IO, STREAMS, count_drop, is_target, sees_openssl, stats_mut},
+    record::{access_log_enabled, current, syscall_arg, syscall_arg0, syscall_arg1, syscall_ret},
     requests::{
         log_access, log_stream, peek, record_aborted_n, record_completed, record_exchange,
         record_stream, stream_labels,
     },
+    tls,
 };
 
-/// sys_enter_{read,recvfrom}
+/// sys_enter_read
 #[tracepoint]
 pub fn read_enter(ctx: TracePointContext) -> u32 {
     let _ = try_io_enter(&ctx, dir::READ, buf_kind::PLAIN);
+    0
+}
+
+/// sys_enter_recvfrom(fd, buf, size, flags, ...): a peek (nginx looks at a TLS port's first
+/// byte) leaves the data to be read again, and the real read is the one that counts.
+#[tracepoint]
+pub fn recvfrom_enter(ctx: TracePointContext) -> u32 {
+    if syscall_arg(&ctx, 3) as i32 & MSG_PEEK == 0 {
+        let _ = try_io_enter(&ctx, dir::READ, buf_kind::PLAIN);
+    }
     0
 }
 
@@ -45,12 +56,17 @@ pub fn readv_enter(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// sys_enter_recvmsg
+/// sys_enter_recvmsg(fd, msg, flags)
 #[tracepoint]
 pub fn recvmsg_enter(ctx: TracePointContext) -> u32 {
-    let _ = try_io_enter(&ctx, dir::READ, buf_kind::MSGHDR);
+    if syscall_arg(&ctx, 2) as i32 & MSG_PEEK == 0 {
+        let _ = try_io_enter(&ctx, dir::READ, buf_kind::MSGHDR);
+    }
     0
 }
+
+/// recv(2)'s MSG_PEEK.
+const MSG_PEEK: i32 = 2;
 
 /// sys_enter_{write,sendto}
 #[tracepoint]
@@ -179,12 +195,36 @@ pub fn transfer<const WALK_H2: bool>(
     let Some(stats) = stats_mut(tgid) else {
         return false;
     };
-    let read = direction == dir::READ;
-    if read {
+    if direction == dir::READ {
         stats.rx_bytes += ret as u64;
     } else {
         stats.tx_bytes += ret as u64;
     }
+    // TLS: the socket carries ciphertext. Its events tie it to this thread's OpenSSL calls;
+    // once their plaintext is seen (`tls::plaintext`), that moves the turns.
+    if state.protocol == PROTO_TLS || state.flags & conn_flags::TLS != 0 {
+        tls::seen(key);
+        if state.flags & conn_flags::TLS != 0 {
+            return false;
+        }
+    }
+    turn_data::<WALK_H2>(key, tgid, state, stats, direction, ret as u64, buffer)
+}
+
+/// `ret` (> 0) bytes of connection `key`'s data (plaintext, for TLS) moved in `direction`
+/// by `tgid`, whose counters are `stats`: moves the turn, or tells the caller to walk an
+/// HTTP/2 connection's frames (true) where `WALK_H2`.
+#[inline(always)]
+pub fn turn_data<const WALK_H2: bool>(
+    key: ConnKey,
+    tgid: u32,
+    state: &mut ConnState,
+    stats: &'static mut ProcStats,
+    direction: u32,
+    ret: u64,
+    buffer: impl Fn() -> (u32, u64),
+) -> bool {
+    let read = direction == dir::READ;
     // An HTTP/2 connection's frames are walked by a program of their own (`walk_h2`,
     // tail-called by the caller): with the turn, they would need more than the 512 bytes of
     // stack and the instructions the verifier allows one program.
@@ -196,7 +236,7 @@ pub fn transfer<const WALK_H2: bool>(
         stats,
         buffer,
     };
-    turn::on_data(state, read, ret as u64, &mut kernel);
+    turn::on_data(state, read, ret, &mut kernel);
     // Not h2 before the turn: this read began an HTTP/2 connection.
     if !(WALK_H2 && state.protocol == PROTO_H2) {
         return false;
@@ -272,6 +312,10 @@ impl<F: Fn() -> (u32, u64), const WALK_H2: bool> Turns for Kernel<F, WALK_H2> {
 
     #[inline(always)]
     fn exchanged(&mut self, state: &ConnState) {
+        // Where OpenSSL's plaintext will come, a TLS connection's handshake is no exchange.
+        if state.protocol == PROTO_TLS && sees_openssl(self.tgid) {
+            return;
+        }
         record_exchange(self.tgid, state);
     }
 

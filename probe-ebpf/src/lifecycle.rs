@@ -11,7 +11,10 @@ use aya_ebpf::{
 use probe_common::{ExitInfo, drop_reason, event_kind, exit_flags};
 
 use crate::{
-    maps::{EVENTS, EXITS, LINEAGE, PENDING_IO, count_drop, is_target, send_event, set_target},
+    maps::{
+        EVENTS, EXITS, LINEAGE, PENDING_IO, count_drop, is_target, send_event, set_target,
+        target_of,
+    },
     record::{
         TASK_EXIT_CODE_OFFSET, TASK_PID_OFFSET, TASK_TGID_OFFSET, current, fork_child_pid,
         kernel_at, signal_generated, syscall_arg0,
@@ -39,7 +42,8 @@ fn try_process_fork(ctx: &TracePointContext) -> Result<(), i64> {
 /// to the daemon.
 #[inline(always)]
 fn track_child(child: u32, parent: u32) {
-    if !set_target(child, true) {
+    // The parent's slot: a child of a process whose libssl has the uprobes maps it too.
+    if !set_target(child, target_of(parent)) {
         count_drop(drop_reason::TARGET_MAP_FULL);
         return;
     }
@@ -174,7 +178,7 @@ fn exit_current() {
     if !thread_tracked {
         return; // a thread that was there before flyprobe: not in the set
     }
-    set_target(tid, false);
+    set_target(tid, 0);
     let exit = EXITS.get_ptr(tid).map(|p| unsafe { *p });
     if exit.is_some() {
         // A signal aimed at a thread leaves an entry under its id: gone with the thread.

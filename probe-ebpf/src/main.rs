@@ -13,7 +13,8 @@
 //! - `lifecycle`: fork extends the target set in the kernel, exit ends a process;
 //! - `discovery`: exec and listen of untracked processes, for node-wide selectors;
 //! - `unix`: unix-domain stream connections in the socket-keyed sets;
-//! - `ports`: per watched listening port, the wait for a worker and the resets.
+//! - `ports`: per watched listening port, the wait for a worker and the resets;
+//! - `tls`: uprobes on OpenSSL, whose plaintext moves a TLS connection's turns.
 #![no_std]
 #![no_main]
 
@@ -27,6 +28,7 @@ mod record;
 mod requests;
 mod sockets;
 mod tcp_calls;
+mod tls;
 mod unix;
 
 /// Does nothing: `cargo xtask bench` attaches it beside the real programs (hidden flag

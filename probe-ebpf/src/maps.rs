@@ -9,9 +9,9 @@ use aya_ebpf::{
 use probe_common::{
     ACCESS_BYTES, ConnKey, ConnState, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PROCESSES,
     DEFAULT_MAX_REQUEST_SERIES, DEFAULT_PID_SLOTS, DISCOVERY_BYTES, DROPPED_ENTRIES, EVENTS_BYTES,
-    ExitInfo, ListenKey, MAX_H2_CONNECTIONS, MAX_LISTEN_PORTS, MAX_PORT_STATS, MAX_STREAMS,
-    NO_PREALLOC, PENDING_ENTRIES, PendingIo, PortStats, ProcEvent, ProcStats, ReqKey, ReqStats,
-    Stream, StreamKey, drop_reason, h2::H2,
+    ExitInfo, ListenKey, MAX_H2_CONNECTIONS, MAX_LISTEN_PORTS, MAX_PORT_STATS, MAX_SSL_CONNS,
+    MAX_STREAMS, NO_PREALLOC, PENDING_ENTRIES, PendingIo, PortStats, ProcEvent, ProcStats, ReqKey,
+    ReqStats, SslKey, Stream, StreamKey, TlsCall, drop_reason, h2::H2, target,
 };
 
 /// The target set: `TARGETS[pid] != 0` when `pid` is tracked. An array indexed by PID (sized
@@ -97,6 +97,23 @@ pub static H2_WALK: ProgramArray = ProgramArray::with_max_entries(2, 0);
 #[map]
 pub static STREAMS: LruHashMap<StreamKey, Stream> = LruHashMap::with_max_entries(MAX_STREAMS, 0);
 
+/// OpenSSL calls in progress and the TLS connection each thread last moved bytes on, one
+/// slot per thread (key: pid_tgid), reused in place like `PENDING_IO`'s.
+#[map]
+pub static TLS_CALLS: HashMap<u64, TlsCall> = HashMap::with_max_entries(PENDING_ENTRIES, 0);
+
+/// The connection each `SSL *` of a watched process was last seen on: where its calls that
+/// touch no socket (a memory BIO, data already buffered) count. An entry leaves with
+/// `SSL_free`; LRU, since a process may free without the probe (killed, or a library the
+/// daemon attached after its connections began).
+#[map]
+pub static SSL_CONNS: LruHashMap<SslKey, ConnKey> = LruHashMap::with_max_entries(MAX_SSL_CONNS, 0);
+
+/// The HTTP/2 frame walks of plaintext from OpenSSL (`ssl_h2_recv`, `ssl_h2_send`),
+/// tail-called by `ssl_return`: uprobe programs, so not `H2_WALK`'s.
+#[map]
+pub static TLS_H2_WALK: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
 /// Access-log records; written only when the daemon runs with --access-log.
 #[map]
 pub static ACCESS: RingBuf = RingBuf::with_byte_size(ACCESS_BYTES, 0);
@@ -171,15 +188,28 @@ pub fn is_target(pid: u32) -> bool {
     TARGETS.get(pid).is_some_and(|t| *t != 0)
 }
 
-/// Add or remove `pid`; false when it is beyond the array (pid_max was raised after load).
+/// Whether tracked `pid`'s libssl has the OpenSSL uprobes (`target::OPENSSL`).
 #[inline(always)]
-pub fn set_target(pid: u32, tracked: bool) -> bool {
+pub fn sees_openssl(pid: u32) -> bool {
+    TARGETS.get(pid).is_some_and(|t| *t == target::OPENSSL)
+}
+
+/// Set `pid`'s slot to `value` (`target::*`, 0 to remove it); false when it is beyond the
+/// array (pid_max was raised after load).
+#[inline(always)]
+pub fn set_target(pid: u32, value: u8) -> bool {
     match TARGETS.get_ptr_mut(pid) {
         Some(slot) => {
             // SAFETY: one byte per PID; its writers (fork of it, exit of it) do not race.
-            unsafe { *slot = u8::from(tracked) };
+            unsafe { *slot = value };
             true
         }
         None => false,
     }
+}
+
+/// `pid`'s slot (0: not tracked).
+#[inline(always)]
+pub fn target_of(pid: u32) -> u8 {
+    TARGETS.get(pid).copied().unwrap_or(0)
 }

@@ -107,6 +107,12 @@ pub fn syscall_arg1(ctx: &TracePointContext) -> Result<u64, i64> {
     Ok(load(ctx, syscall_layout::ARG1))
 }
 
+/// Argument `n` of a syscall record.
+#[inline(always)]
+pub fn syscall_arg(ctx: &TracePointContext, n: usize) -> u64 {
+    load(ctx, syscall_layout::arg(n))
+}
+
 #[inline(always)]
 pub fn syscall_ret(ctx: &TracePointContext) -> Result<i64, i64> {
     Ok(load::<i64>(ctx, syscall_layout::RET))

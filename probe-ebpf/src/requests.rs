@@ -9,7 +9,7 @@ use aya_ebpf::{
 use probe_common::{
     ACCESS_WAKE_BYTES, AccessRecord, ConnState, DURATION_BOUNDS_NS, ReqKey, ReqStats, buf_kind,
     drop_reason,
-    http::{Head, PEEK, PROTO_H2, STATUS_ABORTED, status_class},
+    http::{Head, PEEK, PROTO_H2, STATUS_ABORTED, label_of, status_class},
     transport,
 };
 
@@ -57,7 +57,7 @@ fn labels(tgid: u32, state: &ConnState, status: u8) -> ReqKey {
         tgid,
         method: state.method,
         status,
-        protocol: state.protocol,
+        protocol: label_of(state.protocol, state.flags),
         transport: transport::of(state.flags),
     }
 }
@@ -158,7 +158,7 @@ pub fn log_access(tgid: u32, state: &ConnState) {
         tgid,
         status: state.status,
         method: state.method,
-        protocol: state.protocol,
+        protocol: label_of(state.protocol, state.flags),
     });
 }
 

@@ -97,6 +97,14 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "SET", default_value_t = Hooks::Auto)]
     pub hooks: Hooks,
 
+    /// See HTTPS requests: uprobes on OpenSSL's SSL_read/SSL_write (in each libssl the
+    /// watched processes map) give a TLS connection's plaintext, counted as HTTP/1.x
+    /// (`protocol="https"`) or HTTP/2 (`h2`). Off by default: each OpenSSL call of every
+    /// process on the node that maps such a libssl then pays a uprobe trap (see the README).
+    /// Keeps CAP_PERFMON, to attach to the libssl of servers found later.
+    #[arg(long)]
+    pub tls: bool,
+
     /// Attach only empty programs on the fentry or socket hooks' events (the benchmark's cost
     /// floor).
     #[arg(long, hide = true)]

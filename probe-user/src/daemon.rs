@@ -14,6 +14,7 @@ use crate::{
     events, http,
     kernel_maps::KernelMaps,
     memory, metrics,
+    openssl::OpenSsl,
     persist::PinDir,
     privileges,
     probe::{HookSet, Limits, Options, Probe, Rings, SocketOffsets, pid_slots},
@@ -71,6 +72,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         exec_events: selectors.wants_exec_events(),
         listen_events: selectors.wants_listen_events(),
         pins: pins.as_ref().map(PinDir::maps).unwrap_or_default(),
+        tls: cli.tls,
     };
     let (probe, mut maps, rings) = attach(&cli, options)?;
     let cpus = memory::possible_cpus();
@@ -142,6 +144,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         overflow_correction: probe.hooks != HookSet::Syscall
             && probe.listen_overflow_reason
             && !probe.skipped.contains(&"packet_dropped"),
+        probe: None,
+        openssl: cli.tls.then(OpenSsl::new),
     };
     if !state.overflow_correction {
         log::info!(
@@ -172,8 +176,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             None => log::info!("pinning maps under {}", pins.dir().display()),
         }
     }
-    state.sweep(); // classify workers before the first scrape
-    let kept = privileges::drop_unneeded().context("giving up capabilities after attaching")?;
+    if cli.tls {
+        log::info!(
+            "TLS: OpenSSL uprobes loaded; attached to each libssl the watched processes map \
+             (HTTPS plaintext is counted as http1 over TLS, protocol=\"https\", or h2)"
+        );
+    }
+    state.probe = Some(probe);
+    state.sweep(); // classify workers before the first scrape (and find their libssl)
+    let kept =
+        privileges::drop_unneeded(cli.tls).context("giving up capabilities after attaching")?;
     let mut kept: Vec<String> = kept.iter().map(ToString::to_string).collect();
     kept.sort();
     log::info!(
@@ -211,7 +223,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         cli.exit_with_target,
     ));
     shared_for_exit.save_ledger();
-    let links = probe.links;
+    let probe = shared_for_exit.take_probe();
+    let links = probe.as_ref().map_or(0, |p| p.links);
     drop(probe);
     if result.is_ok() {
         log::info!("detached {links} tracepoint links; bye");

@@ -15,7 +15,7 @@ use probe_common::{
     StreamKey, conn_flags, drop_reason,
     h2::H2,
     http::{METHOD_OTHER, PROTO_H2, STATUS_ABORTED, has_requests},
-    names, phase, transport,
+    names, phase, target, transport,
 };
 
 use crate::probe::{ProbeError, take};
@@ -75,7 +75,19 @@ impl KernelMaps {
 
     /// Add a process to the kernel's target set.
     pub fn track(&mut self, pid: u32) -> Result<(), MapError> {
-        self.targets.set(pid, 1, 0)
+        self.targets.set(pid, target::TRACKED, 0)
+    }
+
+    /// Mark tracked `pid` as one whose libssl has the OpenSSL uprobes (`--tls`): its TLS
+    /// handshakes are no exchanges. Left alone if it is not tracked (any more).
+    pub fn mark_openssl(&mut self, pid: u32) {
+        if self
+            .targets
+            .get(&pid, 0)
+            .is_ok_and(|t| t == target::TRACKED)
+        {
+            let _ = self.targets.set(pid, target::OPENSSL, 0);
+        }
     }
 
     /// Take a process out of the target set: only for one whose exit the kernel did not see

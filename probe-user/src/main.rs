@@ -15,6 +15,7 @@ mod lifecycle;
 mod memory;
 mod metrics;
 mod openmetrics;
+mod openssl;
 mod persist;
 mod privileges;
 mod probe;

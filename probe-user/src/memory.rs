@@ -16,9 +16,9 @@ use std::{collections::BTreeMap, fs, mem::size_of, os::fd::AsRawFd as _};
 
 use probe_common::{
     ACCESS_BYTES, ConnKey, ConnState, DISCOVERY_BYTES, DROPPED_ENTRIES, EVENTS_BYTES, ExitInfo,
-    ListenKey, MAX_H2_CONNECTIONS, MAX_LISTEN_PORTS, MAX_PORT_STATS, MAX_STREAMS, PENDING_ENTRIES,
-    PendingIo, PortStats, ProcStats, ReqKey, ReqStats, Stream, StreamKey, drop_reason, h2::H2,
-    names,
+    ListenKey, MAX_H2_CONNECTIONS, MAX_LISTEN_PORTS, MAX_PORT_STATS, MAX_SSL_CONNS, MAX_STREAMS,
+    PENDING_ENTRIES, PendingIo, PortStats, ProcStats, ReqKey, ReqStats, SslKey, Stream, StreamKey,
+    TlsCall, drop_reason, h2::H2, names,
 };
 
 use crate::probe::Limits;
@@ -136,6 +136,22 @@ pub fn bounds(limits: &Limits, pid_slots: u32) -> Vec<MapBound> {
             size_of::<PendingIo>(),
         ),
         map(names::PENDING_ACCEPT, Kind::Hash, PENDING_ENTRIES, 8, 8),
+        map(
+            names::TLS_CALLS,
+            Kind::Hash,
+            PENDING_ENTRIES,
+            8,
+            size_of::<TlsCall>(),
+        ),
+        map(
+            names::SSL_CONNS,
+            Kind::Hash,
+            MAX_SSL_CONNS,
+            size_of::<SslKey>(),
+            size_of::<ConnKey>(),
+        ),
+        // The OpenSSL plaintext's HTTP/2 walks: two program descriptors.
+        map(names::TLS_H2_WALK, Kind::Array, 2, 4, 4),
         map(
             names::EXITS,
             Kind::Hash,

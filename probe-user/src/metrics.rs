@@ -66,6 +66,7 @@ struct Catalog {
     started: IntCounterVec,
     stopped: IntCounterVec,
     build_info: IntGaugeVec,
+    tls_libraries: IntGaugeVec,
     dropped: IntCounterVec,
     kernel_events: IntCounterVec,
     map_entries: IntGaugeVec,
@@ -204,6 +205,12 @@ impl Catalog {
                 "flyprobe version and the kernel hook set it attached; always 1.",
                 &["version", "hooks"],
             )?,
+            tls_libraries: gauge(
+                "flyprobe_tls_libraries",
+                "OpenSSL libraries (libssl files) of watched processes with the TLS uprobes \
+                 attached (--tls; absent without it).",
+                &[],
+            )?,
             dropped: counter(
                 "flyprobe_dropped_events_total",
                 "Kernel events flyprobe could not record, by reason.",
@@ -247,7 +254,7 @@ impl Catalog {
         ]
     }
 
-    fn gauges(&self) -> [&IntGaugeVec; 11] {
+    fn gauges(&self) -> [&IntGaugeVec; 12] {
         [
             &self.listen_queue,
             &self.listen_limit,
@@ -260,6 +267,7 @@ impl Catalog {
             &self.up,
             &self.worker_info,
             &self.build_info,
+            &self.tls_libraries,
         ]
     }
 
@@ -281,6 +289,11 @@ impl Catalog {
         self.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), snap.hooks])
             .set(1);
+        if let Some(n) = snap.tls_libraries {
+            self.tls_libraries
+                .with_label_values::<&str>(&[])
+                .set(int(n));
+        }
         for (map, n) in &snap.map_entries {
             self.map_entries.with_label_values(&[*map]).set(int(*n));
         }
@@ -634,6 +647,7 @@ mod tests {
             map_entries: vec![("connections", 3)],
             map_memory: BTreeMap::from([("CONNS".to_string(), 4096)]),
             hooks: "socket",
+            tls_libraries: None,
             events: Vec::new(),
         };
         let text = render(&registry(Fixed(snap)).unwrap()).unwrap();

@@ -30,14 +30,20 @@ pub enum DropError {
     },
 }
 
-/// Reduce the effective, permitted, inheritable and ambient sets to `KEPT` (or less, if we
-/// never had them), and the bounding set too when allowed (CAP_SETPCAP). Irreversible.
-pub fn drop_unneeded() -> Result<HashSet<Capability>, DropError> {
+/// With `--tls`, CAP_PERFMON too: attaching a uprobe (to the libssl of a server found later)
+/// opens a perf event.
+pub const KEPT_FOR_TLS: Capability = Capability::CAP_PERFMON;
+
+/// Reduce the effective, permitted, inheritable and ambient sets to `KEPT` (with `tls`, and
+/// `KEPT_FOR_TLS`; or less, if we never had them), and the bounding set too when allowed
+/// (CAP_SETPCAP). Irreversible.
+pub fn drop_unneeded(tls: bool) -> Result<HashSet<Capability>, DropError> {
     let have = caps::read(None, CapSet::Permitted).map_err(|source| DropError::Set {
         set: CapSet::Permitted,
         source,
     })?;
-    let keep: HashSet<Capability> = KEPT.into_iter().filter(|c| have.contains(c)).collect();
+    let wanted = KEPT.into_iter().chain(tls.then_some(KEPT_FOR_TLS));
+    let keep: HashSet<Capability> = wanted.filter(|c| have.contains(c)).collect();
     let effective = caps::read(None, CapSet::Effective).unwrap_or_default();
     if effective.contains(&Capability::CAP_SETPCAP) {
         for cap in caps::all().difference(&keep) {

@@ -6,7 +6,10 @@ use std::path::Path;
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{MapData, MapError, ProgramArray, RingBuf},
-    programs::{FExit as FExitProgram, ProgramError, ProgramFd, RawTracePoint, TracePoint},
+    programs::{
+        FExit as FExitProgram, ProgramError, ProgramFd, RawTracePoint, TracePoint, UProbe,
+        uprobe::UProbeScope,
+    },
 };
 use probe_common::{dir, names, syscall_layout};
 use thiserror::Error;
@@ -209,7 +212,8 @@ const HOOKS: &[Hook] = &[
     Hook::new("accept_enter", "syscalls", &["sys_enter_accept", "sys_enter_accept4"], Tracepoint, SYSCALL),
     Hook::new("accept_exit", "syscalls", &["sys_exit_accept", "sys_exit_accept4"], Tracepoint, SYSCALL),
     Hook::new("close_enter", "syscalls", &["sys_enter_close"], Tracepoint, SYSCALL),
-    Hook::new("read_enter", "syscalls", &["sys_enter_read", "sys_enter_recvfrom"], Tracepoint, SYSCALL),
+    Hook::new("read_enter", "syscalls", &["sys_enter_read"], Tracepoint, SYSCALL),
+    Hook::new("recvfrom_enter", "syscalls", &["sys_enter_recvfrom"], Tracepoint, SYSCALL),
     Hook::new("readv_enter", "syscalls", &["sys_enter_readv"], Tracepoint, SYSCALL),
     Hook::new("recvmsg_enter", "syscalls", &["sys_enter_recvmsg"], Tracepoint, SYSCALL),
     Hook::new("write_enter", "syscalls", &["sys_enter_write", "sys_enter_sendto"], Tracepoint, SYSCALL),
@@ -227,6 +231,20 @@ const HOOKS: &[Hook] = &[
         Tracepoint,
         SYSCALL,
     ),
+];
+
+/// The OpenSSL uprobes (`--tls`): (program, libssl symbol). `ssl_return` is the uretprobe
+/// of each of the four calls.
+const OPENSSL: [(&str, &str); 9] = [
+    ("ssl_read", "SSL_read"),
+    ("ssl_read_ex", "SSL_read_ex"),
+    ("ssl_write", "SSL_write"),
+    ("ssl_write_ex", "SSL_write_ex"),
+    ("ssl_free", "SSL_free"),
+    ("ssl_return", "SSL_read"),
+    ("ssl_return", "SSL_read_ex"),
+    ("ssl_return", "SSL_write"),
+    ("ssl_return", "SSL_write_ex"),
 ];
 
 #[derive(Debug, Error)]
@@ -306,6 +324,8 @@ pub struct Options {
     pub listen_events: bool,
     /// Maps to pin, reusing what is pinned there already: (map name, path).
     pub pins: Vec<(&'static str, std::path::PathBuf)>,
+    /// Load the OpenSSL uprobes (`--tls`); the daemon attaches them per library.
+    pub tls: bool,
 }
 
 /// Offsets of kernel struct fields the socket-keyed sets read, from the kernel's BTF.
@@ -570,7 +590,7 @@ impl Offsets {
     }
 
     /// The kernel programs read syscall records at the fixed offsets of `syscall_layout` (a
-    /// stable ABI): check that this syscall keeps arg0 and arg1 (or ret) there.
+    /// stable ABI): check that this syscall keeps its arguments (or ret) there.
     fn check(tracefs: &Path, category: &str, name: &str) -> Result<(), ProbeError> {
         if category != "syscalls" {
             return Ok(());
@@ -584,16 +604,17 @@ impl Offsets {
             )]
         } else {
             let args = format.args();
-            let first = args.first().ok_or_else(|| TracefsError::MissingField {
+            // The first is the descriptor every program reads.
+            args.first().ok_or_else(|| TracefsError::MissingField {
                 category: category.into(),
                 name: name.into(),
                 field: "fd".into(),
             })?;
-            let mut checks = vec![(first.0.to_string(), first.1, syscall_layout::ARG0)];
-            if let Some(second) = args.get(1) {
-                checks.push((second.0.to_string(), second.1, syscall_layout::ARG1));
-            }
-            checks
+            // Every argument: the recv family's programs read their flags too.
+            args.iter()
+                .enumerate()
+                .map(|(n, (field, offset))| (field.to_string(), *offset, syscall_layout::arg(n)))
+                .collect()
         };
         for (field, found, expected) in checks {
             if found as usize != expected {
@@ -634,6 +655,8 @@ pub struct Probe {
     /// The socket set's HTTP/2 frame walks, tail-called from here (held: the kernel empties
     /// a program array when its last descriptor closes).
     h2_walk: Option<ProgramArray<MapData>>,
+    /// The OpenSSL plaintext's HTTP/2 walks (`--tls`), held likewise.
+    tls_h2_walk: Option<ProgramArray<MapData>>,
 }
 
 impl Probe {
@@ -741,6 +764,7 @@ impl Probe {
             skipped: Vec::new(),
             listen_overflow_reason: socket.is_some_and(|o| o.listen_overflow != u32::MAX),
             h2_walk: None,
+            tls_h2_walk: None,
         };
         let set = options.hooks;
         if options.empty_hooks {
@@ -754,6 +778,9 @@ impl Probe {
         }
         if set == HookSet::Socket {
             probe.h2_walks()?;
+        }
+        if options.tls {
+            probe.tls_programs()?;
         }
         if options.calibration {
             probe.attach(tracefs, &CALIBRATION)?;
@@ -912,6 +939,86 @@ impl Probe {
              h2 connections (streams are requests)"
         );
         Ok(())
+    }
+
+    /// The OpenSSL uprobes, loaded (attached per library by `attach_openssl`), and the
+    /// HTTP/2 walks their plaintext tail-calls.
+    fn tls_programs(&mut self) -> Result<(), ProbeError> {
+        let mut names: Vec<&'static str> = OPENSSL.iter().map(|(p, _)| *p).collect();
+        names.dedup();
+        for name in names.into_iter().chain(["ssl_h2_recv", "ssl_h2_send"]) {
+            let program = self.uprobe(name)?;
+            program.load().map_err(|e| ProbeError::Program {
+                name,
+                source: Box::new(e),
+            })?;
+            self.programs += 1;
+        }
+        let mut walks = Vec::new();
+        for (index, name) in [(dir::READ, "ssl_h2_recv"), (dir::WRITE, "ssl_h2_send")] {
+            let fd = self
+                .uprobe(name)?
+                .fd()
+                .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
+                .map_err(|e| ProbeError::Program {
+                    name,
+                    source: Box::new(e),
+                })?;
+            walks.push((index, fd));
+        }
+        let name = names::TLS_H2_WALK;
+        let mut array: ProgramArray<MapData> = take(&mut self.ebpf, name)?;
+        for (index, fd) in &walks {
+            array
+                .set(*index, fd, 0)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        }
+        self.tls_h2_walk = Some(array);
+        Ok(())
+    }
+
+    fn uprobe(&mut self, name: &'static str) -> Result<&mut UProbe, ProbeError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(ProbeError::MissingProgram { name })?
+            .try_into()
+            .map_err(|e| ProbeError::Program {
+                name,
+                source: Box::new(e),
+            })
+    }
+
+    /// Attaches the OpenSSL uprobes to `library` (a libssl, as a path this process can
+    /// open), for every process that maps it. The number attached: a symbol the library
+    /// lacks (`SSL_read_ex` before OpenSSL 1.1.1) is skipped; none at all is an error.
+    pub fn attach_openssl(&mut self, library: &Path) -> Result<usize, ProbeError> {
+        let mut attached = 0;
+        let mut first_error = None;
+        for (name, symbol) in OPENSSL {
+            let result = self
+                .uprobe(name)?
+                .attach(symbol, library, UProbeScope::AllProcesses);
+            match result {
+                Ok(_) => {
+                    attached += 1;
+                    self.links += 1;
+                }
+                Err(e) => {
+                    log::debug!(
+                        "{name} not attached to {symbol} in {}: {e}",
+                        library.display()
+                    );
+                    first_error.get_or_insert(ProbeError::Program {
+                        name,
+                        source: Box::new(e),
+                    });
+                }
+            }
+        }
+        match first_error {
+            Some(e) if attached == 0 => Err(e),
+            _ => Ok(attached),
+        }
     }
 
     /// Programs loaded and attached.

@@ -21,6 +21,8 @@ pub struct Snapshot {
     pub map_memory: BTreeMap<String, u64>,
     /// The hook set attached (`socket` or `syscall`).
     pub hooks: &'static str,
+    /// `--tls`: the libssl files with the OpenSSL uprobes attached; None without it.
+    pub tls_libraries: Option<u64>,
     /// Recent worker starts and stops, oldest first.
     pub events: Vec<EventView>,
 }
@@ -114,6 +116,7 @@ pub struct KernelView {
     pub ports: BTreeMap<u32, ServerPorts>,
     pub map_memory: BTreeMap<String, u64>,
     pub hooks: &'static str,
+    pub tls_libraries: Option<u64>,
 }
 
 pub fn build(watched: &Watched, kernel: &KernelView, uptime_now: f64) -> Snapshot {
@@ -146,6 +149,7 @@ pub fn build(watched: &Watched, kernel: &KernelView, uptime_now: f64) -> Snapsho
         map_entries: kernel.map_entries.clone(),
         map_memory: kernel.map_memory.clone(),
         hooks: kernel.hooks,
+        tls_libraries: kernel.tls_libraries,
         events: watched
             .events()
             .iter()

@@ -15,7 +15,9 @@ use crate::{
     kernel_maps::{KernelMaps, Remains},
     lifecycle, memory,
     metrics::SnapshotSource,
+    openssl::OpenSsl,
     persist::PinDir,
+    probe::Probe,
     selectors::Selectors,
     snapshot::{self, KernelView, ServerPorts, Snapshot},
     sock_diag,
@@ -75,6 +77,11 @@ pub struct State {
     /// The kernel counts the handshakes dropped at a full accept queue (`skb:kfree_skb` with
     /// `rx_sk`), which overflows need (the listener's drop counter holds them twice).
     pub overflow_correction: bool,
+    /// The programs and their links: dropped (detached) at shutdown; attached to more
+    /// libraries meanwhile with `--tls`.
+    pub probe: Option<Probe>,
+    /// `--tls`: the libssl files attached.
+    pub openssl: Option<OpenSsl>,
 }
 
 #[derive(Clone)]
@@ -145,6 +152,11 @@ impl Shared {
     /// exited past their grace.
     pub fn sweep(&self) {
         self.lock().sweep();
+    }
+
+    /// The probe, to detach it at shutdown.
+    pub fn take_probe(&self) -> Option<Probe> {
+        self.lock().probe.take()
     }
 
     pub fn all_roots_exited(&self) -> bool {
@@ -292,6 +304,18 @@ impl State {
             .retain(|pid, _| stats.contains_key(pid) && !members.contains_key(pid));
         self.watched.classify(&stats);
         self.seed_listeners();
+        if let (Some(openssl), Some(probe)) = (&mut self.openssl, &mut self.probe) {
+            let live = self
+                .watched
+                .members()
+                .iter()
+                .filter(|(_, m)| m.exited.is_none())
+                .map(|(&pid, _)| pid)
+                .collect();
+            for pid in openssl.sweep(probe, &live) {
+                self.maps.mark_openssl(pid);
+            }
+        }
         self.retire_due(now);
         let folded = self.watched.fold_retired(now, self.retention);
         if folded > 0 {
@@ -461,6 +485,7 @@ impl SnapshotSource for Shared {
             queued: state.queued.clone(),
             map_memory: state.map_memory.clone(),
             hooks: state.hooks,
+            tls_libraries: state.openssl.as_ref().map(|o| o.attached() as u64),
         };
         snapshot::build(&state.watched, &kernel, uptime())
     }

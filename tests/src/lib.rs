@@ -7,6 +7,7 @@ pub mod browser;
 pub mod client;
 pub mod flyprobe;
 pub mod procs;
+pub mod py_clients;
 pub mod servers;
 
 use std::{

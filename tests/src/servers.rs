@@ -588,3 +588,150 @@ pub fn grpc_echo() -> Server {
         scratch: None,
     }
 }
+
+/// A self-signed certificate and its key for `localhost` (made with the `openssl` command,
+/// which `cargo xtask setup` installs), in scratch directory `dir`: (cert, key).
+pub fn self_signed(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).expect("certificate dir");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is not installed: run `cargo xtask setup`");
+    assert!(
+        out.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// A scratch directory with a self-signed certificate, for the TLS server on `port`.
+fn tls_dir(name: &str, port: u16) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("flyprobe-{name}-tls-{port}"));
+    let (cert, key) = self_signed(&dir);
+    (dir, cert, key)
+}
+
+/// Wait until the server answers GET / with 200 over TLS (curl, certificate not verified):
+/// its workers have set up TLS, so they map OpenSSL before flyprobe looks for it.
+fn ready_tls(guard: Guard, port: u16, dir: PathBuf) -> Server {
+    eventually(
+        "the server to answer GET / over TLS",
+        Duration::from_secs(30),
+        || {
+            let out = Command::new("curl")
+                .args(["-sk", "--http1.1", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("https://127.0.0.1:{port}/"))
+                .output()
+                .map_err(|e| format!("curl: {e} (run `cargo xtask setup`)"))?;
+            let code = String::from_utf8_lossy(&out.stdout).to_string();
+            (code == "200").then_some(()).ok_or(code)
+        },
+    );
+    Server {
+        guard,
+        port,
+        scratch: Some(dir),
+    }
+}
+
+/// nginx (2 workers) serving HTTP/1.1 and HTTP/2 over TLS (`listen ... ssl http2`, ALPN)
+/// with a self-signed certificate, and its own counters (stub_status) at `/stub` over plain
+/// HTTP/1.1 on the second port returned.
+pub fn nginx_tls() -> (Server, u16) {
+    let port = free_port();
+    let stub = free_port();
+    let dir = nginx_dir(port);
+    let (cert, key) = self_signed(&dir);
+    let conf = nginx_conf(
+        &dir,
+        2,
+        "keepalive_requests 100000;",
+        &format!(
+            "listen 127.0.0.1:{port} ssl http2;
+    listen 127.0.0.1:{stub};
+    ssl_certificate {};
+    ssl_certificate_key {};
+    location = / {{ return 200 'ok'; }}
+    location = /echo {{ return 200 'received'; }}
+    location = /error {{ return 500; }}
+    location = /stub {{ stub_status; }}",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let mut server = start_nginx(dir, stub, &conf, 2);
+    server.port = port;
+    (server, stub)
+}
+
+/// `uvicorn app:app --workers N --ssl-certfile --ssl-keyfile` (asyncio's TLS: OpenSSL on
+/// memory buffers, the socket read and written apart from it).
+pub fn uvicorn_tls(workers: u32) -> Server {
+    let port = free_port();
+    let (dir, cert, key) = tls_dir("uvicorn", port);
+    let guard = Guard::spawn(
+        "uvicorn",
+        Command::new(python())
+            .args(["-m", "uvicorn", "app:app", "--app-dir"])
+            .arg(apps_dir())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--workers", &workers.to_string(), "--log-level", "warning"])
+            .arg("--ssl-certfile")
+            .arg(&cert)
+            .arg("--ssl-keyfile")
+            .arg(&key),
+    );
+    let server = ready_tls(guard, port, dir);
+    all_forked(&server, workers, "spawn_main");
+    server
+}
+
+/// `gunicorn wsgi_app:app` with sync workers over TLS (`--certfile --keyfile`: Python's
+/// `ssl` on the socket itself, one connection per request).
+pub fn gunicorn_tls(workers: u32) -> Server {
+    let port = free_port();
+    let (dir, cert, key) = tls_dir("gunicorn", port);
+    let guard = Guard::spawn(
+        "gunicorn",
+        Command::new(python())
+            .args(["-m", "gunicorn", "wsgi_app:app", "--chdir"])
+            .arg(apps_dir())
+            .args(["--bind", &format!("127.0.0.1:{port}")])
+            .args(["--workers", &workers.to_string(), "--worker-class", "sync"])
+            .arg("--certfile")
+            .arg(&cert)
+            .arg("--keyfile")
+            .arg(&key)
+            .args(["--graceful-timeout", "5", "--log-level", "warning"]),
+    );
+    let server = ready_tls(guard, port, dir);
+    all_forked(&server, workers, "");
+    server
+}
+
+/// `hypercorn --workers N --certfile --keyfile`: HTTP/1.1 and HTTP/2 (ALPN) over TLS.
+pub fn hypercorn_tls(workers: u32) -> Server {
+    let port = free_port();
+    let (dir, cert, key) = tls_dir("hypercorn", port);
+    let guard = Guard::spawn(
+        "hypercorn",
+        Command::new(python())
+            .args(["-m", "hypercorn", "--workers", &workers.to_string()])
+            .args(["--bind", &format!("127.0.0.1:{port}")])
+            .arg("--certfile")
+            .arg(&cert)
+            .arg("--keyfile")
+            .arg(&key)
+            .arg("app:app")
+            .current_dir(apps_dir()),
+    );
+    ready_tls(guard, port, dir)
+}

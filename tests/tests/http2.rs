@@ -6,12 +6,12 @@
 //! saw and, for nginx, with its own stub_status. With the fentry and syscall hooks, which
 //! do not walk frames, an h2 connection is read/write exchanges, never requests.
 
-use std::{collections::BTreeMap, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use flyprobe_tests::{
-    client::Conn,
     eventually,
     flyprobe::{Flyprobe, Metrics},
+    py_clients::{REQUESTS, assert_streams, h2_client, h2_requests, settled, stub_requests},
     require_root,
     servers::{self, Server},
     workspace,
@@ -19,191 +19,12 @@ use flyprobe_tests::{
 
 const SETTLE: Duration = Duration::from_secs(20);
 
-/// The requests of every connection: GET and POST (static-table methods), PUT and DELETE
-/// (literal methods), with 2xx, 4xx and 5xx answers.
-const REQUESTS: [&str; 6] = [
-    "GET /",
-    "POST /echo",
-    "GET /error",
-    "PUT /",
-    "DELETE /missing",
-    "GET /missing",
-];
-
-/// What the h2 client saw: (method, status class) -> responses.
-#[derive(Debug, Default)]
-struct Seen {
-    by_label: BTreeMap<(String, String), u64>,
-    requests: u64,
-    connections: u64,
-}
-
-/// Runs tests/python/h2_client.py: `requests` `repeat` times on each of `connections`
-/// connections, at most `window` streams open at once.
-fn h2_client(port: u16, requests: &[&str], repeat: u32, connections: u32, extra: &[&str]) -> Seen {
-    let mut cmd = Command::new(servers::python());
-    cmd.arg(workspace().join("tests/python/h2_client.py"))
-        .args(["127.0.0.1", &port.to_string()])
-        .args(["--repeat", &repeat.to_string()])
-        .args(["--connections", &connections.to_string()])
-        .args(extra);
-    for r in requests {
-        cmd.args(["--request", r]);
-    }
-    let out = cmd.output().expect("run the h2 client");
-    assert!(
-        out.status.success(),
-        "h2 client: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("the h2 client's JSON report");
-    let mut seen = Seen {
-        connections: u64::from(connections),
-        ..Seen::default()
-    };
-    for (label, n) in report["seen"].as_object().expect("seen") {
-        let (method, status) = label.split_once(' ').expect("METHOD STATUS");
-        let class = match status.parse::<u16>() {
-            Ok(code) => format!("{}xx", code / 100),
-            Err(_) => status.to_string(),
-        };
-        let n = n.as_u64().expect("a count");
-        *seen.by_label.entry((method.into(), class)).or_default() += n;
-        seen.requests += n;
-    }
-    seen
-}
-
 /// Whether this flyprobe walks HTTP/2 frames: the socket hooks do; the fentry hooks (where
 /// `auto` finds them) and the syscall hooks count h2 by exchanges.
 fn walks_frames(fp: &Flyprobe) -> bool {
     fp.scrape()
         .get("flyprobe_build_info", &[("hooks", "socket")])
         .is_some()
-}
-
-/// h2 requests of `server` by (method, status class).
-fn h2_requests(m: &Metrics, server: &str) -> BTreeMap<(String, String), u64> {
-    let mut out = BTreeMap::new();
-    for (labels, v) in m.series(
-        "server_requests_total",
-        &[("server", server), ("protocol", "h2")],
-    ) {
-        let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
-        *out.entry((get("method"), get("status"))).or_default() += v as u64;
-    }
-    out
-}
-
-/// Waits for `server`'s counts to settle: `requests` h2 requests, every connection closed.
-fn settled(fp: &Flyprobe, server: &str, requests: u64, connections: u64) -> Metrics {
-    eventually(
-        &format!("{server}: {requests} h2 requests on {connections} closed connections"),
-        SETTLE,
-        || {
-            let m = fp.scrape();
-            let of = [("server", server)];
-            let seen = (
-                h2_requests(&m, server).values().sum::<u64>(),
-                m.total("server_connections_closed_total", &of),
-                m.total("server_in_flight_requests", &of),
-            );
-            if seen == (requests, connections, 0) {
-                Ok(m)
-            } else {
-                Err(seen)
-            }
-        },
-    )
-}
-
-/// The server's counts equal the client's: totals and status classes exactly; GET and POST
-/// (static-table methods) exactly; each other method named once per connection and counted
-/// as `OTHER` after that (the client's encoder sends it as a literal the first time, then
-/// as an index into the connection's dynamic table, which cannot be known without the whole
-/// table); every request timed, none aborted.
-fn assert_streams(m: &Metrics, server: &str, seen: &Seen) {
-    let got = h2_requests(m, server);
-    let mut by_class: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
-    for ((method, class), n) in &seen.by_label {
-        by_class.entry(class.as_str()).or_default().0 += n;
-        if method == "GET" || method == "POST" {
-            assert_eq!(
-                got.get(&(method.clone(), class.clone()))
-                    .copied()
-                    .unwrap_or(0),
-                *n,
-                "{server}: {method} {class}\n{got:?}\n{}",
-                m.text
-            );
-        }
-    }
-    for ((_, class), n) in &got {
-        by_class.entry(class.as_str()).or_default().1 += n;
-    }
-    for (class, (want, have)) in &by_class {
-        assert_eq!(want, have, "{server}: {class} responses\n{got:?}");
-    }
-    let other_methods: BTreeMap<&str, u64> = seen
-        .by_label
-        .iter()
-        .filter(|((m, _), _)| m != "GET" && m != "POST")
-        .fold(BTreeMap::new(), |mut acc, ((m, _), n)| {
-            *acc.entry(m.as_str()).or_default() += n;
-            acc
-        });
-    let named = |method: &str| -> u64 {
-        got.iter()
-            .filter(|((m, _), _)| m == method)
-            .map(|(_, n)| n)
-            .sum()
-    };
-    let mut literal = 0;
-    for (method, sent) in &other_methods {
-        let once = seen.connections.min(*sent);
-        assert_eq!(
-            named(method),
-            once,
-            "{server}: {method} named on each connection once\n{got:?}"
-        );
-        literal += sent - once;
-    }
-    assert_eq!(
-        named("OTHER"),
-        literal,
-        "{server}: the rest are OTHER\n{got:?}"
-    );
-    assert_eq!(
-        m.total(
-            "server_request_duration_seconds_count",
-            &[("server", server)]
-        ),
-        seen.requests,
-        "{server}: every stream timed"
-    );
-    assert_eq!(
-        m.total(
-            "server_requests_total",
-            &[("server", server), ("status", "aborted")]
-        ),
-        0,
-        "{server}: a clean close aborts nothing"
-    );
-    let of = [("server", server)];
-    assert_eq!(
-        (
-            m.total("server_connections_accepted_total", &of),
-            m.total("server_active_connections", &of),
-        ),
-        (seen.connections, 0),
-        "{server}: connections"
-    );
-    eprintln!(
-        "{server}: {} streams on {} connections {:?}: exact",
-        seen.requests, seen.connections, seen.by_label
-    );
 }
 
 /// With the syscall hooks: the same traffic is h2 exchanges, no request.
@@ -328,20 +149,6 @@ fn nginx_h2c_streams_match_its_stub_status() {
     let h2_total: u64 = h2_requests(&m, "nginx").values().sum();
     assert_eq!(h2_total, seen.requests);
     fp.stop();
-}
-
-/// nginx's own request count (stub_status), read over HTTP/1.1.
-fn stub_requests(port: u16) -> u64 {
-    let mut conn = Conn::connect(port).expect("connect");
-    let resp = conn.get("/stub").expect("GET /stub");
-    conn.close();
-    let text = String::from_utf8_lossy(&resp.body).to_string();
-    // "Active connections: 1 \nserver accepts handled requests\n 5 5 9 \n..."
-    text.lines()
-        .nth(2)
-        .and_then(|l| l.split_whitespace().nth(2))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected stub_status: {text}"))
 }
 
 /// Four slow streams (GET, GET, POST, GET) on one hypercorn connection that the client

@@ -28,9 +28,10 @@ use server::Server;
 use stats::{Interval, Rng, Verdict};
 
 /// The sections `--only` selects, in the order they run.
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "cpu",
     "cpu-nginx",
+    "cpu-nginx-tls",
     "cpu-axum",
     "cpu-uvicorn",
     "hyper",
@@ -64,7 +65,8 @@ pub struct BenchArgs {
     /// wrk connections for the saturation sections (section 1 uses -t1 -c32, pinned).
     #[arg(long, default_value_t = 64)]
     connections: u32,
-    /// Run only these sections: cpu (= cpu-nginx, cpu-axum, cpu-uvicorn), hyper, nginx,
+    /// Run only these sections: cpu (= cpu-nginx, cpu-nginx-tls, cpu-axum, cpu-uvicorn),
+    /// hyper, nginx,
     /// uvicorn, untracked, hooks, idle, scrape; and soak, which runs only when named here.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,

@@ -42,6 +42,9 @@ pub fn run_all(args: &TestArgs) -> Result<()> {
         "http_matrix",
         "--test",
         "http2",
+        // TLS through OpenSSL runs the same programs on every hook set.
+        "--test",
+        "tls",
         "--test",
         "lifecycle",
         "--test",

@@ -59,17 +59,31 @@ pub enum Variant {
     Socket,
     Syscall,
     Unwatched,
+    /// The socket hooks with the OpenSSL uprobes (`--tls`): the TLS servers only.
+    Tls,
 }
 
 impl Variant {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::None,
         Self::Again,
         Self::Floor,
         Self::Socket,
         Self::Syscall,
         Self::Unwatched,
+        Self::Tls,
     ];
+
+    /// Whether a server of `kind` is measured with this variant: a TLS server with the
+    /// baseline, the control and the socket hooks with and without `--tls`; the others
+    /// with everything but `--tls`.
+    fn applies(self, kind: &Kind) -> bool {
+        if kind.tls {
+            matches!(self, Self::None | Self::Again | Self::Socket | Self::Tls)
+        } else {
+            self != Self::Tls
+        }
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -79,6 +93,7 @@ impl Variant {
             Self::Socket => "socket",
             Self::Syscall => "syscall",
             Self::Unwatched => "unwatched",
+            Self::Tls => "tls",
         }
     }
 
@@ -99,6 +114,10 @@ impl Variant {
                 "`flyprobe --hooks auto --pid-tree IDLE`: flyprobe watching an idle `sleep`, \
                  not the loaded server"
             }
+            Self::Tls => {
+                "`flyprobe --hooks socket --tls --pid-tree SERVER`: HTTPS requests seen through \
+                 OpenSSL uprobes (TLS servers only)"
+            }
         }
     }
 
@@ -110,6 +129,7 @@ impl Variant {
             Self::Socket => &["--hooks", "socket", "--pid-tree"],
             Self::Syscall => &["--hooks", "syscall", "--pid-tree"],
             Self::Unwatched => &["--hooks", "auto", "--pid-tree"],
+            Self::Tls => &["--hooks", "socket", "--tls", "--pid-tree"],
         };
         let pid = if self == Self::Unwatched {
             idle
@@ -158,9 +178,12 @@ pub struct Kind {
     /// socket's added cost must be at most this multiple of the floor's.
     floor_factor: Option<f64>,
     unwatched_max: Option<f64>,
+    /// Served over TLS: measured with and without `--tls` (no target: `--tls` is opt-in,
+    /// and this is its price).
+    tls: bool,
 }
 
-pub const KINDS: [Kind; 3] = [
+pub const KINDS: [Kind; 4] = [
     Kind {
         key: "nginx",
         title: "nginx, 1 worker, small static file, keep-alive",
@@ -168,6 +191,16 @@ pub const KINDS: [Kind; 3] = [
         socket_max: 3.0,
         floor_factor: Some(1.5),
         unwatched_max: Some(1.0),
+        tls: false,
+    },
+    Kind {
+        key: "nginx-tls",
+        title: "nginx, 1 worker, small static file over TLS 1.3, keep-alive",
+        start: || server::nginx_tls(1, Some(SERVER_CPU)),
+        socket_max: 3.0,
+        floor_factor: None,
+        unwatched_max: None,
+        tls: true,
     },
     Kind {
         key: "axum",
@@ -176,6 +209,7 @@ pub const KINDS: [Kind; 3] = [
         socket_max: 3.0,
         floor_factor: Some(1.5),
         unwatched_max: None,
+        tls: false,
     },
     Kind {
         key: "uvicorn",
@@ -184,6 +218,7 @@ pub const KINDS: [Kind; 3] = [
         socket_max: 0.5,
         floor_factor: None,
         unwatched_max: None,
+        tls: false,
     },
 ];
 
@@ -482,7 +517,7 @@ pub fn section(
 ) -> Result<()> {
     let variants: Vec<Variant> = support
         .iter()
-        .filter(|(_, ok)| *ok)
+        .filter(|(v, ok)| *ok && v.applies(kind))
         .map(|(v, _)| *v)
         .collect();
     r.md(format!("\n### 1.{} {}\n", kind.key, kind.title));
@@ -585,7 +620,7 @@ pub fn section(
         .map(String::from)
         .to_vec(),
     ];
-    for v in Variant::ALL {
+    for v in Variant::ALL.into_iter().filter(|v| v.applies(kind)) {
         let target = match v {
             Variant::Socket => Some(kind.socket_max),
             Variant::Unwatched => kind.unwatched_max,

@@ -21,6 +21,8 @@ pub struct Server {
     pub port: u16,
     /// The path wrk requests (a static file for nginx, `/` for the apps).
     pub path: &'static str,
+    /// Served over TLS (https).
+    pub tls: bool,
     scratch: Option<PathBuf>,
 }
 
@@ -38,7 +40,8 @@ impl Server {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}{}", self.port, self.path)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}{}", self.port, self.path)
     }
 
     /// The server's processes: its root and every descendant, from /proc.
@@ -86,24 +89,48 @@ fn ready(mut guard: Guard, port: u16, path: &'static str, name: &str) -> Result<
         guard,
         port,
         path,
+        tls: false,
         scratch: None,
     })
 }
 
 /// Debian's nginx with `workers` worker processes, keep-alive, serving a small static file.
 pub fn nginx(workers: u32, cpu: Option<u32>) -> Result<Server> {
+    nginx_with(workers, cpu, false)
+}
+
+/// The same nginx serving the file over TLS 1.3 (a self-signed certificate), keep-alive: one
+/// handshake per connection, the requests' bytes through OpenSSL.
+pub fn nginx_tls(workers: u32, cpu: Option<u32>) -> Result<Server> {
+    nginx_with(workers, cpu, true)
+}
+
+fn nginx_with(workers: u32, cpu: Option<u32>, tls: bool) -> Result<Server> {
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("flyprobe-bench-nginx-{port}"));
     fs::create_dir_all(dir.join("www"))?;
     fs::write(dir.join("www/ok.txt"), "ok\n")?;
     let d = dir.display();
+    // Over TLS, the plain port answers the readiness check and the TLS one the load.
+    let tls_port = free_port();
+    let listen = if tls {
+        let (cert, key) = servers::self_signed(&dir);
+        format!(
+            "listen 127.0.0.1:{port};\n    listen 127.0.0.1:{tls_port} ssl;\n    \
+             ssl_certificate {};\n    ssl_certificate_key {};",
+            cert.display(),
+            key.display()
+        )
+    } else {
+        format!("listen 127.0.0.1:{port};")
+    };
     fs::write(
         dir.join("nginx.conf"),
         servers::nginx_conf(
             &dir,
             workers,
             "keepalive_requests 1000000;\n  keepalive_timeout 75s;",
-            &format!("listen 127.0.0.1:{port};\n    root {d}/www;"),
+            &format!("{listen}\n    root {d}/www;"),
         ),
     )?;
     let bin = servers::nginx_bin().context("nginx is not installed: run `cargo xtask setup`")?;
@@ -117,6 +144,10 @@ pub fn nginx(workers: u32, cpu: Option<u32>) -> Result<Server> {
     );
     let mut server = ready(guard, port, "/ok.txt", "nginx")?;
     server.scratch = Some(dir);
+    if tls {
+        server.port = tls_port;
+        server.tls = true;
+    }
     // The master forks its workers before it answers; make sure all are there.
     let deadline = Instant::now() + Duration::from_secs(10);
     while server.tree().len() < 1 + workers as usize {

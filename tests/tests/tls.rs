@@ -1,0 +1,279 @@
+//! HTTPS through OpenSSL (`--tls`): uprobes on the libssl a server maps give its TLS
+//! connections' plaintext, so HTTP/1.1 over TLS is requests (`protocol="https"`) with their
+//! methods, status classes and durations, and HTTP/2 over TLS is streams (`protocol="h2"`),
+//! whatever the hook set. Compared with what the client sent and saw and, for nginx, with
+//! its own stub_status: nothing in flight when idle, nothing aborted by a clean close, no
+//! handshake counted as anything. Without `--tls` the same traffic is `tls` exchanges only.
+//!
+//! The servers: nginx (OpenSSL on the socket), uvicorn and hypercorn (asyncio's TLS: OpenSSL
+//! on memory buffers, the socket read and written apart from it), gunicorn's sync workers
+//! (Python's `ssl` on the socket, a connection per request).
+
+use std::{collections::BTreeMap, time::Duration};
+
+use flyprobe_tests::{
+    eventually,
+    flyprobe::{Flyprobe, Metrics},
+    py_clients::{REQUESTS, Seen, assert_streams, h2_client, https_client, settled, stub_requests},
+    require_root, servers,
+};
+
+const SETTLE: Duration = Duration::from_secs(20);
+
+/// flyprobe with `--tls` on `pid`'s tree, once it has attached to the server's libssl.
+fn watch_tls(pid: u32) -> Flyprobe {
+    let fp = Flyprobe::start(&["--pid-tree", &pid.to_string(), "--tls"]);
+    eventually("the OpenSSL uprobes attached", SETTLE, || {
+        match fp.scrape().get("flyprobe_tls_libraries", &[]) {
+            Some(n) if n >= 1.0 => Ok(()),
+            other => Err(other),
+        }
+    });
+    fp
+}
+
+/// `protocol`'s requests of `server` by (method, status class).
+fn requests(m: &Metrics, server: &str, protocol: &str) -> BTreeMap<(String, String), u64> {
+    let mut out = BTreeMap::new();
+    for (labels, v) in m.series(
+        "server_requests_total",
+        &[("server", server), ("protocol", protocol)],
+    ) {
+        let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+        *out.entry((get("method"), get("status"))).or_default() += v as u64;
+    }
+    out
+}
+
+/// Waits until `server` counted `n` requests of `protocol` and `closed` closed connections,
+/// with nothing in flight.
+fn settle(fp: &Flyprobe, server: &str, protocol: &str, n: u64, closed: u64) -> Metrics {
+    eventually(
+        &format!("{server}: {n} {protocol} requests, {closed} connections closed"),
+        SETTLE,
+        || {
+            let m = fp.scrape();
+            let of = [("server", server)];
+            let seen = (
+                requests(&m, server, protocol).values().sum::<u64>(),
+                m.total("server_connections_closed_total", &of),
+                m.total("server_in_flight_requests", &of),
+            );
+            if seen == (n, closed, 0) {
+                Ok(m)
+            } else {
+                Err(seen)
+            }
+        },
+    )
+}
+
+/// Nothing of TLS itself is counted: no handshake exchange, no plaintext without its
+/// connection, nothing aborted.
+fn assert_no_tls_noise(m: &Metrics, server: &str) {
+    assert_eq!(
+        (
+            m.total(
+                "server_exchanges_total",
+                &[("server", server), ("protocol", "tls")]
+            ),
+            m.total("flyprobe_dropped_events_total", &[("reason", "tls_untied")]),
+            m.total(
+                "server_requests_total",
+                &[("server", server), ("status", "aborted")]
+            ),
+        ),
+        (0, 0, 0),
+        "{server}: no tls exchanges, untied plaintext or aborted requests\n{}",
+        m.text
+    );
+}
+
+/// HTTP/1.1 over TLS from `seen`'s client, alone on `server`: every request with its method
+/// and status class, timed; every connection accepted and closed.
+fn assert_https(m: &Metrics, server: &str, seen: &Seen) {
+    assert_eq!(
+        requests(m, server, "https"),
+        seen.by_label,
+        "{server}: https requests by (method, status class)\n{}",
+        m.text
+    );
+    let of = [("server", server)];
+    assert_eq!(
+        (
+            m.total("server_request_duration_seconds_count", &of),
+            m.total("server_connections_accepted_total", &of),
+            m.total("server_active_connections", &of),
+            m.total(
+                "server_requests_total",
+                &[("server", server), ("protocol", "http1")]
+            ),
+        ),
+        (seen.requests, seen.connections, 0, 0),
+        "{server}: timed requests, connections, none called plain http1\n{}",
+        m.text
+    );
+    assert_no_tls_noise(m, server);
+    eprintln!(
+        "{server}: {} https requests on {} connections {:?}: exact",
+        seen.requests, seen.connections, seen.by_label
+    );
+}
+
+#[test]
+fn nginx_https_requests_match_its_stub_status() {
+    require_root();
+    let (server, stub_port) = servers::nginx_tls();
+    let fp = watch_tls(server.pid());
+    let stub_before = stub_requests(stub_port);
+    let seen = https_client(server.port, &REQUESTS, 10, 3, &[]);
+    let stub_after = stub_requests(stub_port);
+    // nginx counts each stub_status request itself.
+    assert_eq!(
+        stub_after - stub_before - 1,
+        seen.requests,
+        "nginx served them"
+    );
+    // nginx closes a keep-alive connection after some error responses: the client reopens.
+    assert_eq!(seen.requests, 180, "{seen:?}");
+    // The two stub reads are plain HTTP/1.1 requests on connections of their own.
+    let m = settle(&fp, "nginx", "https", seen.requests, seen.connections + 2);
+    let plain = m.total(
+        "server_requests_total",
+        &[("server", "nginx"), ("protocol", "http1")],
+    );
+    assert_eq!(plain, 2, "the stub reads\n{}", m.text);
+    assert_eq!(requests(&m, "nginx", "https"), seen.by_label, "{}", m.text);
+    assert_eq!(
+        m.total(
+            "server_request_duration_seconds_count",
+            &[("server", "nginx")]
+        ),
+        seen.requests + 2
+    );
+    assert_no_tls_noise(&m, "nginx");
+    fp.stop();
+}
+
+#[test]
+fn nginx_h2_over_tls_streams_match_its_stub_status() {
+    require_root();
+    let (server, stub_port) = servers::nginx_tls();
+    let fp = watch_tls(server.pid());
+    let stub_before = stub_requests(stub_port);
+    let seen = h2_client(server.port, &REQUESTS, 20, 2, &["--tls", "--window", "10"]);
+    let stub_after = stub_requests(stub_port);
+    assert_eq!(
+        stub_after - stub_before - 1,
+        seen.requests,
+        "nginx served them"
+    );
+    let m = settle(&fp, "nginx", "h2", seen.requests, seen.connections + 2);
+    // By status class exactly (methods beyond GET and POST go by the HPACK dynamic table
+    // after their first use on a connection: the h2c tests check those).
+    let mut want: BTreeMap<String, u64> = BTreeMap::new();
+    for ((_, class), n) in &seen.by_label {
+        *want.entry(class.clone()).or_default() += n;
+    }
+    let mut got: BTreeMap<String, u64> = BTreeMap::new();
+    for ((_, class), n) in requests(&m, "nginx", "h2") {
+        *got.entry(class).or_default() += n;
+    }
+    assert_eq!(got, want, "h2 streams by status class\n{}", m.text);
+    assert_eq!(
+        m.total(
+            "server_requests_total",
+            &[("server", "nginx"), ("protocol", "https")]
+        ),
+        0,
+        "ALPN h2: no HTTP/1.1 over TLS"
+    );
+    assert_eq!(
+        m.total(
+            "flyprobe_dropped_events_total",
+            &[("reason", "h2_frames_lost")]
+        ),
+        0
+    );
+    assert_no_tls_noise(&m, "nginx");
+    fp.stop();
+}
+
+#[test]
+fn uvicorn_https_requests_are_counted_with_methods_and_statuses() {
+    require_root();
+    let server = servers::uvicorn_tls(2);
+    let fp = watch_tls(server.pid());
+    let seen = https_client(server.port, &REQUESTS, 10, 4, &[]);
+    assert_eq!((seen.requests, seen.connections), (240, 4), "{seen:?}");
+    let m = settle(&fp, "uvicorn", "https", seen.requests, seen.connections);
+    assert_https(&m, "uvicorn", &seen);
+    fp.stop();
+}
+
+#[test]
+fn gunicorn_sync_https_requests_are_counted() {
+    require_root();
+    let server = servers::gunicorn_tls(2);
+    let fp = watch_tls(server.pid());
+    // The sync workers close every connection after its response.
+    let seen = https_client(
+        server.port,
+        &["GET /", "POST /form", "PUT /x", "DELETE /y"],
+        10,
+        1,
+        &[],
+    );
+    assert_eq!((seen.requests, seen.connections), (40, 40), "{seen:?}");
+    let m = settle(&fp, "gunicorn", "https", seen.requests, seen.connections);
+    assert_https(&m, "gunicorn", &seen);
+    fp.stop();
+}
+
+#[test]
+fn hypercorn_h2_over_tls_streams_are_requests() {
+    require_root();
+    let server = servers::hypercorn_tls(2);
+    let fp = watch_tls(server.pid());
+    let seen = h2_client(server.port, &REQUESTS, 20, 3, &["--tls", "--window", "16"]);
+    let m = settled(&fp, "hypercorn", seen.requests, seen.connections);
+    assert_streams(&m, "hypercorn", &seen);
+    assert_no_tls_noise(&m, "hypercorn");
+    fp.stop();
+}
+
+#[test]
+fn without_the_tls_flag_https_is_tls_exchanges_never_requests() {
+    require_root();
+    let server = servers::uvicorn_tls(2);
+    let fp = Flyprobe::watch(server.pid());
+    let seen = https_client(server.port, &REQUESTS, 5, 2, &[]);
+    let m = eventually("the connections closed", SETTLE, || {
+        let m = fp.scrape();
+        match m.total("server_connections_closed_total", &[("server", "uvicorn")]) {
+            2 => Ok(m),
+            n => Err(n),
+        }
+    });
+    assert_eq!(seen.requests, 60);
+    let of = [("server", "uvicorn")];
+    assert_eq!(
+        (
+            m.total("server_requests_total", &of),
+            m.total("server_in_flight_requests", &of),
+            m.get("flyprobe_tls_libraries", &[]),
+        ),
+        (0, 0, None),
+        "no request without --tls\n{}",
+        m.text
+    );
+    assert!(
+        m.total(
+            "server_exchanges_total",
+            &[("server", "uvicorn"), ("protocol", "tls")]
+        ) > 0,
+        "tls exchanges\n{}",
+        m.text
+    );
+    fp.stop();
+}
