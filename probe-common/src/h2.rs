@@ -559,7 +559,9 @@ enum Field {
     Stop,
 }
 
-/// Static-table entries 8..=14: `:status` 200, 204, 206, 304, 400, 404, 500.
+/// Static-table entries 8..=14: `:status` 200, 204, 206, 304, 400, 404, 500 (`field` has
+/// them as constants; the tests encode with this table).
+#[cfg(test)]
 const STATIC_STATUS: [u16; 7] = [200, 204, 206, 304, 400, 404, 500];
 
 /// The header field at `w[start]` (`len` bytes of `w` are the block's).
@@ -579,7 +581,15 @@ fn field(w: &[u8; WINDOW], len: usize, start: usize) -> Field {
         return match index {
             2 => Field::Method(1),
             3 => Field::Method(3),
-            8..=14 => Field::Status(STATIC_STATUS[(index - 8) as usize]),
+            // Constants, not a table lookup: the index is checked in one register and used
+            // in another, which Linux 6.1's verifier does not link (it refused the access).
+            8 => Field::Status(200),
+            9 => Field::Status(204),
+            10 => Field::Status(206),
+            11 => Field::Status(304),
+            12 => Field::Status(400),
+            13 => Field::Status(404),
+            14 => Field::Status(500),
             0 => Field::Stop,
             _ => Field::Skip((end - start) as u32),
         };

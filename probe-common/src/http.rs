@@ -94,8 +94,9 @@ pub fn detect_protocol(head: &Head, len: usize) -> u8 {
 pub fn protocol_of(head: &Head, len: usize, method: u8) -> u8 {
     if starts(head, len, b"PRI * HTTP/2") {
         PROTO_H2
-    } else if len >= 3 && head[0] == 0x16 && head[1] == 0x03 && head[2] <= 0x04 {
-        // A TLS handshake record, version 3.x.
+    } else if len >= 3 && (0x14..=0x17).contains(&head[0]) && head[1] == 0x03 && head[2] <= 0x04 {
+        // A TLS record, version 3.x: a handshake, or (a connection adopted mid-stream)
+        // change-cipher-spec, alert or application data.
         PROTO_TLS
     } else if method != METHOD_NONE {
         PROTO_HTTP1

@@ -290,14 +290,98 @@ pub struct TlsCall {
     /// The TLS connection this call moved bytes on (its socket reads or writes during the
     /// call: a socket BIO); 0 when none did (served from OpenSSL's buffer, or a memory BIO).
     pub conn: ConnKey,
-    /// The TLS connection this thread last read or wrote on.
-    pub last: ConnKey,
+    /// TLS connections this thread read that no call is tied to yet, oldest first
+    /// (`untied_len` of them): an unknown `SSL *`'s first read takes the oldest. A memory
+    /// BIO is fed from its socket's read before its `SSL_read`, and uvloop runs those
+    /// `SSL_read`s in the order it read the sockets, maybe after reading others.
+    pub untied: [ConnKey; UNTIED],
     /// Plaintext bytes of the call, for the HTTP/2 walk it tail-calls.
     pub bytes: u64,
     /// `dir::*` while the call runs, `dir::NONE` after its return.
     pub dir: u32,
+    /// An `_ex` function: success is 1, the byte count is at `len_ptr`.
+    pub ex: u32,
+    pub untied_len: u32,
     pub _pad: u32,
 }
+
+/// Untied TLS connections a thread remembers (`TlsCall::untied`).
+pub const UNTIED: usize = 4;
+
+impl TlsCall {
+    /// A read of TLS connection `conn`, which no call is tied to yet: queued, once; the
+    /// oldest goes when the queue is full.
+    #[inline(always)]
+    pub fn queue_untied(&mut self, conn: ConnKey) {
+        let mut len = self.untied_len as usize;
+        if len > UNTIED {
+            len = UNTIED;
+        }
+        let mut i = 0;
+        while i < UNTIED {
+            if i < len && self.untied[i] == conn {
+                return;
+            }
+            i += 1;
+        }
+        if len == UNTIED {
+            let mut i = 0;
+            while i + 1 < UNTIED {
+                self.untied[i] = self.untied[i + 1];
+                i += 1;
+            }
+            self.untied[UNTIED - 1] = conn;
+        } else {
+            // Written by constant index: `len` is known below UNTIED, but a variable
+            // index into the map value is what old verifiers refuse.
+            let mut i = 0;
+            while i < UNTIED {
+                if i == len {
+                    self.untied[i] = conn;
+                }
+                i += 1;
+            }
+            self.untied_len = len as u32 + 1;
+        }
+    }
+
+    /// The oldest queued connection `usable` accepts, taken out of the queue with the
+    /// unusable ones before it (gone, or tied since); 0 when none is.
+    #[inline(always)]
+    pub fn take_untied(&mut self, usable: impl Fn(ConnKey) -> bool) -> ConnKey {
+        let mut len = self.untied_len as usize;
+        if len > UNTIED {
+            len = UNTIED;
+        }
+        let mut found = 0;
+        let mut taken = len;
+        let mut i = 0;
+        while i < UNTIED {
+            if found == 0 && i < len && usable(self.untied[i]) {
+                found = self.untied[i];
+                taken = i + 1;
+            }
+            i += 1;
+        }
+        // Drop the first `taken` (all of them when none was usable).
+        let mut i = 0;
+        while i < UNTIED {
+            self.untied[i] = if i + taken < UNTIED {
+                self.untied[i + taken]
+            } else {
+                0
+            };
+            i += 1;
+        }
+        self.untied_len = (len - taken) as u32;
+        found
+    }
+}
+
+/// `TlsCall::conn`, `TlsCall::last`, an `SSL_CONNS` value: not a served connection (a
+/// socket flyprobe does not count: the server's own outbound TLS, a connection it had no
+/// room for). Plaintext on it counts nothing.
+pub const FOREIGN: ConnKey = u64::MAX;
 
 /// An `SSL *` of a process: the key of the connection it was last seen on.
 #[repr(C)]
@@ -534,6 +618,8 @@ pub mod names {
     pub const UNIX_SWEEP: &str = "unix_sweep";
     /// Non-zero when --access-log is on; records are only built then.
     pub const ACCESS_LOG_ENABLED: &str = "ACCESS_LOG_ENABLED";
+    /// Non-zero with --tls: TLS connections' socket events feed the OpenSSL uprobes.
+    pub const TLS_ENABLED: &str = "TLS_ENABLED";
 
     /// Offsets into tracepoint records, read from tracefs format files at load time.
     pub const FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
@@ -681,6 +767,33 @@ const _: () = assert!(core::mem::size_of::<ProcEvent>() == 32);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_ssl_takes_the_oldest_untied_connection_read() {
+        let mut call = TlsCall::default();
+        // uvloop reads A, B, A again (a second record), C, then runs their SSL_reads.
+        for conn in [0xa, 0xb, 0xa, 0xc] {
+            call.queue_untied(conn);
+        }
+        assert_eq!(call.untied_len, 3, "A queued once");
+        assert_eq!(call.take_untied(|_| true), 0xa);
+        // B was tied meanwhile by its own socket-BIO call: skipped and dropped.
+        assert_eq!(call.take_untied(|c| c != 0xb), 0xc);
+        assert_eq!((call.untied_len, call.take_untied(|_| true)), (0, 0));
+    }
+
+    #[test]
+    fn a_full_untied_queue_forgets_its_oldest() {
+        let mut call = TlsCall::default();
+        for conn in 1..=(UNTIED as u64 + 2) {
+            call.queue_untied(conn);
+        }
+        assert_eq!(call.untied_len as usize, UNTIED);
+        assert_eq!(call.take_untied(|_| true), 3);
+        // None usable: the queue empties.
+        assert_eq!(call.take_untied(|_| false), 0);
+        assert_eq!(call.untied_len, 0);
+    }
 
     #[test]
     fn gauges_are_differences_of_counters() {

@@ -17,7 +17,7 @@
 use crate::{
     ConnState,
     http::{
-        Head, METHOD_NONE, METHOD_OTHER, PROTO_H2, PROTO_HTTP1, PROTO_UNKNOWN, has_requests,
+        Head, METHOD_NONE, METHOD_OTHER, PEEK, PROTO_H2, PROTO_HTTP1, PROTO_UNKNOWN, has_requests,
         is_interim, parse_method, parse_status, protocol_of,
     },
     phase,
@@ -65,9 +65,16 @@ pub fn on_data(state: &mut ConnState, read: bool, ret: u64, t: &mut impl Turns) 
             } else {
                 None
             };
-            let method = match &head {
-                Some((bytes, len)) => parse_method(bytes, *len),
-                None => METHOD_NONE,
+            // Defined on both paths: the bytes a `None` leaves undefined may be spilled by
+            // the compiler, and the verifier refuses reading a register never written.
+            let (bytes, len, visible) = match head {
+                Some((bytes, len)) => (bytes, len, true),
+                None => ([0; PEEK], 0, false),
+            };
+            let method = if visible {
+                parse_method(&bytes, len)
+            } else {
+                METHOD_NONE
             };
             let body_tail = state.phase == phase::RESPONSE
                 && state.protocol == PROTO_HTTP1
@@ -79,7 +86,7 @@ pub fn on_data(state: &mut ConnState, read: bool, ret: u64, t: &mut impl Turns) 
                 {
                     finished = Some(*state);
                 }
-                start_request(state, &head, method, now);
+                start_request(state, visible.then_some((&bytes, len)), method, now);
                 if state.protocol == PROTO_H2 && t.walks_h2() {
                     // Streams, not turns: the caller walks the frames after the preface
                     // (what the server wrote before, its SETTINGS, ended at a frame boundary).
@@ -138,10 +145,10 @@ pub fn on_data(state: &mut ConnState, read: bool, ret: u64, t: &mut impl Turns) 
 }
 
 #[inline(always)]
-fn start_request(state: &mut ConnState, head: &Option<(Head, usize)>, method: u8, now: u64) {
+fn start_request(state: &mut ConnState, head: Option<(&Head, usize)>, method: u8, now: u64) {
     if state.protocol == PROTO_UNKNOWN {
         state.protocol = match head {
-            Some((bytes, len)) => protocol_of(bytes, *len, method),
+            Some((bytes, len)) => protocol_of(bytes, len, method),
             // No bytes to look at (io_uring, sendfile): not known, rather than not HTTP;
             // the next request tries again.
             None => PROTO_UNKNOWN,
@@ -180,7 +187,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::http::{METHODS, PEEK, PROTO_OTHER, PROTO_TLS};
+    use crate::http::{METHODS, PROTO_OTHER, PROTO_TLS};
 
     /// One connection as the kernel sees it, with what its turns reported.
     #[derive(Default)]

@@ -24,7 +24,10 @@ use probe_common::{
 
 use crate::{
     maps::{CONNS, H2_CONNS, PENDING_IO, STREAMS, count_drop, is_target, sees_openssl, stats_mut},
-    record::{access_log_enabled, current, syscall_arg, syscall_arg0, syscall_arg1, syscall_ret},
+    record::{
+        access_log_enabled, current, syscall_arg, syscall_arg0, syscall_arg1, syscall_ret,
+        tls_enabled,
+    },
     requests::{
         log_access, log_stream, peek, record_aborted_n, record_completed, record_exchange,
         record_stream, stream_labels,
@@ -106,6 +109,9 @@ fn try_io_enter(ctx: &TracePointContext, direction: u32, kind: u32) -> Result<()
     // Every family's first argument is the socket fd (sendfile's is out_fd).
     let fd = syscall_arg0(ctx)? as u32;
     if CONNS.get_ptr(fd_key(tgid, fd)).is_none() {
+        if tls_enabled() {
+            tls::foreign();
+        }
         return Ok(());
     }
     let buf = if kind == buf_kind::NONE {
@@ -200,10 +206,13 @@ pub fn transfer<const WALK_H2: bool>(
     } else {
         stats.tx_bytes += ret as u64;
     }
-    // TLS: the socket carries ciphertext. Its events tie it to this thread's OpenSSL calls;
-    // once their plaintext is seen (`tls::plaintext`), that moves the turns.
-    if state.protocol == PROTO_TLS || state.flags & conn_flags::TLS != 0 {
-        tls::seen(key);
+    // TLS (`--tls`): the socket carries ciphertext. Its events tie it to this thread's
+    // OpenSSL calls; once their plaintext is seen (`tls::plaintext`), that moves the turns.
+    if tls_enabled() && (state.protocol == PROTO_TLS || state.flags & conn_flags::TLS != 0) {
+        // A read of a connection no call has been tied to yet is the one an unknown
+        // `SSL *`'s first read may take (`tls::plaintext`).
+        let untied_read = direction == dir::READ && state.flags & conn_flags::TLS == 0;
+        tls::seen(key, untied_read);
         if state.flags & conn_flags::TLS != 0 {
             return false;
         }
@@ -313,7 +322,7 @@ impl<F: Fn() -> (u32, u64), const WALK_H2: bool> Turns for Kernel<F, WALK_H2> {
     #[inline(always)]
     fn exchanged(&mut self, state: &ConnState) {
         // Where OpenSSL's plaintext will come, a TLS connection's handshake is no exchange.
-        if state.protocol == PROTO_TLS && sees_openssl(self.tgid) {
+        if tls_enabled() && state.protocol == PROTO_TLS && sees_openssl(self.tgid) {
             return;
         }
         record_exchange(self.tgid, state);

@@ -12,8 +12,8 @@ use probe_common::{ExitInfo, drop_reason, event_kind, exit_flags};
 
 use crate::{
     maps::{
-        EVENTS, EXITS, LINEAGE, PENDING_IO, count_drop, is_target, send_event, set_target,
-        target_of,
+        EVENTS, EXITS, LINEAGE, PENDING_IO, TLS_CALLS, count_drop, is_target, send_event,
+        set_target, target_of,
     },
     record::{
         TASK_EXIT_CODE_OFFSET, TASK_PID_OFFSET, TASK_TGID_OFFSET, current, fork_child_pid,
@@ -173,8 +173,9 @@ fn exit_current() {
     if !thread_tracked && !is_target(tgid) {
         return;
     }
-    // The thread's pending-syscall slot, if it did socket I/O.
+    // The thread's pending-syscall slot, if it did socket I/O, and its OpenSSL slot.
     let _ = PENDING_IO.remove(id);
+    let _ = TLS_CALLS.remove(id);
     if !thread_tracked {
         return; // a thread that was there before flyprobe: not in the set
     }

@@ -17,6 +17,8 @@ static FORK_CHILD_PID_OFFSET: Global<u32> = Global::new(44);
 #[unsafe(no_mangle)]
 static ACCESS_LOG_ENABLED: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
+static TLS_ENABLED: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
 static SIGNAL_SIG_OFFSET: Global<u32> = Global::new(8);
 #[unsafe(no_mangle)]
 static SIGNAL_PID_OFFSET: Global<u32> = Global::new(36);
@@ -146,6 +148,12 @@ pub fn kernel_at<T>(base: u64, offset: u32) -> Result<T, i64> {
 #[inline(always)]
 pub fn access_log_enabled() -> bool {
     ACCESS_LOG_ENABLED.load() != 0
+}
+
+/// `--tls`: a load-time constant, so without it the TLS branches are dead code.
+#[inline(always)]
+pub fn tls_enabled() -> bool {
+    TLS_ENABLED.load() != 0
 }
 
 /// signal:signal_generate: (signal, target pid, result).

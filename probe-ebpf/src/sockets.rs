@@ -34,7 +34,7 @@ use crate::{
     record::{
         ANNOUNCE_LISTEN, NET_INUM_OFFSET, PEEK_REGS, REGS_ARG1_OFFSET, SK_FAMILY_OFFSET,
         SK_NET_OFFSET, SK_NUM_OFFSET, SK_PROTOCOL_OFFSET, SK_STATE_OFFSET, TASK_FLAGS_OFFSET,
-        current, kernel_at,
+        current, kernel_at, tls_enabled,
     },
     unix,
 };
@@ -137,6 +137,11 @@ pub fn sock_data<const H2: bool>(
         return false;
     }
     let Some(state) = take(sk, tgid) else {
+        // Not a served connection: an OpenSSL call on it (the server's own outbound TLS)
+        // is not one of its connections' either.
+        if tls_enabled() {
+            crate::tls::foreign();
+        }
         return false;
     };
     // Errors and EOF move no data and do not turn the connection; they are a worker's touch

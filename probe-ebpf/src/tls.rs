@@ -7,8 +7,12 @@
 //! note the connection in the thread's `TLS_CALLS` slot. A call that reads or writes its
 //! socket (a socket BIO: nginx, gunicorn) names it during the call; one that does not (a
 //! memory BIO: asyncio's SSL, so uvicorn and hypercorn; or bytes OpenSSL had buffered) takes
-//! the connection its `SSL *` was last seen on, else the one its thread last read. From the
-//! first plaintext on, the connection's socket events count bytes only (`io::transfer`).
+//! the connection its `SSL *` was last seen on, else, for a read, the connection its thread
+//! last read that no call was tied to yet (a memory BIO is fed from a socket read before;
+//! uvloop may read other, known, connections in between), once. A socket that is not a
+//! served connection (the server's own outbound TLS) is `FOREIGN` there: plaintext on it
+//! counts nothing. From the first plaintext on, the connection's socket events count bytes
+//! only (`io::transfer`).
 
 use core::ffi::c_void;
 
@@ -19,13 +23,19 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use probe_common::{
-    ConnKey, SslKey, TlsCall, buf_kind, conn_flags, dir, drop_reason, http::PROTO_UNKNOWN, phase,
+    ConnKey, FOREIGN, SslKey, TlsCall, buf_kind, conn_flags, dir, drop_reason,
+    http::{PROTO_TLS, PROTO_UNKNOWN, has_requests},
+    phase, target,
 };
 
 use crate::{
     io::{turn_data, walk_h2},
-    maps::{CONNS, SSL_CONNS, TLS_CALLS, TLS_H2_WALK, count_drop, is_target, stats_mut},
+    maps::{
+        CONNS, SSL_CONNS, TLS_CALLS, TLS_H2_WALK, count_drop, is_target, set_target, stats_mut,
+        target_of,
+    },
     record::current,
+    requests::record_aborted,
 };
 
 /// int SSL_read(SSL *ssl, void *buf, int num)
@@ -72,8 +82,14 @@ pub fn ssl_free(ctx: ProbeContext) -> u32 {
 fn enter(ctx: &ProbeContext, direction: u32, ex: bool) {
     let (id, tgid, _) = current();
     // Untracked processes leave after one array load.
-    if !is_target(tgid) {
+    let slot = target_of(tgid);
+    if slot == 0 {
         return;
+    }
+    // Its libssl has the uprobes: its TLS handshakes are no exchanges from now on (the
+    // daemon marks the processes it finds mapping the library; this one was not yet).
+    if slot == target::TRACKED {
+        set_target(tgid, target::OPENSSL);
     }
     let (Some(ssl), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
         return;
@@ -91,12 +107,14 @@ fn enter(ctx: &ProbeContext, direction: u32, ex: bool) {
         call.len_ptr = len_ptr;
         call.conn = 0;
         call.dir = direction;
+        call.ex = u32::from(ex);
     } else {
         let call = TlsCall {
             ssl,
             buf,
             len_ptr,
             dir: direction,
+            ex: u32::from(ex),
             ..TlsCall::default()
         };
         if TLS_CALLS.insert(&id, &call, BPF_ANY as u64).is_err() {
@@ -106,25 +124,43 @@ fn enter(ctx: &ProbeContext, direction: u32, ex: bool) {
 }
 
 /// A socket event of TLS connection `conn` on this thread: the connection of the OpenSSL
-/// call in progress, if any, and the thread's last.
+/// call in progress, if any, and when `read` (a read of a connection no call was tied to
+/// yet) the thread's last.
 #[inline(always)]
-pub fn seen(conn: ConnKey) {
+pub fn seen(conn: ConnKey, read: bool) {
     let id = bpf_get_current_pid_tgid();
     if let Some(call) = TLS_CALLS.get_ptr_mut(&id) {
         // SAFETY: this thread's own slot; only this thread writes it.
         let call = unsafe { &mut *call };
-        call.last = conn;
+        if read {
+            call.queue_untied(conn);
+        }
         if call.dir != dir::NONE && call.conn == 0 {
             call.conn = conn;
         }
-    } else {
-        let call = TlsCall {
-            last: conn,
+    } else if read {
+        // No call in progress (it would have made the slot): only the untied read to note.
+        let mut call = TlsCall {
             dir: dir::NONE,
             ..TlsCall::default()
         };
+        call.queue_untied(conn);
         if TLS_CALLS.insert(&id, &call, BPF_ANY as u64).is_err() {
             count_drop(drop_reason::PENDING_MAP_FULL);
+        }
+    }
+}
+
+/// A socket event on this thread of a socket that is not a served connection: the OpenSSL
+/// call in progress, if any, is on it (`FOREIGN`). A thread without a slot has no call.
+#[inline(always)]
+pub fn foreign() {
+    let id = bpf_get_current_pid_tgid();
+    if let Some(call) = TLS_CALLS.get_ptr_mut(&id) {
+        // SAFETY: this thread's own slot; only this thread writes it.
+        let call = unsafe { &mut *call };
+        if call.dir != dir::NONE && call.conn == 0 {
+            call.conn = FOREIGN;
         }
     }
 }
@@ -158,9 +194,9 @@ fn plaintext(ctx: &RetProbeContext) -> Option<u32> {
     }
     call.dir = dir::NONE;
     let ret: i32 = ctx.ret();
-    let bytes = if call.len_ptr != 0 {
+    let bytes = if call.ex != 0 {
         // The _ex functions return 1 and store the count.
-        if ret != 1 {
+        if ret != 1 || call.len_ptr == 0 {
             return None;
         }
         unsafe { bpf_probe_read_user(call.len_ptr as *const u64) }.ok()?
@@ -177,35 +213,65 @@ fn plaintext(ctx: &RetProbeContext) -> Option<u32> {
         tgid,
         _pad: 0,
     };
-    // SAFETY: read at once.
-    let known = unsafe { SSL_CONNS.get(&key) }.copied();
+    // SAFETY: read at once. Not an `Option<u64>`: the payload a `None` leaves undefined may
+    // be spilled, which the verifier refuses (0 is no connection).
+    let known: ConnKey = match unsafe { SSL_CONNS.get(&key) } {
+        Some(conn) => *conn,
+        None => 0,
+    };
     let conn = if call.conn != 0 {
         call.conn
-    } else if let Some(conn) = known {
-        conn
+    } else if known != 0 {
+        known
+    } else if direction == dir::READ {
+        // The oldest connection read and not tied yet, still served here and untied.
+        call.take_untied(|c| {
+            CONNS
+                .get_ptr(&c)
+                // SAFETY: read at once, under RCU.
+                .is_some_and(|s| unsafe { (*s).owner == tgid && (*s).flags & conn_flags::TLS == 0 })
+        })
     } else {
-        call.last
+        // A write on an `SSL *` never seen (a memory BIO's first, before the thread read
+        // its connection: an HTTP/2 server's SETTINGS): which connection is not known, and
+        // no turn starts with a write.
+        return None;
     };
-    if conn == 0 {
+    if conn == FOREIGN {
+        if known != FOREIGN {
+            let _ = SSL_CONNS.insert(&key, &FOREIGN, BPF_ANY as u64);
+        }
+        return None;
+    }
+    let stats = stats_mut(tgid)?;
+    // A served TLS connection of this process, or the plaintext is not placed (a stale
+    // guess must not turn a plain connection into a TLS one).
+    let state = match CONNS.get_ptr_mut(&conn) {
+        // SAFETY: valid for this run (RCU); a connection is driven by one thread at a time.
+        Some(state) if conn != 0 => unsafe { &mut *state },
+        _ => {
+            count_drop(drop_reason::TLS_UNTIED);
+            return None;
+        }
+    };
+    if state.owner != tgid || (state.protocol != PROTO_TLS && state.flags & conn_flags::TLS == 0) {
         count_drop(drop_reason::TLS_UNTIED);
         return None;
     }
-    if known != Some(conn) {
+    if known != conn {
         let _ = SSL_CONNS.insert(&key, &conn, BPF_ANY as u64);
     }
-    let state = CONNS.get_ptr_mut(&conn)?;
-    // SAFETY: valid for this run (RCU); a connection is driven by one thread at a time.
-    let state = unsafe { &mut *state };
-    if state.owner != tgid {
-        return None;
-    }
     if state.flags & conn_flags::TLS == 0 {
-        // Its turns are the plaintext's from here on: the handshake's exchange ends.
+        // Its turns are the plaintext's from here on: the handshake's exchange ends, and a
+        // request whose bytes were not seen (counted as one) ends unanswered.
+        if state.phase == phase::REQUEST && has_requests(state.protocol) {
+            stats.aborted += 1;
+            record_aborted(tgid, state);
+        }
         state.flags |= conn_flags::TLS;
         state.protocol = PROTO_UNKNOWN;
         state.phase = phase::IDLE;
     }
-    let stats = stats_mut(tgid)?;
     let buf = call.buf;
     if !turn_data::<true>(conn, tgid, state, stats, direction, bytes, || {
         (buf_kind::PLAIN, buf)

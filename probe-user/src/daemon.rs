@@ -44,6 +44,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         max_connections: cli.max_connections,
         max_processes: cli.max_processes,
         max_request_series: cli.max_request_series,
+        tls: cli.tls,
     };
     let pins = cli
         .pin_path
@@ -62,6 +63,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             max_connections: cli.max_connections,
             max_processes: cli.max_processes,
             max_request_series: cli.max_request_series,
+            tls: cli.tls,
         },
         hooks,
         empty_hooks: cli.empty_hooks,

@@ -11,10 +11,10 @@ use aya::{
     programs::ProgramFd,
 };
 use probe_common::{
-    ConnKey, ConnState, ListenKey, PendingIo, PortStats, ProcStats, ReqKey, ReqStats, Stream,
-    StreamKey, conn_flags, drop_reason,
+    ConnKey, ConnState, ListenKey, PendingIo, PortStats, ProcStats, ReqKey, ReqStats, SslKey,
+    Stream, StreamKey, TlsCall, conn_flags, drop_reason,
     h2::H2,
-    http::{METHOD_OTHER, PROTO_H2, STATUS_ABORTED, has_requests},
+    http::{METHOD_OTHER, PROTO_H2, STATUS_ABORTED, has_requests, label_of},
     names, phase, target, transport,
 };
 
@@ -28,6 +28,8 @@ pub struct KernelMaps {
     listen_ports: HashMap<MapData, ListenKey, u8>,
     ports: PerCpuHashMap<MapData, ListenKey, PortStats>,
     pending: HashMap<MapData, u64, PendingIo>,
+    tls_calls: HashMap<MapData, u64, TlsCall>,
+    ssl_conns: HashMap<MapData, SslKey, ConnKey>,
     stats: PerCpuHashMap<MapData, u32, ProcStats>,
     reqs: PerCpuHashMap<MapData, ReqKey, ReqStats>,
     drops: PerCpuArray<MapData, u64>,
@@ -65,6 +67,8 @@ impl KernelMaps {
             listen_ports: take(ebpf, names::LISTEN_PORTS)?,
             ports: take(ebpf, names::PORT_STATS)?,
             pending: take(ebpf, names::PENDING_IO)?,
+            tls_calls: take(ebpf, names::TLS_CALLS)?,
+            ssl_conns: take(ebpf, names::SSL_CONNS)?,
             stats: take(ebpf, names::STATS)?,
             reqs: take(ebpf, names::REQS)?,
             drops: take(ebpf, names::DROPS)?,
@@ -211,7 +215,7 @@ impl KernelMaps {
                     tgid: state.owner,
                     method,
                     status: STATUS_ABORTED,
-                    protocol: state.protocol,
+                    protocol: label_of(state.protocol, state.flags),
                     transport: transport::of(state.flags),
                 };
                 let aborted = ReqStats {
@@ -245,6 +249,25 @@ impl KernelMaps {
             .collect();
         for id in slots {
             let _ = self.pending.remove(&id);
+        }
+        // Its threads' OpenSSL slots, and its `SSL *`s' connections (`--tls`).
+        let slots: Vec<u64> = self
+            .tls_calls
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| (id >> 32) as u32 == pid)
+            .collect();
+        for id in slots {
+            let _ = self.tls_calls.remove(&id);
+        }
+        let ssl: Vec<SslKey> = self
+            .ssl_conns
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.tgid == pid)
+            .collect();
+        for key in ssl {
+            let _ = self.ssl_conns.remove(&key);
         }
     }
 
@@ -287,6 +310,8 @@ impl KernelMaps {
                 ("request_series", self.reqs.keys().count() as u64),
                 ("h2_connections", h2_connections),
                 ("h2_streams", h2_streams),
+                ("tls_threads", self.tls_calls.keys().count() as u64),
+                ("tls_connections", self.ssl_conns.keys().count() as u64),
             ],
             queued,
         }

@@ -16,9 +16,9 @@ use std::{collections::BTreeMap, fs, mem::size_of, os::fd::AsRawFd as _};
 
 use probe_common::{
     ACCESS_BYTES, ConnKey, ConnState, DISCOVERY_BYTES, DROPPED_ENTRIES, EVENTS_BYTES, ExitInfo,
-    ListenKey, MAX_H2_CONNECTIONS, MAX_LISTEN_PORTS, MAX_PORT_STATS, MAX_SSL_CONNS, MAX_STREAMS,
-    PENDING_ENTRIES, PendingIo, PortStats, ProcStats, ReqKey, ReqStats, SslKey, Stream, StreamKey,
-    TlsCall, drop_reason, h2::H2, names,
+    ListenKey, MAX_H2_CONNECTIONS, MAX_LISTEN_PORTS, MAX_PORT_STATS, MAX_STREAMS, PENDING_ENTRIES,
+    PendingIo, PortStats, ProcStats, ReqKey, ReqStats, SslKey, Stream, StreamKey, TlsCall,
+    drop_reason, h2::H2, names,
 };
 
 use crate::probe::Limits;
@@ -139,14 +139,14 @@ pub fn bounds(limits: &Limits, pid_slots: u32) -> Vec<MapBound> {
         map(
             names::TLS_CALLS,
             Kind::Hash,
-            PENDING_ENTRIES,
+            limits.tls_entries().0,
             8,
             size_of::<TlsCall>(),
         ),
         map(
             names::SSL_CONNS,
             Kind::Hash,
-            MAX_SSL_CONNS,
+            limits.tls_entries().1,
             size_of::<SslKey>(),
             size_of::<ConnKey>(),
         ),
@@ -248,6 +248,7 @@ mod tests {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_processes: DEFAULT_MAX_PROCESSES,
             max_request_series: DEFAULT_MAX_REQUEST_SERIES,
+            tls: true,
         }
     }
 

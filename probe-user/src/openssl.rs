@@ -5,9 +5,12 @@
 //! `/proc/PID/root`.
 
 use std::{
-    collections::{BTreeSet, HashMap},
-    path::PathBuf,
+    collections::BTreeSet,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
 };
+
+use nix::sys::stat::{major, minor};
 
 use procfs::process::{MMPermissions, MMapPath, Process};
 
@@ -21,8 +24,10 @@ const RESCAN_EVERY_SWEEPS: u32 = 10;
 type FileId = (i32, i32, u64);
 
 pub struct OpenSsl {
-    /// Every libssl met: whether its uprobes are attached (a failure is not retried).
-    libraries: HashMap<FileId, bool>,
+    /// Every libssl attached (a failure is retried when a process maps it next, and
+    /// warned of once).
+    attached: BTreeSet<FileId>,
+    warned: BTreeSet<FileId>,
     /// Processes whose maps were read since the last rescan.
     scanned: BTreeSet<u32>,
     sweeps: u32,
@@ -31,7 +36,8 @@ pub struct OpenSsl {
 impl OpenSsl {
     pub fn new() -> Self {
         Self {
-            libraries: HashMap::new(),
+            attached: BTreeSet::new(),
+            warned: BTreeSet::new(),
             scanned: BTreeSet::new(),
             sweeps: 0,
         }
@@ -39,7 +45,7 @@ impl OpenSsl {
 
     /// Libraries attached so far.
     pub fn attached(&self) -> usize {
-        self.libraries.values().filter(|ok| **ok).count()
+        self.attached.len()
     }
 
     /// Reads the maps of the live `members` not scanned yet (all of them every
@@ -58,37 +64,47 @@ impl OpenSsl {
                 continue;
             }
             for (id, path) in libssl_of(pid) {
-                if let Some(&ok) = self.libraries.get(&id) {
-                    if ok {
-                        seen.push(pid);
-                    }
-                    continue;
-                }
-                let ok = match probe.attach_openssl(&path) {
-                    Ok(n) => {
-                        log::info!(
-                            "TLS: OpenSSL uprobes attached to {} ({n} functions; mapped by pid \
-                             {pid}): its HTTPS plaintext is counted",
-                            path.display()
-                        );
-                        true
-                    }
-                    Err(e) => {
-                        log::warn!(
-                            "TLS: no uprobes on {} (mapped by pid {pid}): {e}; its connections \
-                             count as protocol=\"tls\" exchanges",
-                            path.display()
-                        );
-                        false
-                    }
-                };
-                self.libraries.insert(id, ok);
-                if ok {
+                if self.attached.contains(&id) || self.attach(probe, pid, id, &path) {
                     seen.push(pid);
                 }
             }
         }
         seen
+    }
+
+    fn attach(&mut self, probe: &mut Probe, pid: u32, id: FileId, path: &Path) -> bool {
+        // The file the path names now must be the one mapped (not one an upgrade put there).
+        let same = std::fs::metadata(path).is_ok_and(|m| {
+            m.ino() == id.2 && (major(m.dev()), minor(m.dev())) == (id.0 as u64, id.1 as u64)
+        });
+        let result = if same {
+            probe.attach_openssl(path).map_err(|e| e.to_string())
+        } else {
+            Err("the file at that path is not the one mapped (replaced since)".to_string())
+        };
+        match result {
+            Ok(n) => {
+                log::info!(
+                    "TLS: OpenSSL uprobes attached to {} ({n} probes; mapped by pid {pid}): its \
+                     HTTPS plaintext is counted",
+                    path.display()
+                );
+                self.attached.insert(id);
+                true
+            }
+            Err(e) => {
+                if self.warned.insert(id) {
+                    log::warn!(
+                        "TLS: no uprobes on {} (mapped by pid {pid}): {e}; its connections count \
+                         as protocol=\"tls\" exchanges (retried with the next process mapping \
+                         it; where kernel.perf_event_paranoid > 2, attaching after start-up \
+                         needs CAP_SYS_ADMIN)",
+                        path.display()
+                    );
+                }
+                false
+            }
+        }
     }
 }
 
@@ -122,7 +138,8 @@ fn libssl_of(pid: u32) -> Vec<(FileId, PathBuf)> {
 }
 
 /// `libssl.so`, `libssl.so.3`, `libssl.so.1.1`: OpenSSL's TLS library (not NSS's
-/// `libssl3.so`, which has no `SSL_read`).
+/// `libssl3.so`, which has no `SSL_read`). A mapping of a file deleted since (an upgrade)
+/// matches too; `OpenSsl::attach` then finds that the path names another file.
 fn is_libssl(path: &std::path::Path) -> bool {
     path.file_name()
         .and_then(|n| n.to_str())
@@ -145,7 +162,7 @@ mod tests {
         for no in [
             "/usr/lib/x86_64-linux-gnu/libssl3.so",
             "/usr/lib/libcrypto.so.3",
-            "/usr/lib/x86_64-linux-gnu/libssl.so.3.deleted/x",
+            "/opt/libssl.so.3.d/libother.so",
         ] {
             assert!(!is_libssl(std::path::Path::new(no)), "{no}");
         }

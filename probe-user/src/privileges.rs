@@ -13,7 +13,8 @@ use crate::error::StartError;
 /// it on every bpf() call); CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH to find listening sockets
 /// and namespaces of other users' processes (/proc/<pid>/fd is mode 0500 of the process's
 /// user: listing it takes DAC_READ_SEARCH, reading its links takes the ptrace check).
-/// Loading and attaching needed CAP_PERFMON (and CAP_SYS_ADMIN to mount tracefs): dropped.
+/// Loading and attaching needed CAP_PERFMON (and CAP_SYS_ADMIN to mount tracefs): dropped,
+/// but for `--tls` (`KEPT_FOR_TLS`).
 pub const KEPT: [Capability; 3] = [
     Capability::CAP_BPF,
     Capability::CAP_DAC_READ_SEARCH,

@@ -8,7 +8,7 @@ use aya::{
     maps::{MapData, MapError, ProgramArray, RingBuf},
     programs::{
         FExit as FExitProgram, ProgramError, ProgramFd, RawTracePoint, TracePoint, UProbe,
-        uprobe::UProbeScope,
+        uprobe::{UProbeLinkId, UProbeScope},
     },
 };
 use probe_common::{dir, names, syscall_layout};
@@ -233,18 +233,14 @@ const HOOKS: &[Hook] = &[
     ),
 ];
 
-/// The OpenSSL uprobes (`--tls`): (program, libssl symbol). `ssl_return` is the uretprobe
-/// of each of the four calls.
-const OPENSSL: [(&str, &str); 9] = [
-    ("ssl_read", "SSL_read"),
-    ("ssl_read_ex", "SSL_read_ex"),
-    ("ssl_write", "SSL_write"),
-    ("ssl_write_ex", "SSL_write_ex"),
-    ("ssl_free", "SSL_free"),
-    ("ssl_return", "SSL_read"),
-    ("ssl_return", "SSL_read_ex"),
-    ("ssl_return", "SSL_write"),
-    ("ssl_return", "SSL_write_ex"),
+/// The OpenSSL uprobes (`--tls`): (entry program, libssl symbol, required). Each call's
+/// return is `ssl_return`'s (a uretprobe); `SSL_free` has none.
+const OPENSSL_CALLS: [(&str, &str, bool); 5] = [
+    ("ssl_read", "SSL_read", true),
+    ("ssl_write", "SSL_write", true),
+    ("ssl_read_ex", "SSL_read_ex", false),
+    ("ssl_write_ex", "SSL_write_ex", false),
+    ("ssl_free", "SSL_free", false),
 ];
 
 #[derive(Debug, Error)]
@@ -303,6 +299,19 @@ pub struct Limits {
     pub max_connections: u32,
     pub max_processes: u32,
     pub max_request_series: u32,
+    /// `--tls`: the OpenSSL maps get their room (one entry each without it).
+    pub tls: bool,
+}
+
+impl Limits {
+    /// (`TLS_CALLS`, `SSL_CONNS`) entries.
+    pub fn tls_entries(&self) -> (u32, u32) {
+        if self.tls {
+            (probe_common::PENDING_ENTRIES, probe_common::MAX_SSL_CONNS)
+        } else {
+            (1, 1)
+        }
+    }
 }
 
 pub struct Options {
@@ -751,7 +760,10 @@ impl Probe {
             .map_max_entries(names::EXITS, limits.max_processes)
             .map_max_entries(names::LINEAGE, limits.max_processes)
             .map_max_entries(names::REQS, limits.max_request_series)
+            .map_max_entries(names::TLS_CALLS, limits.tls_entries().0)
+            .map_max_entries(names::SSL_CONNS, limits.tls_entries().1)
             .override_global(names::ACCESS_LOG_ENABLED, &access_log, true)
+            .override_global(names::TLS_ENABLED, &u32::from(options.tls), true)
             .load(OBJECT)
             .map_err(|e| ProbeError::Load(Box::new(e)))?;
         let mut probe = Self {
@@ -781,6 +793,7 @@ impl Probe {
         }
         if options.tls {
             probe.tls_programs()?;
+            probe.tls_h2_walks();
         }
         if options.calibration {
             probe.attach(tracefs, &CALIBRATION)?;
@@ -941,12 +954,37 @@ impl Probe {
         Ok(())
     }
 
-    /// The OpenSSL uprobes, loaded (attached per library by `attach_openssl`), and the
-    /// HTTP/2 walks their plaintext tail-calls.
+    /// The OpenSSL uprobes, loaded (attached per library by `attach_openssl`).
     fn tls_programs(&mut self) -> Result<(), ProbeError> {
-        let mut names: Vec<&'static str> = OPENSSL.iter().map(|(p, _)| *p).collect();
-        names.dedup();
-        for name in names.into_iter().chain(["ssl_h2_recv", "ssl_h2_send"]) {
+        let names = OPENSSL_CALLS.iter().map(|(p, _, _)| *p);
+        for name in names.chain(["ssl_return"]) {
+            let program = self.uprobe(name)?;
+            program.load().map_err(|e| ProbeError::Program {
+                name,
+                source: Box::new(e),
+            })?;
+            self.programs += 1;
+        }
+        Ok(())
+    }
+
+    /// The HTTP/2 walks of the OpenSSL plaintext, which `ssl_return` tail-calls. They use
+    /// `bpf_loop` (Linux >= 5.17): a kernel that refuses them counts h2 over TLS by
+    /// nothing but its connection and bytes, and says so.
+    fn tls_h2_walks(&mut self) {
+        match self.load_tls_h2_walks() {
+            Ok(()) => log::info!(
+                "TLS: ssl_h2_recv and ssl_h2_send loaded, tail-called by ssl_return for \
+                 HTTP/2 over TLS (streams are requests)"
+            ),
+            Err(e) => log::warn!(
+                "TLS: the HTTP/2 walks did not load ({e}): HTTP/2 over TLS counts no request"
+            ),
+        }
+    }
+
+    fn load_tls_h2_walks(&mut self) -> Result<(), ProbeError> {
+        for name in ["ssl_h2_recv", "ssl_h2_send"] {
             let program = self.uprobe(name)?;
             program.load().map_err(|e| ProbeError::Program {
                 name,
@@ -989,35 +1027,61 @@ impl Probe {
     }
 
     /// Attaches the OpenSSL uprobes to `library` (a libssl, as a path this process can
-    /// open), for every process that maps it. The number attached: a symbol the library
-    /// lacks (`SSL_read_ex` before OpenSSL 1.1.1) is skipped; none at all is an error.
+    /// open), for every process that maps it; the number of probes attached. Each call is
+    /// an entry probe and the return probe together, or neither. `SSL_read` and `SSL_write`
+    /// are required (without either the library is left alone: an error); `SSL_read_ex`,
+    /// `SSL_write_ex` (OpenSSL >= 1.1.1) and `SSL_free` are taken where the library has them.
     pub fn attach_openssl(&mut self, library: &Path) -> Result<usize, ProbeError> {
-        let mut attached = 0;
-        let mut first_error = None;
-        for (name, symbol) in OPENSSL {
-            let result = self
-                .uprobe(name)?
-                .attach(symbol, library, UProbeScope::AllProcesses);
-            match result {
-                Ok(_) => {
-                    attached += 1;
-                    self.links += 1;
+        let mut links: Vec<(&'static str, UProbeLinkId)> = Vec::new();
+        let mut outcome = Ok(());
+        for (entry, symbol, required) in OPENSSL_CALLS {
+            let pair: &[&'static str] = if entry == "ssl_free" {
+                &[entry]
+            } else {
+                &[entry, "ssl_return"]
+            };
+            let mut attached = Vec::new();
+            let mut failed = None;
+            for &name in pair {
+                match self
+                    .uprobe(name)?
+                    .attach(symbol, library, UProbeScope::AllProcesses)
+                {
+                    Ok(link) => attached.push((name, link)),
+                    Err(e) => {
+                        failed = Some(ProbeError::Program {
+                            name,
+                            source: Box::new(e),
+                        });
+                        break;
+                    }
                 }
-                Err(e) => {
-                    log::debug!(
-                        "{name} not attached to {symbol} in {}: {e}",
-                        library.display()
-                    );
-                    first_error.get_or_insert(ProbeError::Program {
-                        name,
-                        source: Box::new(e),
-                    });
+            }
+            match failed {
+                None => links.extend(attached),
+                Some(e) => {
+                    log::debug!("{symbol} of {} not attached: {e}", library.display());
+                    self.detach(attached);
+                    if required {
+                        outcome = Err(e);
+                        break;
+                    }
                 }
             }
         }
-        match first_error {
-            Some(e) if attached == 0 => Err(e),
-            _ => Ok(attached),
+        if let Err(e) = outcome {
+            self.detach(links);
+            return Err(e);
+        }
+        self.links += links.len();
+        Ok(links.len())
+    }
+
+    fn detach(&mut self, links: Vec<(&'static str, UProbeLinkId)>) {
+        for (name, link) in links {
+            if let Ok(program) = self.uprobe(name) {
+                let _ = program.detach(link);
+            }
         }
     }
 

@@ -2,7 +2,7 @@
 requests multiplexed on each connection, with the `h2` library (hypercorn's own).
 
     h2_client.py HOST PORT --request 'GET /' --request 'POST /echo' ... [--repeat N]
-                 [--connections C] [--window W] [--body BYTES] [--tls]
+                 [--connections C] [--window W] [--body BYTES] [--tls] [--parallel]
 
 Each connection sends every request REPEAT times, at most WINDOW streams open at once, and
 closes cleanly (GOAWAY) once all are answered. Prints one JSON object: the statuses the
@@ -10,6 +10,7 @@ client saw, by "METHOD STATUS", and the number of requests and connections.
 """
 import argparse
 import collections
+import concurrent.futures
 import json
 import socket
 import ssl
@@ -118,6 +119,11 @@ def main():
     parser.add_argument("--body", type=int, default=16)
     parser.add_argument("--tls", action="store_true")
     parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help="run the connections at once, a thread each",
+    )
+    parser.add_argument(
         "--abandon",
         action="store_true",
         help="send the requests, then close each connection without reading a response",
@@ -131,9 +137,10 @@ def main():
     parser.add_argument("--then", action="append", default=[])
     args = parser.parse_args()
     requests = [tuple(r.split(" ", 1)) for r in args.request] * args.repeat
-    total = collections.Counter()
-    for _ in range(args.connections):
-        total += run_connection(args, requests)
+    workers = args.connections if args.parallel else 1
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(lambda _: run_connection(args, requests), range(args.connections)))
+    total = sum(results, collections.Counter())
     print(json.dumps({
         "seen": dict(total),
         "requests": sum(total.values()),

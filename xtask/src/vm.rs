@@ -257,6 +257,15 @@ fn write_initramfs(path: &Path, busybox: &Path) -> Result<()> {
         0o644,
     );
     cpio.file("etc/group", b"root:x:0:\nnogroup:x:65534:\n", 0o644);
+    // `openssl req` reads its configuration.
+    cpio.dir("usr/lib");
+    cpio.dir("usr/lib/ssl");
+    cpio.file(
+        "usr/lib/ssl/openssl.cnf",
+        &fs::read("/usr/lib/ssl/openssl.cnf")
+            .context("openssl is not installed: run `cargo xtask setup`")?,
+        0o644,
+    );
     let mut elves = vec![
         (artifact("flyprobe"), "bin/flyprobe".to_string()),
         (
@@ -280,6 +289,9 @@ fn write_initramfs(path: &Path, busybox: &Path) -> Result<()> {
             "usr/sbin/bpftool".into(),
         ),
         (PathBuf::from("/usr/bin/setpriv"), "usr/bin/setpriv".into()),
+        // The TLS check's certificate and client (Debian's OpenSSL, as nginx's).
+        (PathBuf::from("/usr/bin/openssl"), "usr/bin/openssl".into()),
+        (PathBuf::from("/usr/bin/curl"), "usr/bin/curl".into()),
         (
             nginx.clone(),
             nginx.to_string_lossy().trim_start_matches('/').into(),

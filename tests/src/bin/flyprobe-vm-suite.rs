@@ -231,6 +231,62 @@ fn run_set(suite: &mut Suite, set: &str, expected: &str, first: bool) {
         Ok(log.lines().last().unwrap_or("").to_string())
     });
     suite.check(set, "nginx-h2c", || h2c_streams(set, expected));
+    suite.check(set, "nginx-tls", || tls_requests(set));
+}
+
+/// nginx over TLS with `--tls`: 8 HTTP/1.1 requests on one connection and 4 HTTP/2 streams
+/// on another (curl, ALPN), seen through the OpenSSL uprobes on every hook set: 8 `https`
+/// and 4 `h2` requests, nothing in flight, no `tls` exchange.
+fn tls_requests(set: &str) -> Result<String, String> {
+    let (nginx, _) = servers::nginx_tls();
+    let fp = Flyprobe::start(&[
+        "--hooks",
+        set,
+        "--tls",
+        "--pid-tree",
+        &nginx.pid().to_string(),
+    ]);
+    settle(&fp, "the OpenSSL uprobes attached", |m| {
+        m.get("flyprobe_tls_libraries", &[])
+            .is_some_and(|n| n >= 1.0)
+            .then_some(())
+    });
+    let url = format!("https://127.0.0.1:{}/", nginx.port);
+    for (version, n) in [("--http1.1", 8), ("--http2", 4)] {
+        // One `-o` per URL: curl writes the bodies after the first to stdout otherwise.
+        let out = std::process::Command::new("curl")
+            .args(["-sk", version, "-w", "%{http_code}\n"])
+            .args((0..n).flat_map(|_| ["-o", "/dev/null", url.as_str()]))
+            .output()
+            .map_err(|e| format!("curl: {e}"))?;
+        let codes = String::from_utf8_lossy(&out.stdout).to_string();
+        if codes.lines().filter(|c| *c == "200").count() != n {
+            return Err(format!("curl {version}: {codes:?}"));
+        }
+    }
+    let count = |m: &Metrics, protocol: &str| {
+        m.total(
+            "server_requests_total",
+            &[("server", "nginx"), ("protocol", protocol)],
+        )
+    };
+    let m = settle(&fp, "8 https and 4 h2 requests", |m| {
+        let in_flight = m.total("server_in_flight_requests", &[("server", "nginx")]);
+        (count(m, "https") == 8 && count(m, "h2") == 4 && in_flight == 0).then_some(())
+    });
+    fp.stop();
+    let tls = m.total(
+        "server_exchanges_total",
+        &[("server", "nginx"), ("protocol", "tls")],
+    );
+    if tls != 0 {
+        return Err(format!("{tls} tls exchanges"));
+    }
+    Ok(format!(
+        "{} https, {} h2 requests",
+        count(&m, "https"),
+        count(&m, "h2")
+    ))
 }
 
 /// nginx speaking HTTP/2 without TLS, 8 GET streams opened at once on one connection: with
