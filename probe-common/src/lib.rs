@@ -613,6 +613,7 @@ pub mod names {
     pub const TLS_CALLS: &str = "TLS_CALLS";
     pub const SSL_CONNS: &str = "SSL_CONNS";
     pub const TLS_H2_WALK: &str = "TLS_H2_WALK";
+    pub const TLS_WALKS: &str = "TLS_WALKS";
     /// The program the daemon runs (BPF_PROG_TEST_RUN) to end unix connections whose
     /// socket is gone.
     pub const UNIX_SWEEP: &str = "unix_sweep";

@@ -114,6 +114,12 @@ pub static SSL_CONNS: LruHashMap<SslKey, ConnKey> = LruHashMap::with_max_entries
 #[map]
 pub static TLS_H2_WALK: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
+/// Non-zero once the daemon has put the walks in `TLS_H2_WALK`: without them (a verifier
+/// that refused them) HTTP/2 over TLS is counted by exchanges, as where frames are not
+/// walked.
+#[map]
+pub static TLS_WALKS: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Access-log records; written only when the daemon runs with --access-log.
 #[map]
 pub static ACCESS: RingBuf = RingBuf::with_byte_size(ACCESS_BYTES, 0);

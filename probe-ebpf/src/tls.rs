@@ -31,8 +31,8 @@ use probe_common::{
 use crate::{
     io::{turn_data, walk_h2},
     maps::{
-        CONNS, SSL_CONNS, TLS_CALLS, TLS_H2_WALK, count_drop, is_target, set_target, stats_mut,
-        target_of,
+        CONNS, SSL_CONNS, TLS_CALLS, TLS_H2_WALK, TLS_WALKS, count_drop, is_target, set_target,
+        stats_mut, target_of,
     },
     record::current,
     requests::record_aborted,
@@ -73,7 +73,7 @@ pub fn ssl_free(ctx: ProbeContext) -> u32 {
     if is_target(tgid)
         && let Some(ssl) = ctx.arg::<u64>(0)
     {
-        let _ = SSL_CONNS.remove(&SslKey { ssl, tgid, _pad: 0 });
+        let _ = SSL_CONNS.remove(SslKey { ssl, tgid, _pad: 0 });
     }
     0
 }
@@ -99,7 +99,7 @@ fn enter(ctx: &ProbeContext, direction: u32, ex: bool) {
     } else {
         0
     };
-    if let Some(call) = TLS_CALLS.get_ptr_mut(&id) {
+    if let Some(call) = TLS_CALLS.get_ptr_mut(id) {
         // SAFETY: this thread's own slot; only this thread writes it.
         let call = unsafe { &mut *call };
         call.ssl = ssl;
@@ -117,7 +117,7 @@ fn enter(ctx: &ProbeContext, direction: u32, ex: bool) {
             ex: u32::from(ex),
             ..TlsCall::default()
         };
-        if TLS_CALLS.insert(&id, &call, BPF_ANY as u64).is_err() {
+        if TLS_CALLS.insert(id, call, BPF_ANY as u64).is_err() {
             count_drop(drop_reason::PENDING_MAP_FULL);
         }
     }
@@ -129,7 +129,7 @@ fn enter(ctx: &ProbeContext, direction: u32, ex: bool) {
 #[inline(always)]
 pub fn seen(conn: ConnKey, read: bool) {
     let id = bpf_get_current_pid_tgid();
-    if let Some(call) = TLS_CALLS.get_ptr_mut(&id) {
+    if let Some(call) = TLS_CALLS.get_ptr_mut(id) {
         // SAFETY: this thread's own slot; only this thread writes it.
         let call = unsafe { &mut *call };
         if read {
@@ -145,7 +145,7 @@ pub fn seen(conn: ConnKey, read: bool) {
             ..TlsCall::default()
         };
         call.queue_untied(conn);
-        if TLS_CALLS.insert(&id, &call, BPF_ANY as u64).is_err() {
+        if TLS_CALLS.insert(id, call, BPF_ANY as u64).is_err() {
             count_drop(drop_reason::PENDING_MAP_FULL);
         }
     }
@@ -156,7 +156,7 @@ pub fn seen(conn: ConnKey, read: bool) {
 #[inline(always)]
 pub fn foreign() {
     let id = bpf_get_current_pid_tgid();
-    if let Some(call) = TLS_CALLS.get_ptr_mut(&id) {
+    if let Some(call) = TLS_CALLS.get_ptr_mut(id) {
         // SAFETY: this thread's own slot; only this thread writes it.
         let call = unsafe { &mut *call };
         if call.dir != dir::NONE && call.conn == 0 {
@@ -185,7 +185,7 @@ fn plaintext(ctx: &RetProbeContext) -> Option<u32> {
     if !is_target(tgid) {
         return None;
     }
-    let call = TLS_CALLS.get_ptr_mut(&id)?;
+    let call = TLS_CALLS.get_ptr_mut(id)?;
     // SAFETY: this thread's own slot; only this thread writes it.
     let call = unsafe { &mut *call };
     let direction = call.dir;
@@ -215,7 +215,7 @@ fn plaintext(ctx: &RetProbeContext) -> Option<u32> {
     };
     // SAFETY: read at once. Not an `Option<u64>`: the payload a `None` leaves undefined may
     // be spilled, which the verifier refuses (0 is no connection).
-    let known: ConnKey = match unsafe { SSL_CONNS.get(&key) } {
+    let known: ConnKey = match unsafe { SSL_CONNS.get(key) } {
         Some(conn) => *conn,
         None => 0,
     };
@@ -227,7 +227,7 @@ fn plaintext(ctx: &RetProbeContext) -> Option<u32> {
         // The oldest connection read and not tied yet, still served here and untied.
         call.take_untied(|c| {
             CONNS
-                .get_ptr(&c)
+                .get_ptr(c)
                 // SAFETY: read at once, under RCU.
                 .is_some_and(|s| unsafe { (*s).owner == tgid && (*s).flags & conn_flags::TLS == 0 })
         })
@@ -239,14 +239,14 @@ fn plaintext(ctx: &RetProbeContext) -> Option<u32> {
     };
     if conn == FOREIGN {
         if known != FOREIGN {
-            let _ = SSL_CONNS.insert(&key, &FOREIGN, BPF_ANY as u64);
+            let _ = SSL_CONNS.insert(key, FOREIGN, BPF_ANY as u64);
         }
         return None;
     }
     let stats = stats_mut(tgid)?;
     // A served TLS connection of this process, or the plaintext is not placed (a stale
     // guess must not turn a plain connection into a TLS one).
-    let state = match CONNS.get_ptr_mut(&conn) {
+    let state = match CONNS.get_ptr_mut(conn) {
         // SAFETY: valid for this run (RCU); a connection is driven by one thread at a time.
         Some(state) if conn != 0 => unsafe { &mut *state },
         _ => {
@@ -259,7 +259,7 @@ fn plaintext(ctx: &RetProbeContext) -> Option<u32> {
         return None;
     }
     if known != conn {
-        let _ = SSL_CONNS.insert(&key, &conn, BPF_ANY as u64);
+        let _ = SSL_CONNS.insert(key, conn, BPF_ANY as u64);
     }
     if state.flags & conn_flags::TLS == 0 {
         // Its turns are the plaintext's from here on: the handshake's exchange ends, and a
@@ -273,9 +273,13 @@ fn plaintext(ctx: &RetProbeContext) -> Option<u32> {
         state.phase = phase::IDLE;
     }
     let buf = call.buf;
-    if !turn_data::<true>(conn, tgid, state, stats, direction, bytes, || {
-        (buf_kind::PLAIN, buf)
-    }) {
+    let buffer = || (buf_kind::PLAIN, buf);
+    let walks = TLS_WALKS.get(0).is_some_and(|w| *w != 0);
+    if !walks {
+        turn_data::<false>(conn, tgid, state, stats, direction, bytes, buffer);
+        return None;
+    }
+    if !turn_data::<true>(conn, tgid, state, stats, direction, bytes, buffer) {
         return None;
     }
     call.conn = conn;
@@ -304,7 +308,7 @@ pub fn ssl_h2_send(_ctx: *mut c_void) -> u32 {
 #[inline(never)]
 fn ssl_h2(read: bool) -> u32 {
     let (id, tgid, _) = current();
-    let Some(call) = TLS_CALLS.get_ptr(&id) else {
+    let Some(call) = TLS_CALLS.get_ptr(id) else {
         return 0;
     };
     // SAFETY: this thread's slot; three fields, not a copy on the walk's stack.

@@ -101,7 +101,7 @@ pub struct Cli {
     /// watched processes map) give a TLS connection's plaintext, counted as HTTP/1.x
     /// (`protocol="https"`) or HTTP/2 (`h2`). Off by default: each OpenSSL call of every
     /// process on the node that maps such a libssl then pays a uprobe trap (see the README).
-    /// Keeps CAP_PERFMON, to attach to the libssl of servers found later.
+    /// Keeps CAP_PERFMON and CAP_SYS_ADMIN, to attach to the libssl of servers found later.
     #[arg(long)]
     pub tls: bool,
 

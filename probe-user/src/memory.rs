@@ -152,6 +152,7 @@ pub fn bounds(limits: &Limits, pid_slots: u32) -> Vec<MapBound> {
         ),
         // The OpenSSL plaintext's HTTP/2 walks: two program descriptors.
         map(names::TLS_H2_WALK, Kind::Array, 2, 4, 4),
+        map(names::TLS_WALKS, Kind::Array, 1, 4, 4),
         map(
             names::EXITS,
             Kind::Hash,

@@ -78,7 +78,7 @@ impl OpenSsl {
             m.ino() == id.2 && (major(m.dev()), minor(m.dev())) == (id.0 as u64, id.1 as u64)
         });
         let result = if same {
-            probe.attach_openssl(path).map_err(|e| e.to_string())
+            probe.attach_openssl(path).map_err(|e| causes(&e))
         } else {
             Err("the file at that path is not the one mapped (replaced since)".to_string())
         };
@@ -112,6 +112,18 @@ impl Default for OpenSsl {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// `e` and every error under it, on one line.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
 }
 
 /// The libssl files `pid` maps executable, as paths through its root (its mount namespace).

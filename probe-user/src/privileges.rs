@@ -31,9 +31,11 @@ pub enum DropError {
     },
 }
 
-/// With `--tls`, CAP_PERFMON too: attaching a uprobe (to the libssl of a server found later)
-/// opens a perf event.
-pub const KEPT_FOR_TLS: Capability = Capability::CAP_PERFMON;
+/// With `--tls`, CAP_PERFMON and CAP_SYS_ADMIN too: attaching a uprobe to the libssl of a
+/// server found after start-up opens a uprobe perf event, which this 6.18 kernel refuses
+/// with CAP_PERFMON alone (EACCES; measured with a server started after flyprobe, as
+/// `tls.rs` tests).
+pub const KEPT_FOR_TLS: [Capability; 2] = [Capability::CAP_PERFMON, Capability::CAP_SYS_ADMIN];
 
 /// Reduce the effective, permitted, inheritable and ambient sets to `KEPT` (with `tls`, and
 /// `KEPT_FOR_TLS`; or less, if we never had them), and the bounding set too when allowed
@@ -43,7 +45,9 @@ pub fn drop_unneeded(tls: bool) -> Result<HashSet<Capability>, DropError> {
         set: CapSet::Permitted,
         source,
     })?;
-    let wanted = KEPT.into_iter().chain(tls.then_some(KEPT_FOR_TLS));
+    let wanted = KEPT
+        .into_iter()
+        .chain(KEPT_FOR_TLS.into_iter().filter(|_| tls));
     let keep: HashSet<Capability> = wanted.filter(|c| have.contains(c)).collect();
     let effective = caps::read(None, CapSet::Effective).unwrap_or_default();
     if effective.contains(&Capability::CAP_SETPCAP) {

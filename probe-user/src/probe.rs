@@ -5,7 +5,7 @@ use std::path::Path;
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{MapData, MapError, ProgramArray, RingBuf},
+    maps::{Array, MapData, MapError, ProgramArray, RingBuf},
     programs::{
         FExit as FExitProgram, ProgramError, ProgramFd, RawTracePoint, TracePoint, UProbe,
         uprobe::{UProbeLinkId, UProbeScope},
@@ -978,7 +978,9 @@ impl Probe {
                  HTTP/2 over TLS (streams are requests)"
             ),
             Err(e) => log::warn!(
-                "TLS: the HTTP/2 walks did not load ({e}): HTTP/2 over TLS counts no request"
+                "TLS: the HTTP/2 walks did not load ({}): HTTP/2 over TLS is counted by \
+                 exchanges, not requests",
+                first_line(&e)
             ),
         }
     }
@@ -1012,6 +1014,11 @@ impl Probe {
                 .map_err(|source| ProbeError::Map { name, source })?;
         }
         self.tls_h2_walk = Some(array);
+        let name = names::TLS_WALKS;
+        let mut walks: Array<MapData, u32> = take(&mut self.ebpf, name)?;
+        walks
+            .set(0, 1, 0)
+            .map_err(|source| ProbeError::Map { name, source })?;
         Ok(())
     }
 
@@ -1089,6 +1096,25 @@ impl Probe {
     pub fn program_count(&self) -> usize {
         self.programs
     }
+}
+
+/// The first line of `e` and its causes (a verifier's log is long).
+fn first_line(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    let line = text.lines().next().unwrap_or_default();
+    // The verifier's own verdict is at the end of its log.
+    let verdict = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("invalid") || l.contains("!read_ok") || l.contains("too"))
+        .unwrap_or_default();
+    format!("{line} … {verdict}")
 }
 
 /// The target set is indexed by PID: as many slots as PIDs can be (the kernel's pid_max).

@@ -14,6 +14,7 @@ use std::{collections::BTreeMap, time::Duration};
 use flyprobe_tests::{
     eventually,
     flyprobe::{Flyprobe, Metrics},
+    procs::Guard,
     py_clients::{REQUESTS, Seen, assert_streams, h2_client, https_client, settled, stub_requests},
     require_root, servers,
 };
@@ -23,12 +24,7 @@ const SETTLE: Duration = Duration::from_secs(20);
 /// flyprobe with `--tls` on `pid`'s tree, once it has attached to the server's libssl.
 fn watch_tls(pid: u32) -> Flyprobe {
     let fp = Flyprobe::start(&["--pid-tree", &pid.to_string(), "--tls"]);
-    eventually("the OpenSSL uprobes attached", SETTLE, || {
-        match fp.scrape().get("flyprobe_tls_libraries", &[]) {
-            Some(n) if n >= 1.0 => Ok(()),
-            other => Err(other),
-        }
-    });
+    watch_attached(&fp);
     fp
 }
 
@@ -286,4 +282,82 @@ fn without_the_tls_flag_https_is_tls_exchanges_never_requests() {
         m.text
     );
     fp.stop();
+}
+
+/// A server started after flyprobe (its libssl found by the daemon's scan once it runs,
+/// after start-up, when flyprobe holds only the capabilities it keeps): its HTTPS requests
+/// are counted too. flyprobe watches a shell that execs nginx when told to.
+#[test]
+fn a_tls_server_started_after_flyprobe_is_attached_then() {
+    require_root();
+    let port = flyprobe_tests::free_port();
+    let dir = std::env::temp_dir().join(format!("flyprobe-nginx-later-{port}"));
+    let (cert, key) = servers::self_signed(&dir);
+    let conf = servers::nginx_conf(
+        &dir,
+        1,
+        "",
+        &format!(
+            "listen 127.0.0.1:{port} ssl;
+    ssl_certificate {};
+    ssl_certificate_key {};
+    location = / {{ return 200 'ok'; }}",
+            cert.display(),
+            key.display()
+        ),
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
+    let go = dir.join("go");
+    let nginx = servers::nginx_bin().expect("nginx is not installed: run `cargo xtask setup`");
+    let script = format!(
+        "while [ ! -e {go} ]; do sleep 0.05; done; exec {nginx} -c {dir}/nginx.conf -p {dir}",
+        go = go.display(),
+        nginx = nginx.display(),
+        dir = dir.display()
+    );
+    let shell = Guard::spawn("sh", std::process::Command::new("sh").args(["-c", &script]));
+    // The root was a shell when flyprobe found it: the label is set.
+    let fp = Flyprobe::start(&[
+        "--pid-tree",
+        &shell.pid().to_string(),
+        "--tls",
+        "--server-name",
+        "nginx",
+    ]);
+    assert_eq!(fp.scrape().get("flyprobe_tls_libraries", &[]), Some(0.0));
+    std::fs::write(&go, b"").expect("go");
+    eventually("nginx answering over TLS", SETTLE, || {
+        let seen = https_client(port, &["GET /"], 1, 1, &[]);
+        (seen.requests == 1).then_some(()).ok_or(seen.requests)
+    });
+    watch_attached(&fp);
+    let seen = https_client(port, &["GET /"], 20, 2, &[]);
+    let m = eventually("20 https requests after the attach", SETTLE, || {
+        let m = fp.scrape();
+        match requests(&m, "nginx", "https").values().sum::<u64>() {
+            n if n >= seen.requests => Ok(m),
+            n => Err(n),
+        }
+    });
+    assert!(
+        fp.log().contains("capabilities dropped to [CAP_BPF, CAP_DAC_READ_SEARCH, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE]"),
+        "--tls keeps what attaching later needs\n{}",
+        fp.log()
+    );
+    assert_eq!(
+        m.total("flyprobe_dropped_events_total", &[("reason", "tls_untied")]),
+        0
+    );
+    fp.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Waits until flyprobe has attached to a libssl.
+fn watch_attached(fp: &Flyprobe) {
+    eventually("the OpenSSL uprobes attached", SETTLE, || {
+        match fp.scrape().get("flyprobe_tls_libraries", &[]) {
+            Some(n) if n >= 1.0 => Ok(()),
+            other => Err(other),
+        }
+    });
 }
