@@ -20,6 +20,17 @@ use probe_common::{
 
 use crate::probe::{ProbeError, take};
 
+/// Removes the entries of `map` whose key `doomed` names.
+fn remove_where<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    doomed: impl Fn(&K) -> bool,
+) {
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).filter(doomed).collect();
+    for key in keys {
+        let _ = map.remove(&key);
+    }
+}
+
 pub struct KernelMaps {
     targets: Array<MapData, u8>,
     conns: HashMap<MapData, ConnKey, ConnState>,
@@ -240,35 +251,12 @@ impl KernelMaps {
             let _ = self.h2_conns.remove(key);
         }
         let _ = self.stats.remove(&pid);
-        // Pending-syscall slots of its threads (keyed by pid_tgid) that outlived the process.
-        let slots: Vec<u64> = self
-            .pending
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|id| (id >> 32) as u32 == pid)
-            .collect();
-        for id in slots {
-            let _ = self.pending.remove(&id);
-        }
-        // Its threads' OpenSSL slots, and its `SSL *`s' connections (`--tls`).
-        let slots: Vec<u64> = self
-            .tls_calls
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|id| (id >> 32) as u32 == pid)
-            .collect();
-        for id in slots {
-            let _ = self.tls_calls.remove(&id);
-        }
-        let ssl: Vec<SslKey> = self
-            .ssl_conns
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.tgid == pid)
-            .collect();
-        for key in ssl {
-            let _ = self.ssl_conns.remove(&key);
-        }
+        // Slots of its threads (keyed by pid_tgid) that outlived the process: pending
+        // syscalls, OpenSSL calls; and its `SSL *`s' connections (`--tls`).
+        let of_pid = |id: &u64| (id >> 32) as u32 == pid;
+        remove_where(&mut self.pending, of_pid);
+        remove_where(&mut self.tls_calls, of_pid);
+        remove_where(&mut self.ssl_conns, |k: &SslKey| k.tgid == pid);
     }
 
     /// Entries in the bounded maps, by `flyprobe_map_entries` label, and the connections

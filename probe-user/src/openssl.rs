@@ -14,7 +14,7 @@ use nix::sys::stat::{major, minor};
 
 use procfs::process::{MMPermissions, MMapPath, Process};
 
-use crate::probe::Probe;
+use crate::probe::{Probe, causes};
 
 /// Every this many sweeps, processes already scanned are scanned again: a process may load
 /// libssl after it was first seen (Python imports `ssl` when it needs it).
@@ -112,18 +112,6 @@ impl Default for OpenSsl {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// `e` and every error under it, on one line.
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    out
 }
 
 /// The libssl files `pid` maps executable, as paths through its root (its mount namespace).

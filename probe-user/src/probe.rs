@@ -939,14 +939,7 @@ impl Probe {
             (dir::READ, self.load_unattached("h2_recv")?),
             (dir::WRITE, self.load_unattached("h2_send")?),
         ];
-        let name = names::H2_WALK;
-        let mut array: ProgramArray<MapData> = take(&mut self.ebpf, name)?;
-        for (index, fd) in &walks {
-            array
-                .set(*index, fd, 0)
-                .map_err(|source| ProbeError::Map { name, source })?;
-        }
-        self.h2_walk = Some(array);
+        self.h2_walk = Some(self.program_array(names::H2_WALK, &walks)?);
         log::info!(
             "HTTP/2: h2_recv and h2_send loaded, tail-called by sock_recv and sock_send for \
              h2 connections (streams are requests)"
@@ -958,14 +951,40 @@ impl Probe {
     fn tls_programs(&mut self) -> Result<(), ProbeError> {
         let names = OPENSSL_CALLS.iter().map(|(p, _, _)| *p);
         for name in names.chain(["ssl_return"]) {
-            let program = self.uprobe(name)?;
-            program.load().map_err(|e| ProbeError::Program {
-                name,
-                source: Box::new(e),
-            })?;
-            self.programs += 1;
+            self.load_uprobe(name)?;
         }
         Ok(())
+    }
+
+    /// Loads uprobe program `name`, to attach or tail-call: its descriptor.
+    fn load_uprobe(&mut self, name: &'static str) -> Result<ProgramFd, ProbeError> {
+        let program_error = |e| ProbeError::Program {
+            name,
+            source: Box::new(e),
+        };
+        let program = self.uprobe(name)?;
+        program.load().map_err(program_error)?;
+        let fd = program.fd().map_err(program_error)?;
+        let fd = fd
+            .try_clone()
+            .map_err(|e| program_error(ProgramError::IOError(e)))?;
+        self.programs += 1;
+        Ok(fd)
+    }
+
+    /// Program array `name`, holding `walks` (index, program).
+    fn program_array(
+        &mut self,
+        name: &'static str,
+        walks: &[(u32, ProgramFd)],
+    ) -> Result<ProgramArray<MapData>, ProbeError> {
+        let mut array: ProgramArray<MapData> = take(&mut self.ebpf, name)?;
+        for (index, fd) in walks {
+            array
+                .set(*index, fd, 0)
+                .map_err(|source| ProbeError::Map { name, source })?;
+        }
+        Ok(array)
     }
 
     /// The HTTP/2 walks of the OpenSSL plaintext, which `ssl_return` tail-calls. They use
@@ -986,34 +1005,11 @@ impl Probe {
     }
 
     fn load_tls_h2_walks(&mut self) -> Result<(), ProbeError> {
-        for name in ["ssl_h2_recv", "ssl_h2_send"] {
-            let program = self.uprobe(name)?;
-            program.load().map_err(|e| ProbeError::Program {
-                name,
-                source: Box::new(e),
-            })?;
-            self.programs += 1;
-        }
-        let mut walks = Vec::new();
-        for (index, name) in [(dir::READ, "ssl_h2_recv"), (dir::WRITE, "ssl_h2_send")] {
-            let fd = self
-                .uprobe(name)?
-                .fd()
-                .and_then(|fd| fd.try_clone().map_err(ProgramError::IOError))
-                .map_err(|e| ProbeError::Program {
-                    name,
-                    source: Box::new(e),
-                })?;
-            walks.push((index, fd));
-        }
-        let name = names::TLS_H2_WALK;
-        let mut array: ProgramArray<MapData> = take(&mut self.ebpf, name)?;
-        for (index, fd) in &walks {
-            array
-                .set(*index, fd, 0)
-                .map_err(|source| ProbeError::Map { name, source })?;
-        }
-        self.tls_h2_walk = Some(array);
+        let walks = [
+            (dir::READ, self.load_uprobe("ssl_h2_recv")?),
+            (dir::WRITE, self.load_uprobe("ssl_h2_send")?),
+        ];
+        self.tls_h2_walk = Some(self.program_array(names::TLS_H2_WALK, &walks)?);
         let name = names::TLS_WALKS;
         let mut walks: Array<MapData, u32> = take(&mut self.ebpf, name)?;
         walks
@@ -1098,15 +1094,22 @@ impl Probe {
     }
 }
 
-/// The first line of `e` and its causes (a verifier's log is long).
-fn first_line(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
+/// `e` and every error under it, on one line.
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
     let mut next = e.source();
     while let Some(cause) = next {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
         next = cause.source();
     }
+    out
+}
+
+/// The first line of `e` and its causes (a verifier's log is long), and the verifier's
+/// verdict from its end.
+fn first_line(e: &dyn std::error::Error) -> String {
+    let text = causes(e);
     let line = text.lines().next().unwrap_or_default();
     // The verifier's own verdict is at the end of its log.
     let verdict = text

@@ -107,10 +107,15 @@ fn run(
 
 /// h2 requests of `server` by (method, status class).
 pub fn h2_requests(m: &Metrics, server: &str) -> BTreeMap<(String, String), u64> {
+    requests(m, server, "h2")
+}
+
+/// `protocol`'s requests of `server` by (method, status class).
+pub fn requests(m: &Metrics, server: &str, protocol: &str) -> BTreeMap<(String, String), u64> {
     let mut out = BTreeMap::new();
     for (labels, v) in m.series(
         "server_requests_total",
-        &[("server", server), ("protocol", "h2")],
+        &[("server", server), ("protocol", protocol)],
     ) {
         let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
         *out.entry((get("method"), get("status"))).or_default() += v as u64;
@@ -120,18 +125,24 @@ pub fn h2_requests(m: &Metrics, server: &str) -> BTreeMap<(String, String), u64>
 
 /// Waits for `server`'s counts to settle: `requests` h2 requests, every connection closed.
 pub fn settled(fp: &Flyprobe, server: &str, requests: u64, connections: u64) -> Metrics {
+    settle(fp, server, "h2", requests, connections)
+}
+
+/// Waits until `server` counted `n` requests of `protocol` and `closed` closed connections,
+/// with nothing in flight.
+pub fn settle(fp: &Flyprobe, server: &str, protocol: &str, n: u64, closed: u64) -> Metrics {
     eventually(
-        &format!("{server}: {requests} h2 requests on {connections} closed connections"),
+        &format!("{server}: {n} {protocol} requests, {closed} connections closed"),
         SETTLE,
         || {
             let m = fp.scrape();
             let of = [("server", server)];
             let seen = (
-                h2_requests(&m, server).values().sum::<u64>(),
+                requests(&m, server, protocol).values().sum::<u64>(),
                 m.total("server_connections_closed_total", &of),
                 m.total("server_in_flight_requests", &of),
             );
-            if seen == (requests, connections, 0) {
+            if seen == (n, closed, 0) {
                 Ok(m)
             } else {
                 Err(seen)

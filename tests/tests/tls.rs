@@ -15,7 +15,10 @@ use flyprobe_tests::{
     eventually,
     flyprobe::{Flyprobe, Metrics},
     procs::Guard,
-    py_clients::{REQUESTS, Seen, assert_streams, h2_client, https_client, settled, stub_requests},
+    py_clients::{
+        REQUESTS, Seen, assert_streams, h2_client, https_client, requests, settle, settled,
+        stub_requests,
+    },
     require_root, servers,
 };
 
@@ -26,42 +29,6 @@ fn watch_tls(pid: u32) -> Flyprobe {
     let fp = Flyprobe::start(&["--pid-tree", &pid.to_string(), "--tls"]);
     watch_attached(&fp);
     fp
-}
-
-/// `protocol`'s requests of `server` by (method, status class).
-fn requests(m: &Metrics, server: &str, protocol: &str) -> BTreeMap<(String, String), u64> {
-    let mut out = BTreeMap::new();
-    for (labels, v) in m.series(
-        "server_requests_total",
-        &[("server", server), ("protocol", protocol)],
-    ) {
-        let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
-        *out.entry((get("method"), get("status"))).or_default() += v as u64;
-    }
-    out
-}
-
-/// Waits until `server` counted `n` requests of `protocol` and `closed` closed connections,
-/// with nothing in flight.
-fn settle(fp: &Flyprobe, server: &str, protocol: &str, n: u64, closed: u64) -> Metrics {
-    eventually(
-        &format!("{server}: {n} {protocol} requests, {closed} connections closed"),
-        SETTLE,
-        || {
-            let m = fp.scrape();
-            let of = [("server", server)];
-            let seen = (
-                requests(&m, server, protocol).values().sum::<u64>(),
-                m.total("server_connections_closed_total", &of),
-                m.total("server_in_flight_requests", &of),
-            );
-            if seen == (n, closed, 0) {
-                Ok(m)
-            } else {
-                Err(seen)
-            }
-        },
-    )
 }
 
 /// Nothing of TLS itself is counted: no handshake exchange, no plaintext without its
