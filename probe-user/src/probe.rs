@@ -1111,11 +1111,14 @@ pub fn causes(e: &dyn std::error::Error) -> String {
 fn first_line(e: &dyn std::error::Error) -> String {
     let text = causes(e);
     let line = text.lines().next().unwrap_or_default();
-    // The verifier's own verdict is at the end of its log.
-    let verdict = text
-        .lines()
-        .rev()
-        .find(|l| l.contains("invalid") || l.contains("!read_ok") || l.contains("too"))
+    // The verifier's verdict is the line before its closing statistics ("R2 unbounded
+    // memory access, …" on 6.1); matching words missed that one.
+    let lines: Vec<&str> = text.lines().collect();
+    let verdict = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with("verification time"))
+        .and_then(|at| lines[..at].iter().rev().find(|l| !l.trim().is_empty()))
+        .copied()
         .unwrap_or_default();
     format!("{line} … {verdict}")
 }

@@ -60,11 +60,7 @@ pub fn uvicorn_app(workers: u32, app: &str, env: &[(&str, &str)], extra: &[&str]
     let port = free_port();
     let guard = Guard::spawn(
         "uvicorn",
-        Command::new(python())
-            .args(["-m", "uvicorn", app, "--app-dir"])
-            .arg(apps_dir())
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--workers", &workers.to_string(), "--log-level", "warning"])
+        uvicorn_command(app, port, workers)
             .args(extra)
             .envs(env.iter().copied()),
     );
@@ -72,6 +68,16 @@ pub fn uvicorn_app(workers: u32, app: &str, env: &[(&str, &str)], extra: &[&str]
     // Workers are spawned (fork + exec of `spawn_main`) beside a resource tracker.
     all_forked(&server, workers, "spawn_main");
     server
+}
+
+/// `uvicorn APP --workers N` on 127.0.0.1:`port`, its options to follow.
+fn uvicorn_command(app: &str, port: u16, workers: u32) -> Command {
+    let mut cmd = Command::new(python());
+    cmd.args(["-m", "uvicorn", app, "--app-dir"])
+        .arg(apps_dir())
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--workers", &workers.to_string(), "--log-level", "warning"]);
+    cmd
 }
 
 /// A unix-domain socket path in a scratch directory of its own (removed with the server).
@@ -234,19 +240,22 @@ pub fn gunicorn_recycling(workers: u32, max_requests: u32) -> Server {
 
 fn gunicorn_sync_with(workers: u32, extra: &[&str]) -> Server {
     let port = free_port();
-    let guard = Guard::spawn(
-        "gunicorn",
-        Command::new(python())
-            .args(["-m", "gunicorn", "wsgi_app:app", "--chdir"])
-            .arg(apps_dir())
-            .args(["--bind", &format!("127.0.0.1:{port}")])
-            .args(["--workers", &workers.to_string(), "--worker-class", "sync"])
-            .args(extra)
-            .args(["--graceful-timeout", "5", "--log-level", "warning"]),
-    );
+    let guard = Guard::spawn("gunicorn", gunicorn_sync_command(port, workers).args(extra));
     let server = ready(guard, port);
     all_forked(&server, workers, "");
     server
+}
+
+/// `gunicorn wsgi_app:app` with `workers` sync workers on 127.0.0.1:`port`, its options to
+/// follow.
+fn gunicorn_sync_command(port: u16, workers: u32) -> Command {
+    let mut cmd = Command::new(python());
+    cmd.args(["-m", "gunicorn", "wsgi_app:app", "--chdir"])
+        .arg(apps_dir())
+        .args(["--bind", &format!("127.0.0.1:{port}")])
+        .args(["--workers", &workers.to_string(), "--worker-class", "sync"])
+        .args(["--graceful-timeout", "5", "--log-level", "warning"]);
+    cmd
 }
 
 /// `granian --interface asgi --workers N` (Rust server, Python workers).
@@ -278,14 +287,17 @@ pub fn granian(workers: u32) -> Server {
 /// `hypercorn --workers N`.
 pub fn hypercorn(workers: u32) -> Server {
     let port = free_port();
-    let guard = Guard::spawn(
-        "hypercorn",
-        Command::new(python())
-            .args(["-m", "hypercorn", "--workers", &workers.to_string()])
-            .args(["--bind", &format!("127.0.0.1:{port}"), "app:app"])
-            .current_dir(apps_dir()),
-    );
+    let guard = Guard::spawn("hypercorn", hypercorn_command(port, workers).arg("app:app"));
     ready(guard, port)
+}
+
+/// `hypercorn --workers N` on 127.0.0.1:`port`, its options and the app to follow.
+fn hypercorn_command(port: u16, workers: u32) -> Command {
+    let mut cmd = Command::new(python());
+    cmd.args(["-m", "hypercorn", "--workers", &workers.to_string()])
+        .args(["--bind", &format!("127.0.0.1:{port}")])
+        .current_dir(apps_dir());
+    cmd
 }
 
 /// Debian's nginx binary, if installed.
@@ -679,11 +691,7 @@ pub fn uvicorn_tls(workers: u32) -> Server {
     let (dir, cert, key) = tls_dir("uvicorn", port);
     let guard = Guard::spawn(
         "uvicorn",
-        Command::new(python())
-            .args(["-m", "uvicorn", "app:app", "--app-dir"])
-            .arg(apps_dir())
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--workers", &workers.to_string(), "--log-level", "warning"])
+        uvicorn_command("app:app", port, workers)
             .arg("--ssl-certfile")
             .arg(&cert)
             .arg("--ssl-keyfile")
@@ -701,16 +709,11 @@ pub fn gunicorn_tls(workers: u32) -> Server {
     let (dir, cert, key) = tls_dir("gunicorn", port);
     let guard = Guard::spawn(
         "gunicorn",
-        Command::new(python())
-            .args(["-m", "gunicorn", "wsgi_app:app", "--chdir"])
-            .arg(apps_dir())
-            .args(["--bind", &format!("127.0.0.1:{port}")])
-            .args(["--workers", &workers.to_string(), "--worker-class", "sync"])
+        gunicorn_sync_command(port, workers)
             .arg("--certfile")
             .arg(&cert)
             .arg("--keyfile")
-            .arg(&key)
-            .args(["--graceful-timeout", "5", "--log-level", "warning"]),
+            .arg(&key),
     );
     let server = ready_tls(guard, port, dir);
     all_forked(&server, workers, "");
@@ -723,15 +726,12 @@ pub fn hypercorn_tls(workers: u32) -> Server {
     let (dir, cert, key) = tls_dir("hypercorn", port);
     let guard = Guard::spawn(
         "hypercorn",
-        Command::new(python())
-            .args(["-m", "hypercorn", "--workers", &workers.to_string()])
-            .args(["--bind", &format!("127.0.0.1:{port}")])
+        hypercorn_command(port, workers)
             .arg("--certfile")
             .arg(&cert)
             .arg("--keyfile")
             .arg(&key)
-            .arg("app:app")
-            .current_dir(apps_dir()),
+            .arg("app:app"),
     );
     ready_tls(guard, port, dir)
 }
