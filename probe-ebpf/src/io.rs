@@ -413,11 +413,20 @@ impl Frames for Requests {
 
     #[inline(always)]
     fn read(&mut self, addr: u64, len: u32, out: &mut [u8; WINDOW]) -> bool {
+        if len == 0 {
+            return true;
+        }
         let len = if len > WINDOW as u32 {
             WINDOW as u32
         } else {
             len
         };
+        // Linux 6.1 loses the clamp's bound on its way to the helper (the check is on one
+        // register or stack slot, the call uses another): "R2 unbounded memory access". A
+        // mask in the register the helper takes keeps it; the volatile read keeps LLVM from
+        // folding the mask away. For 1..=WINDOW it is the identity.
+        // SAFETY: a read of a local.
+        let len = ((unsafe { core::ptr::read_volatile(&len) } - 1) & (WINDOW as u32 - 1)) + 1;
         // SAFETY: at most WINDOW bytes into `out`; a fault returns an error.
         unsafe {
             bpf_probe_read_user(out.as_mut_ptr() as *mut c_void, len, addr as *const c_void) == 0

@@ -98,18 +98,23 @@ fn stalled_run(during_stall: impl FnOnce(u16) -> u64) -> Outcome {
          was stopped; killed worker {victim}",
         connections - ok
     );
-    // Workers gone now (a zombie not yet reaped has exited too).
-    let live: BTreeSet<u32> = servers::live_children(server.pid()).into_iter().collect();
     let mut served = workers.lock().unwrap().clone();
     served.insert(victim);
-    let exited_workers = served.difference(&live).count() as u64;
-    let metrics = eventually(
+    // Workers gone (a zombie not yet reaped has exited too). Asked again at each look: a
+    // worker that answered its last request just before the clients stopped may still be
+    // exiting, and it is gone by the time its stop is counted.
+    let exited = || {
+        let live: BTreeSet<u32> = servers::live_children(server.pid()).into_iter().collect();
+        served.difference(&live).count() as u64
+    };
+    let (metrics, exited_workers) = eventually(
         &format!(
-            "{ok}..={connections} 2xx responses, {connections} connections and \
-             {exited_workers} worker stops counted"
+            "{ok}..={connections} 2xx responses, {connections} connections and a stop \
+             counted for each worker that answered and exited"
         ),
         Duration::from_secs(20),
         || {
+            let exited_workers = exited();
             let m = fp.scrape();
             let (ok_counted, accepted, closed) = m.served(SERVER);
             let stops = stopped_total(&m);
@@ -122,9 +127,9 @@ fn stalled_run(during_stall: impl FnOnce(u16) -> u64) -> Outcome {
                 && (accepted, closed) == (connections, connections)
                 && (exited_workers..=exited_workers + 1).contains(&stops)
             {
-                Ok(m)
+                Ok((m, exited_workers))
             } else {
-                Err((ok_counted, accepted, closed, stops))
+                Err((ok_counted, accepted, closed, stops, exited_workers))
             }
         },
     );
