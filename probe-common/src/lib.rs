@@ -169,6 +169,8 @@ pub mod dir {
     pub const WRITE: u32 = 1;
     /// The slot holds no syscall in progress.
     pub const NONE: u32 = 2;
+    /// `SSL_do_handshake` in progress (a `TlsCall`): no plaintext, only its connection.
+    pub const HANDSHAKE: u32 = 3;
 }
 
 /// Where a syscall's data is: the shape of its second argument.
@@ -275,9 +277,9 @@ pub struct StreamKey {
     pub _pad: u32,
 }
 
-/// A thread's OpenSSL call in progress (`SSL_read[_ex]`, `SSL_write[_ex]`), from its entry
-/// to its return, and the TLS connection the thread last read or wrote: what ties the
-/// plaintext to its connection.
+/// A thread's OpenSSL call in progress (`SSL_read[_ex]`, `SSL_write[_ex]`,
+/// `SSL_do_handshake`), from its entry to its return, and the TLS connections the thread
+/// read: what ties the plaintext to its connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TlsCall {
@@ -295,6 +297,10 @@ pub struct TlsCall {
     /// BIO is fed from its socket's read before its `SSL_read`, and uvloop runs those
     /// `SSL_read`s in the order it read the sockets, maybe after reading others.
     pub untied: [ConnKey; UNTIED],
+    /// The connection of the thread's last socket event that was a read of a TLS connection
+    /// in its handshake, or `FOREIGN` when a socket that is no served connection came after:
+    /// a memory BIO's `SSL_do_handshake` follows the read that fed it.
+    pub last: ConnKey,
     /// Plaintext bytes of the call, for the HTTP/2 walk it tail-calls.
     pub bytes: u64,
     /// `dir::*` while the call runs, `dir::NONE` after its return.

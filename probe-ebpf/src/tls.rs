@@ -7,9 +7,10 @@
 //! note the connection in the thread's `TLS_CALLS` slot. A call that reads or writes its
 //! socket (a socket BIO: nginx, gunicorn) names it during the call; one that does not (a
 //! memory BIO: asyncio's SSL, so uvicorn and hypercorn; or bytes OpenSSL had buffered) takes
-//! the connection its `SSL *` was last seen on, else, for a read, the connection its thread
-//! last read that no call was tied to yet (a memory BIO is fed from a socket read before;
-//! uvloop may read other, known, connections in between), once. A socket that is not a
+//! the connection its `SSL *` was tied to at its handshake (`SSL_do_handshake`: the socket
+//! the call touched, else the handshaking connection the thread read just before), else,
+//! for a read, the oldest connection its thread read that no call was tied to yet (a memory
+//! BIO is fed from a socket read before), once. A socket that is not a
 //! served connection (the server's own outbound TLS) is `FOREIGN` there: plaintext on it
 //! counts nothing. From the first plaintext on, the connection's socket events count bytes
 //! only (`io::transfer`).
@@ -66,6 +67,14 @@ pub fn ssl_write_ex(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// int SSL_do_handshake(SSL *s): ties the `SSL *` to its connection before any plaintext
+/// (`handshake`), which the first reads of parallel connections on a memory BIO need.
+#[uprobe]
+pub fn ssl_do_handshake(ctx: ProbeContext) -> u32 {
+    enter(&ctx, dir::HANDSHAKE, false);
+    0
+}
+
 /// void SSL_free(SSL *ssl): its connection is forgotten (the address may name another).
 #[uprobe]
 pub fn ssl_free(ctx: ProbeContext) -> u32 {
@@ -91,8 +100,13 @@ fn enter(ctx: &ProbeContext, direction: u32, ex: bool) {
     if slot == target::TRACKED {
         set_target(tgid, target::OPENSSL);
     }
-    let (Some(ssl), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
+    let Some(ssl) = ctx.arg::<u64>(0) else {
         return;
+    };
+    let buf = if direction == dir::HANDSHAKE {
+        0
+    } else {
+        ctx.arg::<u64>(1).unwrap_or(0)
     };
     let len_ptr = if ex {
         ctx.arg::<u64>(3).unwrap_or(0)
@@ -134,6 +148,7 @@ pub fn seen(conn: ConnKey, read: bool) {
         let call = unsafe { &mut *call };
         if read {
             call.queue_untied(conn);
+            call.last = conn;
         }
         if call.dir != dir::NONE && call.conn == 0 {
             call.conn = conn;
@@ -142,6 +157,7 @@ pub fn seen(conn: ConnKey, read: bool) {
         // No call in progress (it would have made the slot): only the untied read to note.
         let mut call = TlsCall {
             dir: dir::NONE,
+            last: conn,
             ..TlsCall::default()
         };
         call.queue_untied(conn);
@@ -162,6 +178,9 @@ pub fn foreign() {
         if call.dir != dir::NONE && call.conn == 0 {
             call.conn = FOREIGN;
         }
+        // A handshake fed from this socket (the server's own outbound TLS on a memory BIO)
+        // is not the last served connection's.
+        call.last = FOREIGN;
     }
 }
 
@@ -193,6 +212,10 @@ fn plaintext(ctx: &RetProbeContext) -> Option<u32> {
         return None;
     }
     call.dir = dir::NONE;
+    if direction == dir::HANDSHAKE {
+        handshake(call, tgid);
+        return None;
+    }
     let ret: i32 = ctx.ret();
     let bytes = if call.ex != 0 {
         // The _ex functions return 1 and store the count.
@@ -285,6 +308,38 @@ fn plaintext(ctx: &RetProbeContext) -> Option<u32> {
     call.conn = conn;
     call.bytes = bytes;
     Some(direction)
+}
+
+/// The return of `SSL_do_handshake`: its `SSL *` is on the connection whose socket it read
+/// or wrote (a socket BIO: nginx, gunicorn), else on the TLS connection in its handshake
+/// that the thread read last (a memory BIO: asyncio's and uvloop's TLS feed the BIO from
+/// the socket's read and call `SSL_do_handshake` at once). Each call of a handshake ties it
+/// again: a connection's first read is not yet known as TLS, the last one is. Parallel
+/// connections then need no guess at their first `SSL_read`: uvloop reads other sockets
+/// between a connection's handshake and its first request, in any order.
+#[inline(always)]
+fn handshake(call: &mut TlsCall, tgid: u32) {
+    let conn = if call.conn != 0 { call.conn } else { call.last };
+    if conn == 0 {
+        return;
+    }
+    let key = SslKey {
+        ssl: call.ssl,
+        tgid,
+        _pad: 0,
+    };
+    if conn == FOREIGN {
+        let _ = SSL_CONNS.insert(key, FOREIGN, BPF_ANY as u64);
+        return;
+    }
+    // A connection of this process in its handshake (no plaintext yet), or no tie.
+    // SAFETY: read at once, under RCU.
+    let handshaking = CONNS.get_ptr(conn).is_some_and(|s| unsafe {
+        (*s).owner == tgid && (*s).protocol == PROTO_TLS && (*s).flags & conn_flags::TLS == 0
+    });
+    if handshaking {
+        let _ = SSL_CONNS.insert(key, conn, BPF_ANY as u64);
+    }
 }
 
 // The walks are written out rather than with `#[uprobe]`, as `sockets::h2_recv` is: the

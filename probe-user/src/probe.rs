@@ -235,11 +235,12 @@ const HOOKS: &[Hook] = &[
 
 /// The OpenSSL uprobes (`--tls`): (entry program, libssl symbol, required). Each call's
 /// return is `ssl_return`'s (a uretprobe); `SSL_free` has none.
-const OPENSSL_CALLS: [(&str, &str, bool); 5] = [
+const OPENSSL_CALLS: [(&str, &str, bool); 6] = [
     ("ssl_read", "SSL_read", true),
     ("ssl_write", "SSL_write", true),
     ("ssl_read_ex", "SSL_read_ex", false),
     ("ssl_write_ex", "SSL_write_ex", false),
+    ("ssl_do_handshake", "SSL_do_handshake", false),
     ("ssl_free", "SSL_free", false),
 ];
 
@@ -1033,7 +1034,8 @@ impl Probe {
     /// open), for every process that maps it; the number of probes attached. Each call is
     /// an entry probe and the return probe together, or neither. `SSL_read` and `SSL_write`
     /// are required (without either the library is left alone: an error); `SSL_read_ex`,
-    /// `SSL_write_ex` (OpenSSL >= 1.1.1) and `SSL_free` are taken where the library has them.
+    /// `SSL_write_ex` (OpenSSL >= 1.1.1), `SSL_do_handshake` and `SSL_free` are taken where
+    /// the library has them.
     pub fn attach_openssl(&mut self, library: &Path) -> Result<usize, ProbeError> {
         let mut links: Vec<(&'static str, UProbeLinkId)> = Vec::new();
         let mut outcome = Ok(());
