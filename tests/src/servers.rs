@@ -5,7 +5,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::mpsc,
     time::Duration,
@@ -584,20 +584,35 @@ fn answers(how: &str, connect: impl Fn() -> std::io::Result<Conn>) {
 /// A gRPC server (Python's grpcio: gRPC's C core, its own HTTP/2): tests/apps/grpc_echo.py,
 /// one unary echo method, on a free loopback port.
 pub fn grpc_echo() -> Server {
+    grpc_echo_with(None)
+}
+
+/// The gRPC echo server over TLS (grpcio's own: BoringSSL linked into its extension, no
+/// OpenSSL call), with a self-signed certificate for `localhost`: the server and the
+/// certificate its client is to trust.
+pub fn grpc_echo_tls() -> (Server, PathBuf) {
     let port = free_port();
-    let guard = Guard::spawn(
-        "grpc",
-        Command::new(python())
-            .args(["grpc_echo.py", "serve", &port.to_string()])
-            .current_dir(apps_dir()),
-    );
+    let (dir, cert, key) = tls_dir("grpc", port);
+    let server = grpc_echo_with(Some((port, dir, &key, &cert)));
+    (server, cert)
+}
+
+fn grpc_echo_with(tls: Option<(u16, PathBuf, &Path, &Path)>) -> Server {
+    let port = tls.as_ref().map_or_else(free_port, |t| t.0);
+    let mut cmd = Command::new(python());
+    cmd.args(["grpc_echo.py", "serve", &port.to_string()])
+        .current_dir(apps_dir());
+    if let Some((_, _, key, cert)) = &tls {
+        cmd.arg("--tls").arg(cert).arg(key);
+    }
+    let guard = Guard::spawn("grpc", &mut cmd);
     eventually("the gRPC server to listen", Duration::from_secs(30), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| ())
     });
     Server {
         guard,
         port,
-        scratch: None,
+        scratch: tls.map(|t| t.1),
     }
 }
 

@@ -7,7 +7,8 @@
 //!
 //! The servers: nginx (OpenSSL on the socket), uvicorn and hypercorn (asyncio's TLS: OpenSSL
 //! on memory buffers, the socket read and written apart from it), gunicorn's sync workers
-//! (Python's `ssl` on the socket, a connection per request).
+//! (Python's `ssl` on the socket, a connection per request); and grpcio, whose TLS is not
+//! OpenSSL's: connections and bytes only.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -23,6 +24,63 @@ use flyprobe_tests::{
 };
 
 const SETTLE: Duration = Duration::from_secs(20);
+
+/// grpcio over TLS: its TLS is BoringSSL linked into grpcio's extension (stripped, nothing to
+/// attach to), while the process maps OpenSSL's libssl (Python's `ssl`), which flyprobe
+/// attaches to. A server not on OpenSSL stays counted by connection and bytes: its one
+/// connection accepted and closed, its bytes, and nothing else: no request, no exchange (the
+/// process is an OpenSSL one, whose TLS handshakes are not exchanges), no untied plaintext.
+#[test]
+fn grpc_over_its_own_tls_is_connections_and_bytes_only() {
+    require_root();
+    let (server, cert) = servers::grpc_echo_tls();
+    let fp = watch_tls(server.pid());
+    let out = std::process::Command::new(servers::python())
+        .arg(flyprobe_tests::workspace().join("tests/apps/grpc_echo.py"))
+        .args(["call", &server.port.to_string(), "40", "--fail", "4"])
+        .arg("--tls")
+        .arg(&cert)
+        .output()
+        .expect("run the gRPC client");
+    assert!(
+        out.status.success(),
+        "gRPC client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        (report["ok"].as_u64(), report["failed"].as_u64()),
+        (Some(36), Some(4))
+    );
+    let of = [("server", "python")];
+    let m = eventually("one connection accepted and closed", SETTLE, || {
+        let m = fp.scrape();
+        let seen = (
+            m.total("server_connections_accepted_total", &of),
+            m.total("server_connections_closed_total", &of),
+        );
+        if seen == (1, 1) { Ok(m) } else { Err(seen) }
+    });
+    let bytes = (
+        m.total("server_received_bytes_total", &of),
+        m.total("server_sent_bytes_total", &of),
+    );
+    assert!(
+        bytes.0 > 40 * 20 && bytes.1 > 40 * 20,
+        "40 calls' ciphertext both ways: {bytes:?}"
+    );
+    assert_eq!(
+        (
+            m.total("server_requests_total", &of),
+            m.total("server_exchanges_total", &of),
+        ),
+        (0, 0),
+        "no request, no exchange\n{}",
+        m.text
+    );
+    assert_no_tls_noise(&m, "python");
+    fp.stop();
+}
 
 /// flyprobe with `--tls` on `pid`'s tree, once it has attached to the server's libssl.
 fn watch_tls(pid: u32) -> Flyprobe {
