@@ -93,15 +93,17 @@ impl KernelMaps {
         self.targets.set(pid, target::TRACKED, 0)
     }
 
-    /// Mark tracked `pid` as one whose libssl has the OpenSSL uprobes (`--tls`): its TLS
-    /// handshakes are no exchanges. Left alone if it is not tracked (any more).
-    pub fn mark_openssl(&mut self, pid: u32) {
-        if self
-            .targets
-            .get(&pid, 0)
-            .is_ok_and(|t| t == target::TRACKED)
-        {
-            let _ = self.targets.set(pid, target::OPENSSL, 0);
+    /// Mark tracked `pid` as one whose libssl has the OpenSSL uprobes (`--tls`), or not:
+    /// its TLS handshakes are no exchanges, or are again (it exec'd a program without that
+    /// libssl; the mark had come with fork). Left alone if it is not tracked (any more).
+    pub fn mark_openssl(&mut self, pid: u32, openssl: bool) {
+        let (from, to) = if openssl {
+            (target::TRACKED, target::OPENSSL)
+        } else {
+            (target::OPENSSL, target::TRACKED)
+        };
+        if self.targets.get(&pid, 0).is_ok_and(|t| t == from) {
+            let _ = self.targets.set(pid, to, 0);
         }
     }
 

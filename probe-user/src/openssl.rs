@@ -50,8 +50,9 @@ impl OpenSsl {
 
     /// Reads the maps of the live `members` not scanned yet (all of them every
     /// `RESCAN_EVERY_SWEEPS`) and attaches the uprobes to each libssl met for the first time.
-    /// The processes scanned that map an attached libssl.
-    pub fn sweep(&mut self, probe: &mut Probe, members: &BTreeSet<u32>) -> Vec<u32> {
+    /// Each process scanned, and whether it maps an attached libssl (one that exec'd another
+    /// program since it was marked no longer does).
+    pub fn sweep(&mut self, probe: &mut Probe, members: &BTreeSet<u32>) -> Vec<(u32, bool)> {
         let mut seen = Vec::new();
         self.sweeps += 1;
         if self.sweeps >= RESCAN_EVERY_SWEEPS {
@@ -63,11 +64,15 @@ impl OpenSsl {
             if !self.scanned.insert(pid) {
                 continue;
             }
-            for (id, path) in libssl_of(pid) {
-                if self.attached.contains(&id) || self.attach(probe, pid, id, &path) {
-                    seen.push(pid);
-                }
+            // Gone since (its maps unreadable): its exit ends its mark.
+            let Some(libraries) = libssl_of(pid) else {
+                continue;
+            };
+            let mut attached = false;
+            for (id, path) in libraries {
+                attached |= self.attached.contains(&id) || self.attach(probe, pid, id, &path);
             }
+            seen.push((pid, attached));
         }
         seen
     }
@@ -114,11 +119,10 @@ impl Default for OpenSsl {
     }
 }
 
-/// The libssl files `pid` maps executable, as paths through its root (its mount namespace).
-fn libssl_of(pid: u32) -> Vec<(FileId, PathBuf)> {
-    let Ok(maps) = Process::new(pid as i32).and_then(|p| p.maps()) else {
-        return Vec::new();
-    };
+/// The libssl files `pid` maps executable, as paths through its root (its mount namespace);
+/// `None` when its maps cannot be read (it is gone).
+fn libssl_of(pid: u32) -> Option<Vec<(FileId, PathBuf)>> {
+    let maps = Process::new(pid as i32).and_then(|p| p.maps()).ok()?;
     let mut found = Vec::new();
     for map in maps {
         let MMapPath::Path(path) = &map.pathname else {
@@ -134,7 +138,7 @@ fn libssl_of(pid: u32) -> Vec<(FileId, PathBuf)> {
         let inside = path.strip_prefix("/").unwrap_or(path);
         found.push((id, PathBuf::from(format!("/proc/{pid}/root")).join(inside)));
     }
-    found
+    Some(found)
 }
 
 /// `libssl.so`, `libssl.so.3`, `libssl.so.1.1`: OpenSSL's TLS library (not NSS's

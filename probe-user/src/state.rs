@@ -312,8 +312,8 @@ impl State {
                 .filter(|(_, m)| m.exited.is_none())
                 .map(|(&pid, _)| pid)
                 .collect();
-            for pid in openssl.sweep(probe, &live) {
-                self.maps.mark_openssl(pid);
+            for (pid, attached) in openssl.sweep(probe, &live) {
+                self.maps.mark_openssl(pid, attached);
             }
         }
         self.retire_due(now);

@@ -431,6 +431,56 @@ pub fn echo_server() -> Server {
     }
 }
 
+/// A Python process that maps OpenSSL's libssl (it made an SSL context) until a line on its
+/// stdin (`exec_echo`) makes it exec the echo server (Rust, no TLS library) in its place: the
+/// same PID, another program. Returns once the first program is ready; its port is the echo
+/// server's, listening only after the exec.
+pub fn python_then_echo() -> Server {
+    let port = free_port();
+    let echo = artifact(
+        "FLYPROBE_ECHO_SERVER",
+        workspace().join("target/release/flyprobe-echo-server"),
+    );
+    let script = "import os, ssl, sys\n\
+                  ssl.create_default_context()\n\
+                  print('ready', flush=True)\n\
+                  sys.stdin.readline()\n\
+                  os.execv(sys.argv[1], [sys.argv[1], '--port', sys.argv[2]])\n";
+    let mut guard = Guard::spawn(
+        "python-then-echo",
+        Command::new(python())
+            .args(["-c", script])
+            .arg(echo)
+            .arg(port.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let mut line = String::new();
+    let stdout = guard.child.stdout.take().expect("piped stdout");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("reading the Python process's stdout");
+    assert_eq!(line.trim(), "ready", "the Python process did not start");
+    Server {
+        guard,
+        port,
+        scratch: None,
+    }
+}
+
+/// Tells `python_then_echo`'s process to exec the echo server, and waits until it listens.
+pub fn exec_echo(server: &mut Server) {
+    use std::io::Write as _;
+    let stdin = server.guard.child.stdin.as_mut().expect("piped stdin");
+    stdin
+        .write_all(b"exec\n")
+        .expect("writing to the Python process");
+    let port = server.port;
+    eventually("the echo server to listen", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())
+    });
+}
+
 /// The io_uring server built from tests/src/bin (one thread, accept/recv/send/close through
 /// the ring).
 pub fn uring_server() -> Server {

@@ -82,6 +82,49 @@ fn grpc_over_its_own_tls_is_connections_and_bytes_only() {
     fp.stop();
 }
 
+/// The OpenSSL mark goes with the program, not the PID: a process that mapped libssl (its
+/// TLS handshakes are then no exchanges) and exec's a program without it (the echo server:
+/// Rust, no TLS library) has TLS records counted as `tls` exchanges again once flyprobe
+/// reads its maps anew (every 10 s). With the mark kept, they would never be.
+#[test]
+fn a_process_that_execs_a_program_without_openssl_loses_its_mark() {
+    require_root();
+    let mut server = servers::python_then_echo();
+    let fp = Flyprobe::start(&[
+        "--pid-tree",
+        &server.pid().to_string(),
+        "--tls",
+        "--server-name",
+        "execd",
+    ]);
+    watch_attached(&fp);
+    servers::exec_echo(&mut server);
+    // A TLS record (a handshake's header and a few bytes), echoed back: one read/write turn.
+    let record = [0x16, 0x03, 0x01, 0x00, 0x04, 1, 0, 0, 0];
+    let of = [("server", "execd"), ("protocol", "tls")];
+    let exchanges = eventually(
+        "tls exchanges counted after the exec",
+        Duration::from_secs(25),
+        || {
+            let mut conn = std::net::TcpStream::connect(("127.0.0.1", server.port))
+                .map_err(|e| e.to_string())?;
+            use std::io::{Read as _, Write as _};
+            conn.write_all(&record).map_err(|e| e.to_string())?;
+            let mut back = [0u8; 9];
+            conn.read_exact(&mut back).map_err(|e| e.to_string())?;
+            drop(conn);
+            std::thread::sleep(Duration::from_millis(200));
+            let m = fp.scrape();
+            match m.total("server_exchanges_total", &of) {
+                0 => Err("no tls exchange yet".to_string()),
+                n => Ok(n),
+            }
+        },
+    );
+    eprintln!("{exchanges} tls exchanges after the exec");
+    fp.stop();
+}
+
 /// flyprobe with `--tls` on `pid`'s tree, once it has attached to the server's libssl.
 fn watch_tls(pid: u32) -> Flyprobe {
     let fp = Flyprobe::start(&["--pid-tree", &pid.to_string(), "--tls"]);
