@@ -176,6 +176,17 @@ mod tests {
     /// (tests/tests/tls.rs), which attach to it.
     #[test]
     fn a_process_without_libssl_has_none() {
-        assert!(libssl_of(std::process::id()).is_empty());
+        assert_eq!(libssl_of(std::process::id()), Some(Vec::new()));
+    }
+
+    /// A process that is gone is not one without libssl: its mark is left to its exit.
+    #[test]
+    fn a_process_that_is_gone_has_no_answer() {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = child.id();
+        child.wait().expect("wait");
+        assert_eq!(libssl_of(pid), None);
     }
 }
