@@ -72,7 +72,9 @@ fn worker_pids(server: &Server) -> Vec<u32> {
 fn pinned_counters_and_connections_survive_restarts() {
     require_root();
     let dir = Path::new("/sys/fs/bpf").join(format!("flyprobe-test-{}", std::process::id()));
-    let server = servers::uvicorn(2);
+    // The held connection idles through three daemon starts: uvicorn's 5 s keep-alive
+    // timeout would close it on a loaded machine.
+    let server = servers::uvicorn_with(2, &["--timeout-keep-alive", "120"]);
     let root = server.pid().to_string();
     let args = [
         "--pid-tree",
