@@ -41,7 +41,7 @@ pub struct Cli {
 
     /// The kubelet's log directory: its pods/ and containers/ entries give the namespace,
     /// pod and container names of servers running in pods. Absent: no such labels.
-    #[arg(long, value_name = "DIR", default_value = crate::kubelet::DEFAULT_LOG_DIR)]
+    #[arg(long, value_name = "DIR", default_value = crate::processes::kubelet::DEFAULT_LOG_DIR)]
     pub kubelet_log_dir: PathBuf,
 
     /// Address to serve /metrics on. Loopback by default: expose it on purpose.

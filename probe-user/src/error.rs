@@ -67,14 +67,3 @@ impl StartError {
         }
     }
 }
-
-pub fn exit_code(err: &anyhow::Error) -> u8 {
-    if err
-        .downcast_ref::<crate::web_config::WebConfigError>()
-        .is_some()
-    {
-        return EXIT_USAGE; // the operator's file: bad input, like a bad flag
-    }
-    err.downcast_ref::<StartError>()
-        .map_or(EXIT_RUNTIME, StartError::exit_code)
-}

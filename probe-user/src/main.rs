@@ -1,38 +1,14 @@
-//! `flyprobe`: watches a server's process tree from the kernel and serves Prometheus metrics.
-
-mod access_log;
-mod api;
-mod btf;
-mod cli;
-mod containers;
-mod daemon;
-mod error;
-mod events;
-mod http;
-mod kernel_maps;
-mod kubelet;
-mod lifecycle;
-mod memory;
-mod metrics;
-mod openmetrics;
-mod openssl;
-mod persist;
-mod privileges;
-mod probe;
-mod selectors;
-mod selftest;
-mod server_kind;
-mod snapshot;
-mod sock_diag;
-mod sockets;
-mod state;
-mod tracefs;
-mod watched;
-mod web_config;
+//! `flyprobe`: the binary. Parses the command line, runs the daemon (the library), and turns
+//! an error into one line and its exit code.
 
 use std::process::ExitCode;
 
 use clap::Parser as _;
+use flyprobe::{
+    cli, daemon,
+    error::{EXIT_RUNTIME, EXIT_USAGE, StartError},
+    expose::web_config::WebConfigError,
+};
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
@@ -45,7 +21,16 @@ fn main() -> ExitCode {
         Err(err) => {
             // One line, the whole cause chain, no backtrace.
             eprintln!("flyprobe: error: {err:#}");
-            ExitCode::from(error::exit_code(&err))
+            ExitCode::from(exit_code(&err))
         }
     }
+}
+
+/// The exit code the README documents for an error.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<WebConfigError>().is_some() {
+        return EXIT_USAGE; // the operator's file: bad input, like a bad flag
+    }
+    err.downcast_ref::<StartError>()
+        .map_or(EXIT_RUNTIME, StartError::exit_code)
 }

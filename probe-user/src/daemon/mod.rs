@@ -1,5 +1,8 @@
 //! Start-up in the order that fails fastest on bad input, then the run loop.
 
+mod selftest;
+mod ticker;
+
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
@@ -8,28 +11,28 @@ use tokio::signal::unix::{SignalKind, signal};
 use aya::maps::{MapData, RingBuf};
 
 use crate::{
-    access_log,
     cli::{Cli, Hooks},
     error::StartError,
-    events, http,
-    kernel_maps::KernelMaps,
-    memory, metrics,
-    openssl::OpenSsl,
-    persist::PinDir,
+    expose::access_log,
+    expose::endpoint,
+    expose::metrics,
+    expose::web_config::WebConfig,
+    kernel::maps::KernelMaps,
+    kernel::memory,
+    kernel::openssl::OpenSsl,
+    kernel::probe::{HookSet, Limits, Options, Probe, Rings, SocketOffsets, pid_slots},
+    kernel::tracefs,
+    model::persist::PinDir,
+    model::state::{Shared, State},
+    model::watched::Watched,
     privileges,
-    probe::{HookSet, Limits, Options, Probe, Rings, SocketOffsets, pid_slots},
-    selectors::Selectors,
-    selftest,
-    state::{Shared, State},
-    tracefs,
-    watched::Watched,
-    web_config::WebConfig,
+    processes::selectors::Selectors,
 };
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     check_pid_namespace()?;
     raise_fd_limit();
-    crate::kubelet::set_log_dir(cli.kubelet_log_dir.clone());
+    crate::processes::kubelet::set_log_dir(cli.kubelet_log_dir.clone());
     let mut watched = Watched::discover(&cli.pid_tree, cli.server_name.as_deref())?;
     let selectors = Selectors::new(&cli.port, &cli.comm, &cli.cgroup, cli.all_listeners);
     privileges::check()?;
@@ -244,7 +247,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener).context("listening socket")?;
     let registry = metrics::registry(state.clone()).context("building the metrics registry")?;
-    let router = http::router(registry, state.clone(), web.auth.clone());
+    let router = endpoint::router(registry, state.clone(), web.auth.clone());
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let access_log = async move {
@@ -254,10 +257,10 @@ async fn serve(
         }
     };
     tokio::select! {
-        r = http::serve(listener, router, web) => r.context("serving metrics")?,
-        r = events::pump(discoveries, state.clone()) => r.context("reading discovery events")?,
+        r = endpoint::serve(listener, router, web) => r.context("serving metrics")?,
+        r = ticker::pump(discoveries, state.clone()) => r.context("reading discovery events")?,
         r = access_log => r.context("writing the access log")?,
-        r = events::run(ring, state, |s| exit_with_target && s.all_roots_exited()) => {
+        r = ticker::run(ring, state, |s| exit_with_target && s.all_roots_exited()) => {
             r.context("reading kernel events")?;
             log::info!("every watched root has exited (--exit-with-target): shutting down");
         }

@@ -17,7 +17,7 @@ use probe_common::{
 };
 use thiserror::Error;
 
-use crate::{containers, kernel_maps::KernelMaps};
+use crate::{kernel::maps::KernelMaps, processes::containers};
 
 #[derive(Debug, Error)]
 pub enum SelfTestError {

@@ -3,7 +3,7 @@
 //! has queued, so a process that exited while the daemon was stopped or busy is reported
 //! with its exit event's reason, never found "vanished" ahead of it.
 
-use std::{mem::size_of, ptr, time::Duration};
+use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
 use probe_common::ProcEvent;
@@ -12,7 +12,7 @@ use tokio::{
     time::MissedTickBehavior,
 };
 
-use crate::state::Shared;
+use crate::{kernel::ring::decode, model::state::Shared};
 
 /// How often the daemon reads /proc and the kernel maps' sizes.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -65,11 +65,4 @@ pub async fn pump(ring: RingBuf<MapData>, state: Shared) -> std::io::Result<()> 
         drain(guard.get_inner_mut(), &state);
         guard.clear_ready();
     }
-}
-
-/// A record from a kernel ring buffer, if it is long enough.
-pub fn decode<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
-    // SAFETY: T is plain old data; the length is checked, alignment is not needed.
-    (bytes.len() >= size_of::<T>())
-        .then(|| unsafe { ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }

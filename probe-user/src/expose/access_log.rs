@@ -19,7 +19,7 @@ use tokio::{
     time::MissedTickBehavior,
 };
 
-use crate::{error::StartError, events::decode};
+use crate::{error::StartError, kernel::ring::decode};
 
 pub type Sink = Box<dyn Write + Send>;
 

@@ -14,8 +14,8 @@ use probe_common::{
 use serde::Serialize;
 
 use crate::{
-    containers::Labels,
-    snapshot::{ServerView, Snapshot},
+    model::snapshot::{ServerView, Snapshot},
+    processes::containers::Labels,
 };
 
 /// Status classes as the API names them: "" (no HTTP status) is "other".

@@ -26,14 +26,15 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
-    api::{self, RateTracker},
-    metrics::{self, SnapshotSource},
-    openmetrics,
-    state::Shared,
-    web_config::{Auth, WebConfig},
+    expose::api::{self, RateTracker},
+    expose::metrics,
+    expose::openmetrics,
+    expose::web_config::{Auth, WebConfig},
+    model::snapshot::SnapshotSource,
+    model::state::Shared,
 };
 
-static DASHBOARD: &str = include_str!("../assets/dashboard.html");
+static DASHBOARD: &str = include_str!("../../assets/dashboard.html");
 
 /// A TLS handshake that takes longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

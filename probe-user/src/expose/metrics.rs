@@ -1,7 +1,12 @@
-//! The Prometheus view: a `Collector` that asks for a fresh snapshot at every scrape, so
-//! values come straight from the kernel maps at that moment.
+//! The Prometheus view: a `Collector` that builds every metric family from one snapshot,
+//! taken at each scrape, so values come straight from the kernel maps at that moment.
+//!
+//! `METRICS` is the one list of what flyprobe exports: name, kind, help and labels. The
+//! families, their descriptors and the README's metric table (a test holds it to the list)
+//! all come from it; a new metric is a row there and the line of `fill` that gives its
+//! values.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use probe_common::{
     DURATION_BOUNDS_NS, ReqStats, drop_reason, event_kind,
@@ -9,480 +14,529 @@ use probe_common::{
     transport,
 };
 use prometheus::{
-    Encoder as _, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder as _, Registry, TextEncoder,
     core::{Collector, Desc},
-    proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType},
+    proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
 
-use crate::{containers, lifecycle::COMMON_REASONS, snapshot::Snapshot, watched::FOLDED};
+use crate::{
+    model::lifecycle::COMMON_REASONS,
+    model::snapshot::{Snapshot, SnapshotSource},
+    model::watched::FOLDED,
+    processes::containers,
+};
 
-/// Where snapshots come from (the daemon's shared state; a fixed one in tests).
-pub trait SnapshotSource: Send + Sync {
-    fn snapshot(&self) -> Snapshot;
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
 }
 
-// Every server_* series also carries where the server runs (`containers::NAMES`, after
-// its own labels); the ones that are unknown are dropped from the exposition.
-fn placed(own: &[&'static str]) -> Vec<&'static str> {
-    own.iter()
-        .chain(containers::NAMES.iter())
-        .copied()
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Counter => "counter",
+            Self::Gauge => "gauge",
+            Self::Histogram => "histogram",
+        }
+    }
+
+    fn proto(self) -> MetricType {
+        match self {
+            Self::Counter => MetricType::COUNTER,
+            Self::Gauge => MetricType::GAUGE,
+            Self::Histogram => MetricType::HISTOGRAM,
+        }
+    }
+}
+
+/// One exported metric.
+#[derive(Debug)]
+pub struct Def {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+    /// Its own labels. A server's metric (`server_*`) also carries where the server runs
+    /// (`containers::NAMES`, after these); the ones unknown are left out of its series.
+    pub labels: &'static [&'static str],
+}
+
+impl Def {
+    /// A server's metric: its series carry the server's place.
+    pub fn placed(&self) -> bool {
+        self.name.starts_with("server_")
+    }
+
+    /// Every label name its series may carry, in the order `fill` gives their values.
+    fn label_names(&self) -> Vec<&'static str> {
+        let place: &[&'static str] = if self.placed() {
+            &containers::NAMES
+        } else {
+            &[]
+        };
+        self.labels.iter().chain(place).copied().collect()
+    }
+}
+
+const fn def(
+    name: &'static str,
+    kind: Kind,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> Def {
+    Def {
+        name,
+        kind,
+        help,
+        labels,
+    }
+}
+
+use Kind::{Counter as C, Gauge as G, Histogram as H};
+
+pub const ACTIVE: Def = def(
+    "server_active_connections",
+    G,
+    &["server", "pid"],
+    "Connections accepted and not yet closed.",
+);
+pub const QUEUED: Def = def(
+    "server_queued_connections",
+    G,
+    &["server"],
+    "Connections established on the server's listening sockets that no worker has read, \
+     written or closed yet: waiting in the accept queue, or accepted and idle (socket hooks; 0 \
+     with the syscall hooks).",
+);
+pub const ACCEPTED: Def = def(
+    "server_connections_accepted_total",
+    C,
+    &["server", "pid"],
+    "Connections accepted (TCP and unix-domain).",
+);
+pub const CLOSED: Def = def(
+    "server_connections_closed_total",
+    C,
+    &["server", "pid"],
+    "Connections closed (by close or by process exit).",
+);
+pub const REQUESTS: Def = def(
+    "server_requests_total",
+    C,
+    &["server", "pid", "method", "status", "protocol", "transport"],
+    "HTTP requests, answered (status class) or ended without a response \
+     (status=\"aborted\"); status is empty when the response's bytes were not visible \
+     (io_uring, sendfile).",
+);
+pub const DURATION: Def = def(
+    "server_request_duration_seconds",
+    H,
+    &["server", "method", "status"],
+    "First request byte read to first response byte written, for requests that got a \
+     response.",
+);
+pub const EXCHANGES: Def = def(
+    "server_exchanges_total",
+    C,
+    &["server", "pid", "protocol", "transport"],
+    "Read/write turns on connections that carry no requests flyprobe can see: TLS \
+     (protocol=\"tls\") and protocols that are not HTTP (\"other\"). Never counted as \
+     requests.",
+);
+pub const RECEIVED: Def = def(
+    "server_received_bytes_total",
+    C,
+    &["server", "pid"],
+    "Bytes read from accepted connections.",
+);
+pub const SENT: Def = def(
+    "server_sent_bytes_total",
+    C,
+    &["server", "pid"],
+    "Bytes written to accepted connections.",
+);
+pub const IN_FLIGHT: Def = def(
+    "server_in_flight_requests",
+    G,
+    &["server", "pid"],
+    "Requests read whose response has not started.",
+);
+pub const QUEUE_TIME: Def = def(
+    "server_connection_queue_seconds",
+    H,
+    &["server"],
+    "Handshake completed to a worker's first read, write or close of the connection: how \
+     long clients waited for a free worker (fentry and socket hooks).",
+);
+pub const LISTEN_QUEUE: Def = def(
+    "server_listen_queue_length",
+    G,
+    &["server", "port"],
+    "Connections in the accept queue of the server's listening port right now: handshake \
+     done, no worker has accepted them yet.",
+);
+pub const LISTEN_LIMIT: Def = def(
+    "server_listen_queue_limit",
+    G,
+    &["server", "port"],
+    "The accept queue's limit on the port (the listen() backlog, capped by \
+     net.core.somaxconn); the kernel drops new connections beyond it.",
+);
+pub const OVERFLOWS: Def = def(
+    "server_listen_overflows_total",
+    C,
+    &["server", "port"],
+    "Connections the kernel dropped on the server's listening port: its accept queue was \
+     full (or its SYN queue), so the client's SYN or handshake was dropped (the listener's \
+     drop counter, as ss -ltnm shows it; listeners in flyprobe's own network namespace).",
+);
+pub const RESETS: Def = def(
+    "server_connection_resets_total",
+    C,
+    &["server", "direction"],
+    "TCP resets on the server's connections, sent (an abort, a close with unread data) or \
+     received (a client that aborted) (fentry and socket hooks).",
+);
+pub const WORKERS: Def = def(
+    "server_workers",
+    G,
+    &["server"],
+    "Live processes of the tree that serve connections.",
+);
+pub const UPTIME: Def = def(
+    "server_uptime_seconds",
+    G,
+    &["server"],
+    "Seconds since the watched root process started.",
+);
+pub const UP: Def = def(
+    "server_up",
+    G,
+    &["server"],
+    "1 while a watched root process is alive, else 0.",
+);
+pub const WORKER_INFO: Def = def(
+    "server_worker_info",
+    G,
+    &["server", "pid", "ppid", "comm"],
+    "1 per live worker process.",
+);
+pub const WORKER_UPTIME: Def = def(
+    "server_worker_uptime_seconds",
+    G,
+    &["server", "pid"],
+    "Seconds since each live worker started.",
+);
+pub const STARTED: Def = def(
+    "server_started_total",
+    C,
+    &["server"],
+    "Workers started while flyprobe watched.",
+);
+pub const STOPPED: Def = def(
+    "server_stopped_total",
+    C,
+    &["server", "reason"],
+    "Workers stopped, by reason: exit_0, exit_nonzero, signal_<NAME>, unknown.",
+);
+pub const BUILD_INFO: Def = def(
+    "flyprobe_build_info",
+    G,
+    &["version", "hooks"],
+    "flyprobe version and the kernel hook set it attached; always 1.",
+);
+pub const MAP_MEMORY: Def = def(
+    "flyprobe_map_memory_bytes",
+    G,
+    &["map"],
+    "Kernel memory each of flyprobe's maps uses, as the kernel accounts it (charged to \
+     flyprobe's cgroup).",
+);
+pub const MAP_ENTRIES: Def = def(
+    "flyprobe_map_entries",
+    G,
+    &["map"],
+    "Entries in flyprobe's bounded kernel maps (as of the last 1 s sweep).",
+);
+pub const DROPPED: Def = def(
+    "flyprobe_dropped_events_total",
+    C,
+    &["reason"],
+    "Kernel events flyprobe could not record, by reason.",
+);
+pub const TLS_LIBRARIES: Def = def(
+    "flyprobe_tls_libraries",
+    G,
+    &[],
+    "OpenSSL libraries (libssl files) of watched processes with the TLS uprobes attached \
+     (--tls; absent without it).",
+);
+pub const KERNEL_EVENTS: Def = def(
+    "flyprobe_kernel_events_total",
+    C,
+    &["kind"],
+    "Process events read from the kernel, by kind: fork and exit of watched processes \
+     (threads are not announced where the kernel has BTF), discover (node-wide selectors).",
+);
+
+/// Everything flyprobe exports, in the README's order.
+pub const METRICS: [&Def; 28] = [
+    &ACTIVE,
+    &QUEUED,
+    &ACCEPTED,
+    &CLOSED,
+    &REQUESTS,
+    &DURATION,
+    &EXCHANGES,
+    &RECEIVED,
+    &SENT,
+    &IN_FLIGHT,
+    &QUEUE_TIME,
+    &LISTEN_QUEUE,
+    &LISTEN_LIMIT,
+    &OVERFLOWS,
+    &RESETS,
+    &WORKERS,
+    &UPTIME,
+    &UP,
+    &WORKER_INFO,
+    &WORKER_UPTIME,
+    &STARTED,
+    &STOPPED,
+    &BUILD_INFO,
+    &MAP_MEMORY,
+    &MAP_ENTRIES,
+    &DROPPED,
+    &TLS_LIBRARIES,
+    &KERNEL_EVENTS,
+];
+
+/// The series of one scrape, by metric: label values (in `Def::label_names` order) to a
+/// value, or a histogram's series.
+#[derive(Default)]
+struct Scrape {
+    values: BTreeMap<&'static str, BTreeMap<Vec<String>, f64>>,
+    histograms: BTreeMap<&'static str, Vec<Metric>>,
+}
+
+impl Scrape {
+    fn slot(&mut self, def: &Def, labels: Vec<String>) -> &mut f64 {
+        debug_assert_eq!(labels.len(), def.label_names().len(), "{}", def.name);
+        self.values
+            .entry(def.name)
+            .or_default()
+            .entry(labels)
+            .or_insert(0.0)
+    }
+
+    /// A gauge's value.
+    fn set(&mut self, def: &Def, labels: Vec<String>, value: f64) {
+        *self.slot(def, labels) = value;
+    }
+
+    /// Added to a counter (series that meet under the same labels add up; 0 makes one).
+    fn add(&mut self, def: &Def, labels: Vec<String>, value: u64) {
+        *self.slot(def, labels) += value as f64;
+    }
+
+    /// Every family of `METRICS`, those without series included (the registry drops them).
+    fn families(mut self) -> Vec<MetricFamily> {
+        METRICS
+            .iter()
+            .map(|def| {
+                let metrics = match def.kind {
+                    Kind::Histogram => self.histograms.remove(def.name).unwrap_or_default(),
+                    kind => {
+                        let names = def.label_names();
+                        self.values
+                            .remove(def.name)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(values, value)| {
+                                let pairs =
+                                    names.iter().copied().zip(values.iter().map(String::as_str));
+                                let mut metric = Metric::from_label(label_pairs(pairs.collect()));
+                                if kind == Kind::Counter {
+                                    let mut counter = Counter::default();
+                                    counter.set_value(value);
+                                    metric.set_counter(counter);
+                                } else {
+                                    let mut gauge = Gauge::default();
+                                    gauge.set_value(value);
+                                    metric.set_gauge(gauge);
+                                }
+                                metric
+                            })
+                            .collect()
+                    }
+                };
+                let mut family = MetricFamily::default();
+                family.set_name(def.name.into());
+                family.set_help(def.help.into());
+                family.set_field_type(def.kind.proto());
+                family.set_metric(metrics);
+                family
+            })
+            .collect()
+    }
+}
+
+/// A series' labels, sorted by name; a place label whose value is unknown (empty) is left
+/// out.
+fn label_pairs(mut pairs: Vec<(&str, &str)>) -> Vec<LabelPair> {
+    pairs.retain(|(name, value)| !(value.is_empty() && containers::NAMES.contains(name)));
+    pairs.sort_unstable();
+    pairs
+        .into_iter()
+        .map(|(name, value)| {
+            let mut pair = LabelPair::default();
+            pair.set_name(name.into());
+            pair.set_value(value.into());
+            pair
+        })
         .collect()
 }
 
-fn counter(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
-    IntCounterVec::new(Opts::new(name, help), labels)
-}
-
-fn gauge(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
-    IntGaugeVec::new(Opts::new(name, help), labels)
-}
-
-fn float_gauge(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<GaugeVec> {
-    GaugeVec::new(Opts::new(name, help), labels)
-}
-
-struct Catalog {
-    active: IntGaugeVec,
-    queued: IntGaugeVec,
-    accepted: IntCounterVec,
-    closed: IntCounterVec,
-    requests: IntCounterVec,
-    exchanges: IntCounterVec,
-    received: IntCounterVec,
-    sent: IntCounterVec,
-    duration: Desc,
-    queue_time: Desc,
-    listen_queue: IntGaugeVec,
-    listen_limit: IntGaugeVec,
-    resets: IntCounterVec,
-    overflows: IntCounterVec,
-    in_flight: IntGaugeVec,
-    workers: IntGaugeVec,
-    uptime: GaugeVec,
-    up: IntGaugeVec,
-    worker_info: IntGaugeVec,
-    worker_uptime: GaugeVec,
-    started: IntCounterVec,
-    stopped: IntCounterVec,
-    build_info: IntGaugeVec,
-    tls_libraries: IntGaugeVec,
-    dropped: IntCounterVec,
-    kernel_events: IntCounterVec,
-    map_entries: IntGaugeVec,
-    map_memory: IntGaugeVec,
-}
-
-impl Catalog {
-    fn new() -> prometheus::Result<Self> {
-        Ok(Self {
-            active: gauge(
-                "server_active_connections",
-                "Connections accepted and not yet closed.",
-                &placed(&["server", "pid"]),
-            )?,
-            queued: gauge(
-                "server_queued_connections",
-                "Connections established on the server's listening sockets that no worker has \
-                 read, written or closed yet: waiting in the accept queue, or accepted and idle \
-                 (socket hooks; 0 with the syscall hooks).",
-                &placed(&["server"]),
-            )?,
-            accepted: counter(
-                "server_connections_accepted_total",
-                "Connections accepted (TCP and unix-domain).",
-                &placed(&["server", "pid"]),
-            )?,
-            closed: counter(
-                "server_connections_closed_total",
-                "Connections closed (by close or by process exit).",
-                &placed(&["server", "pid"]),
-            )?,
-            requests: counter(
-                "server_requests_total",
-                "HTTP requests, answered (status class) or ended without a response \
-                 (status=\"aborted\"); status is empty when the response's bytes were not \
-                 visible (io_uring, sendfile).",
-                &placed(&["server", "pid", "method", "status", "protocol", "transport"]),
-            )?,
-            exchanges: counter(
-                "server_exchanges_total",
-                "Read/write turns on connections that carry no requests flyprobe can see: TLS \
-                 (protocol=\"tls\") and protocols that are not HTTP (\"other\"). Never counted \
-                 as requests.",
-                &placed(&["server", "pid", "protocol", "transport"]),
-            )?,
-            received: counter(
-                "server_received_bytes_total",
-                "Bytes read from accepted connections.",
-                &placed(&["server", "pid"]),
-            )?,
-            sent: counter(
-                "server_sent_bytes_total",
-                "Bytes written to accepted connections.",
-                &placed(&["server", "pid"]),
-            )?,
-            duration: Desc::new(
-                DURATION.into(),
-                DURATION_HELP.into(),
-                vec!["server".into(), "method".into(), "status".into()],
-                std::collections::HashMap::new(),
-            )?,
-            queue_time: Desc::new(
-                QUEUE_TIME.into(),
-                QUEUE_TIME_HELP.into(),
-                vec!["server".into()],
-                std::collections::HashMap::new(),
-            )?,
-            listen_queue: gauge(
-                "server_listen_queue_length",
-                "Connections in the accept queue of the server's listening port right now: \
-                 handshake done, no worker has accepted them yet.",
-                &placed(&["server", "port"]),
-            )?,
-            listen_limit: gauge(
-                "server_listen_queue_limit",
-                "The accept queue's limit on the port (the listen() backlog, capped by \
-                 net.core.somaxconn); the kernel drops new connections beyond it.",
-                &placed(&["server", "port"]),
-            )?,
-            overflows: counter(
-                "server_listen_overflows_total",
-                "Connections the kernel dropped on the server's listening port: its accept \
-                 queue was full (or its SYN queue), so the client's SYN or handshake was \
-                 dropped (the listener's drop counter, as ss -ltnm shows it; listeners in \
-                 flyprobe's own network namespace).",
-                &placed(&["server", "port"]),
-            )?,
-            resets: counter(
-                "server_connection_resets_total",
-                "TCP resets on the server's connections, sent (an abort, a close with unread \
-                 data) or received (a client that aborted) (fentry and socket hooks).",
-                &placed(&["server", "direction"]),
-            )?,
-            in_flight: gauge(
-                "server_in_flight_requests",
-                "Requests read whose response has not started.",
-                &placed(&["server", "pid"]),
-            )?,
-            workers: gauge(
-                "server_workers",
-                "Live processes of the tree that serve connections.",
-                &placed(&["server"]),
-            )?,
-            uptime: float_gauge(
-                "server_uptime_seconds",
-                "Seconds since the watched root process started.",
-                &placed(&["server"]),
-            )?,
-            up: gauge(
-                "server_up",
-                "1 while a watched root process is alive, else 0.",
-                &placed(&["server"]),
-            )?,
-            worker_info: gauge(
-                "server_worker_info",
-                "1 per live worker process.",
-                &placed(&["server", "pid", "ppid", "comm"]),
-            )?,
-            worker_uptime: float_gauge(
-                "server_worker_uptime_seconds",
-                "Seconds since each live worker started.",
-                &placed(&["server", "pid"]),
-            )?,
-            started: counter(
-                "server_started_total",
-                "Workers started while flyprobe watched.",
-                &placed(&["server"]),
-            )?,
-            stopped: counter(
-                "server_stopped_total",
-                "Workers stopped, by reason: exit_0, exit_nonzero, signal_<NAME>, unknown.",
-                &placed(&["server", "reason"]),
-            )?,
-            build_info: gauge(
-                "flyprobe_build_info",
-                "flyprobe version and the kernel hook set it attached; always 1.",
-                &["version", "hooks"],
-            )?,
-            tls_libraries: gauge(
-                "flyprobe_tls_libraries",
-                "OpenSSL libraries (libssl files) of watched processes with the TLS uprobes \
-                 attached (--tls; absent without it).",
-                &[],
-            )?,
-            dropped: counter(
-                "flyprobe_dropped_events_total",
-                "Kernel events flyprobe could not record, by reason.",
-                &["reason"],
-            )?,
-            kernel_events: counter(
-                "flyprobe_kernel_events_total",
-                "Process events read from the kernel, by kind: fork and exit of watched \
-                 processes (threads are not announced where the kernel has BTF), discover \
-                 (node-wide selectors).",
-                &["kind"],
-            )?,
-            map_memory: gauge(
-                "flyprobe_map_memory_bytes",
-                "Kernel memory each of flyprobe's maps uses, as the kernel accounts it (charged \
-                 to flyprobe's cgroup).",
-                &["map"],
-            )?,
-            map_entries: gauge(
-                "flyprobe_map_entries",
-                "Entries in flyprobe's bounded kernel maps (as of the last 1 s sweep).",
-                &["map"],
-            )?,
-        })
+/// The series of `snap`.
+fn fill(snap: &Snapshot) -> Scrape {
+    let mut out = Scrape::default();
+    let strings = |values: &[&str]| values.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    out.set(
+        &BUILD_INFO,
+        strings(&[env!("CARGO_PKG_VERSION"), snap.hooks]),
+        1.0,
+    );
+    if let Some(n) = snap.tls_libraries {
+        out.set(&TLS_LIBRARIES, Vec::new(), n as f64);
     }
-
-    fn counters(&self) -> [&IntCounterVec; 12] {
-        [
-            &self.resets,
-            &self.overflows,
-            &self.accepted,
-            &self.closed,
-            &self.requests,
-            &self.exchanges,
-            &self.received,
-            &self.sent,
-            &self.started,
-            &self.stopped,
-            &self.dropped,
-            &self.kernel_events,
-        ]
+    for (map, n) in &snap.map_entries {
+        out.set(&MAP_ENTRIES, strings(&[map]), *n as f64);
     }
-
-    fn gauges(&self) -> [&IntGaugeVec; 12] {
-        [
-            &self.listen_queue,
-            &self.listen_limit,
-            &self.map_entries,
-            &self.map_memory,
-            &self.active,
-            &self.queued,
-            &self.in_flight,
-            &self.workers,
-            &self.up,
-            &self.worker_info,
-            &self.build_info,
-            &self.tls_libraries,
-        ]
+    for (map, bytes) in &snap.map_memory {
+        out.set(&MAP_MEMORY, strings(&[map]), *bytes as f64);
     }
-
-    fn collectors(&self) -> Vec<&dyn Collector> {
-        let mut all: Vec<&dyn Collector> = Vec::new();
-        all.extend(self.counters().map(|c| c as &dyn Collector));
-        all.extend(self.gauges().map(|g| g as &dyn Collector));
-        all.push(&self.uptime);
-        all.push(&self.worker_uptime);
-        all
+    for (reason, count) in drop_reason::NAMES.iter().zip(snap.drops) {
+        out.add(&DROPPED, strings(&[reason]), count);
     }
-
-    fn fill(&self, snap: &Snapshot) {
-        self.counters().iter().for_each(|c| c.reset());
-        self.gauges().iter().for_each(|g| g.reset());
-        self.uptime.reset();
-        self.worker_uptime.reset();
-
-        self.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION"), snap.hooks])
-            .set(1);
-        if let Some(n) = snap.tls_libraries {
-            self.tls_libraries
-                .with_label_values::<&str>(&[])
-                .set(int(n));
-        }
-        for (map, n) in &snap.map_entries {
-            self.map_entries.with_label_values(&[*map]).set(int(*n));
-        }
-        for (map, bytes) in &snap.map_memory {
-            self.map_memory
-                .with_label_values(&[map.as_str()])
-                .set(int(*bytes));
-        }
-        for (reason, count) in drop_reason::NAMES.iter().zip(snap.drops) {
-            self.dropped.with_label_values(&[*reason]).inc_by(count);
-        }
-        for (kind, count) in event_kind::NAMES.iter().zip(snap.kernel_events) {
-            self.kernel_events.with_label_values(&[*kind]).inc_by(count);
-        }
-        for server in &snap.servers {
-            let name = server.server.as_str();
-            let place = server.labels.values();
-            // The server's own labels, then the place it runs.
-            let with = |first: &[&str]| -> Vec<String> {
-                first
-                    .iter()
-                    .chain(place.iter())
-                    .map(|s| s.to_string())
-                    .collect()
-            };
-            let set = |vec: &IntGaugeVec, first: &[&str], v: i64| {
-                let values = with(first);
-                let refs: Vec<&str> = values.iter().map(String::as_str).collect();
-                vec.with_label_values(&refs).set(v);
-            };
-            let add = |vec: &IntCounterVec, first: &[&str], v: u64| {
-                let values = with(first);
-                let refs: Vec<&str> = values.iter().map(String::as_str).collect();
-                vec.with_label_values(&refs).inc_by(v);
-            };
-            let setf = |vec: &GaugeVec, first: &[&str], v: f64| {
-                let values = with(first);
-                let refs: Vec<&str> = values.iter().map(String::as_str).collect();
-                vec.with_label_values(&refs).set(v);
-            };
-            set(&self.workers, &[name], int(server.workers.len() as u64));
-            set(&self.queued, &[name], int(server.queued));
-            for (port, length) in &server.ports.queues {
-                set(&self.listen_queue, &[name, &port.to_string()], int(*length));
-            }
-            for (port, limit) in &server.ports.limits {
-                set(&self.listen_limit, &[name, &port.to_string()], int(*limit));
-            }
-            for (port, n) in &server.ports.overflows {
-                add(&self.overflows, &[name, &port.to_string()], *n);
-            }
-            if snap.hooks != "syscall" {
-                let counted = &server.ports.counted;
-                add(&self.resets, &[name, "sent"], counted.resets_sent);
-                add(&self.resets, &[name, "received"], counted.resets_received);
-            }
-            setf(&self.uptime, &[name], server.uptime_seconds);
-            set(&self.up, &[name], i64::from(server.up));
-            add(&self.started, &[name], server.lifecycle.started);
-            for reason in COMMON_REASONS {
-                add(&self.stopped, &[name, reason], 0);
-            }
-            for (reason, n) in &server.lifecycle.stopped {
-                add(&self.stopped, &[name, reason], *n);
-            }
-            for w in &server.workers {
-                let (pid, ppid) = (w.pid.to_string(), w.ppid.to_string());
-                set(&self.worker_info, &[name, &pid, &ppid, &w.comm], 1);
-                setf(&self.worker_uptime, &[name, &pid], w.uptime_seconds);
-            }
-            for (key, stats) in &server.requests {
-                let pid = pid_label(key.tgid);
-                if !is_request(key.protocol, key.method) {
-                    add(
-                        &self.exchanges,
-                        &[
-                            name,
-                            &pid,
-                            name_of(&PROTOCOLS, key.protocol),
-                            name_of(&transport::NAMES, key.transport),
-                        ],
-                        stats.count,
-                    );
-                    continue;
-                }
-                add(
-                    &self.requests,
-                    &[
-                        name,
-                        &pid,
-                        name_of(&METHODS, key.method),
-                        name_of(&STATUS_CLASSES, key.status),
-                        name_of(&PROTOCOLS, key.protocol),
-                        name_of(&transport::NAMES, key.transport),
-                    ],
-                    stats.count,
-                );
-            }
-            for proc in &server.procs {
-                let pid = pid_label(proc.pid);
-                let labels = [name, pid.as_str()];
-                let s = &proc.stats;
-                add(&self.accepted, &labels, s.accepted);
-                add(&self.closed, &labels, s.closed);
-                add(&self.received, &labels, s.rx_bytes);
-                add(&self.sent, &labels, s.tx_bytes);
-                set(&self.active, &labels, int(s.active()));
-                set(&self.in_flight, &labels, int(s.in_flight()));
-            }
-        }
+    for (kind, count) in event_kind::NAMES.iter().zip(snap.kernel_events) {
+        out.add(&KERNEL_EVENTS, strings(&[kind]), count);
     }
-}
-
-const DURATION: &str = "server_request_duration_seconds";
-const DURATION_HELP: &str =
-    "First request byte read to first response byte written, for requests that got a response.";
-
-/// The duration histograms, built from the kernel's bucket counts (the prometheus crate's
-/// Histogram only takes observations, so the family is assembled here).
-fn duration_family(snap: &Snapshot) -> MetricFamily {
-    let mut metrics = Vec::new();
     for server in &snap.servers {
-        let mut by_labels: BTreeMap<(u8, u8), ReqStats> = BTreeMap::new();
+        let name = server.server.as_str();
+        let place = server.labels.values();
+        // The server's own labels, then the place it runs.
+        let with = |first: &[&str]| -> Vec<String> {
+            first
+                .iter()
+                .chain(place.iter())
+                .map(|s| s.to_string())
+                .collect()
+        };
+        out.set(&WORKERS, with(&[name]), server.workers.len() as f64);
+        out.set(&QUEUED, with(&[name]), server.queued as f64);
+        for (port, length) in &server.ports.queues {
+            out.set(
+                &LISTEN_QUEUE,
+                with(&[name, &port.to_string()]),
+                *length as f64,
+            );
+        }
+        for (port, limit) in &server.ports.limits {
+            out.set(
+                &LISTEN_LIMIT,
+                with(&[name, &port.to_string()]),
+                *limit as f64,
+            );
+        }
+        for (port, n) in &server.ports.overflows {
+            out.add(&OVERFLOWS, with(&[name, &port.to_string()]), *n);
+        }
+        if snap.hooks != "syscall" {
+            let counted = &server.ports.counted;
+            out.add(&RESETS, with(&[name, "sent"]), counted.resets_sent);
+            out.add(&RESETS, with(&[name, "received"]), counted.resets_received);
+            let mut pairs = vec![("server", name)];
+            pairs.extend(server.labels.pairs());
+            out.histograms
+                .entry(QUEUE_TIME.name)
+                .or_default()
+                .push(histogram(pairs, &counted.waited));
+        }
+        out.set(&UPTIME, with(&[name]), server.uptime_seconds);
+        out.set(&UP, with(&[name]), f64::from(u8::from(server.up)));
+        out.add(&STARTED, with(&[name]), server.lifecycle.started);
+        for reason in COMMON_REASONS {
+            out.add(&STOPPED, with(&[name, reason]), 0);
+        }
+        for (reason, n) in &server.lifecycle.stopped {
+            out.add(&STOPPED, with(&[name, reason]), *n);
+        }
+        for w in &server.workers {
+            let (pid, ppid) = (w.pid.to_string(), w.ppid.to_string());
+            out.set(&WORKER_INFO, with(&[name, &pid, &ppid, &w.comm]), 1.0);
+            out.set(&WORKER_UPTIME, with(&[name, &pid]), w.uptime_seconds);
+        }
+        let mut timed: BTreeMap<(u8, u8), ReqStats> = BTreeMap::new();
         for (key, stats) in &server.requests {
+            let pid = pid_label(key.tgid);
+            let protocol = name_of(&PROTOCOLS, key.protocol);
+            let transport = name_of(&transport::NAMES, key.transport);
             if stats.timed > 0 {
-                by_labels
+                timed
                     .entry((key.method, key.status))
                     .or_default()
                     .add(stats);
             }
+            if !is_request(key.protocol, key.method) {
+                out.add(
+                    &EXCHANGES,
+                    with(&[name, &pid, protocol, transport]),
+                    stats.count,
+                );
+                continue;
+            }
+            let (method, status) = (
+                name_of(&METHODS, key.method),
+                name_of(&STATUS_CLASSES, key.status),
+            );
+            out.add(
+                &REQUESTS,
+                with(&[name, &pid, method, status, protocol, transport]),
+                stats.count,
+            );
         }
-        for ((method, status), stats) in by_labels {
+        for ((method, status), stats) in timed {
             let mut pairs = vec![
                 ("method", name_of(&METHODS, method)),
-                ("server", server.server.as_str()),
+                ("server", name),
                 ("status", name_of(&STATUS_CLASSES, status)),
             ];
             pairs.extend(server.labels.pairs());
-            metrics.push(histogram(pairs, &stats));
+            out.histograms
+                .entry(DURATION.name)
+                .or_default()
+                .push(histogram(pairs, &stats));
+        }
+        for proc in &server.procs {
+            let pid = pid_label(proc.pid);
+            let labels = with(&[name, pid.as_str()]);
+            let s = &proc.stats;
+            out.add(&ACCEPTED, labels.clone(), s.accepted);
+            out.add(&CLOSED, labels.clone(), s.closed);
+            out.add(&RECEIVED, labels.clone(), s.rx_bytes);
+            out.add(&SENT, labels.clone(), s.tx_bytes);
+            out.set(&ACTIVE, labels.clone(), s.active() as f64);
+            out.set(&IN_FLIGHT, labels, s.in_flight() as f64);
         }
     }
-    family(DURATION, DURATION_HELP, metrics)
-}
-
-const QUEUE_TIME: &str = "server_connection_queue_seconds";
-const QUEUE_TIME_HELP: &str = "Handshake completed to a worker's first read, write or close of \
-     the connection: how long clients waited for a free worker (fentry and socket hooks).";
-
-/// The wait-for-a-worker histograms, one per server (fentry and socket hooks).
-fn queue_time_family(snap: &Snapshot) -> MetricFamily {
-    let metrics = if snap.hooks == "syscall" {
-        Vec::new()
-    } else {
-        snap.servers
-            .iter()
-            .map(|server| {
-                let mut pairs = vec![("server", server.server.as_str())];
-                pairs.extend(server.labels.pairs());
-                histogram(pairs, &server.ports.counted.waited)
-            })
-            .collect()
-    };
-    family(QUEUE_TIME, QUEUE_TIME_HELP, metrics)
-}
-
-fn family(name: &str, help: &str, metrics: Vec<Metric>) -> MetricFamily {
-    let mut family = MetricFamily::default();
-    family.set_name(name.into());
-    family.set_help(help.into());
-    family.set_field_type(MetricType::HISTOGRAM);
-    family.set_metric(metrics);
-    family
+    out
 }
 
 /// One histogram series from the kernel's counts (`timed` observations, `buckets` per bound
 /// of `DURATION_BOUNDS_NS`).
-fn histogram(mut pairs: Vec<(&str, &str)>, stats: &ReqStats) -> Metric {
-    pairs.sort_unstable();
-    let mut metric = Metric::from_label(
-        pairs
-            .iter()
-            .map(|(k, v)| {
-                let mut pair = LabelPair::default();
-                pair.set_name((*k).into());
-                pair.set_value((*v).into());
-                pair
-            })
-            .collect(),
-    );
+fn histogram(pairs: Vec<(&str, &str)>, stats: &ReqStats) -> Metric {
+    let mut metric = Metric::from_label(label_pairs(pairs));
     let mut histogram = Histogram::default();
     histogram.set_sample_count(stats.timed);
     histogram.set_sample_sum(stats.duration_sum_ns as f64 / 1e9);
@@ -512,59 +566,31 @@ fn pid_label(pid: u32) -> String {
     }
 }
 
-fn int(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
 struct ProbeCollector<S> {
     source: S,
-    catalog: Catalog,
+    descs: Vec<Desc>,
 }
 
 impl<S: SnapshotSource> Collector for ProbeCollector<S> {
     fn desc(&self) -> Vec<&Desc> {
-        let mut descs: Vec<&Desc> = self
-            .catalog
-            .collectors()
-            .into_iter()
-            .flat_map(|c| c.desc())
-            .collect();
-        descs.push(&self.catalog.duration);
-        descs.push(&self.catalog.queue_time);
-        descs
+        self.descs.iter().collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let snap = self.source.snapshot();
-        self.catalog.fill(&snap);
-        let mut families: Vec<MetricFamily> = self
-            .catalog
-            .collectors()
-            .into_iter()
-            .flat_map(|c| c.collect())
-            .collect();
-        families.push(duration_family(&snap));
-        families.push(queue_time_family(&snap));
-        for family in &mut families {
-            for metric in family.mut_metric() {
-                let kept: Vec<LabelPair> = metric
-                    .take_label()
-                    .into_iter()
-                    .filter(|l| !(l.value().is_empty() && containers::NAMES.contains(&l.name())))
-                    .collect();
-                metric.set_label(kept);
-            }
-        }
-        families
+        fill(&self.source.snapshot()).families()
     }
 }
 
 pub fn registry(source: impl SnapshotSource + 'static) -> prometheus::Result<Registry> {
     let registry = Registry::new();
-    registry.register(Box::new(ProbeCollector {
-        source,
-        catalog: Catalog::new()?,
-    }))?;
+    let descs = METRICS
+        .iter()
+        .map(|def| {
+            let labels = def.label_names().iter().map(|l| l.to_string()).collect();
+            Desc::new(def.name.into(), def.help.into(), labels, HashMap::new())
+        })
+        .collect::<prometheus::Result<_>>()?;
+    registry.register(Box::new(ProbeCollector { source, descs }))?;
     Ok(registry)
 }
 
@@ -583,8 +609,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        snapshot::{ProcView, ServerView, WorkerView},
-        watched::Lifecycle,
+        model::lifecycle::Lifecycle,
+        model::snapshot::{ProcView, ServerView, WorkerView},
     };
 
     struct Fixed(Snapshot);
@@ -681,8 +707,49 @@ mod tests {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
         assert!(text.contains("flyprobe_build_info{hooks=\"socket\",version=\""));
+        for def in METRICS {
+            let kind = def.kind.name();
+            let help = format!("# HELP {} {}", def.name, def.help);
+            let typed = format!("# TYPE {} {kind}", def.name);
+            let has_series = text.lines().any(|l| l.starts_with(def.name));
+            if has_series {
+                assert!(
+                    text.contains(&help) && text.contains(&typed),
+                    "{}",
+                    def.name
+                );
+            }
+        }
         for name in containers::NAMES {
             assert!(!text.contains(&format!("{name}=")), "{name} in\n{text}");
         }
+    }
+
+    /// The README's metric table is the list: a row per metric, with its labels and kind,
+    /// in the list's order, and no row of a metric that is not exported.
+    #[test]
+    fn the_readme_documents_every_metric() {
+        let readme = include_str!("../../../README.md");
+        let rows: Vec<(&str, &str)> = readme
+            .lines()
+            .filter(|l| l.starts_with("| `server_") || l.starts_with("| `flyprobe_"))
+            .filter_map(|l| {
+                let mut cells = l.split('|').map(str::trim).skip(1);
+                Some((cells.next()?.trim_matches('`'), cells.next()?))
+            })
+            .collect();
+        let wanted: Vec<(String, &str)> = METRICS
+            .iter()
+            .map(|def| {
+                let name = if def.labels.is_empty() {
+                    def.name.to_string()
+                } else {
+                    format!("{}{{{}}}", def.name, def.labels.join(","))
+                };
+                (name, def.kind.name())
+            })
+            .collect();
+        let rows: Vec<(String, &str)> = rows.iter().map(|(n, k)| (n.to_string(), *k)).collect();
+        assert_eq!(rows, wanted, "README.md's metric table against METRICS");
     }
 }

@@ -18,7 +18,29 @@ use probe_common::{
     names, phase, target, transport,
 };
 
-use crate::probe::{ProbeError, take};
+use thiserror::Error;
+
+/// A map the object should have: missing, or not of the type asked for.
+#[derive(Debug, Error)]
+pub enum TakeError {
+    #[error("the eBPF object has no map `{name}`")]
+    Missing { name: &'static str },
+    #[error("opening map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Take a map out of the object, typed.
+pub fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, TakeError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(TakeError::Missing { name })?;
+    T::try_from(map).map_err(|source| TakeError::Map { name, source })
+}
 
 /// Removes the entries of `map` whose key `doomed` names.
 fn remove_where<K: aya::Pod, V: aya::Pod>(
@@ -69,7 +91,7 @@ pub struct Remains {
 }
 
 impl KernelMaps {
-    pub fn take(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, TakeError> {
         Ok(Self {
             targets: take(ebpf, names::TARGETS)?,
             conns: take(ebpf, names::CONNS)?,

@@ -21,7 +21,7 @@ use probe_common::{
     drop_reason, h2::H2, names,
 };
 
-use crate::probe::Limits;
+use crate::kernel::probe::Limits;
 
 /// `struct htab_elem` before the key, and one hash bucket.
 const HASH_ENTRY: u64 = 48;
@@ -320,7 +320,7 @@ mod tests {
     #[test]
     fn every_map_of_the_object_is_bounded() {
         // The maps the kernel object declares (globals live in .rodata and friends).
-        let object = aya_obj::Object::parse(crate::probe::OBJECT).unwrap();
+        let object = aya_obj::Object::parse(crate::kernel::probe::OBJECT).unwrap();
         let mut declared: Vec<&str> = object
             .maps
             .keys()

@@ -14,7 +14,7 @@ use nix::sys::stat::{major, minor};
 
 use procfs::process::{MMPermissions, MMapPath, Process};
 
-use crate::probe::{Probe, causes};
+use crate::kernel::probe::{Probe, causes};
 
 /// Every this many sweeps, processes already scanned are scanned again: a process may load
 /// libssl after it was first seen (Python imports `ssl` when it needs it).

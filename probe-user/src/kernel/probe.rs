@@ -15,9 +15,9 @@ use probe_common::{dir, names, syscall_layout};
 use thiserror::Error;
 
 use crate::{
-    btf::{Btf, BtfError},
-    kernel_maps::{KernelMaps, UnixSweep},
-    tracefs::{Format, TracefsError},
+    kernel::btf::{Btf, BtfError},
+    kernel::maps::{KernelMaps, TakeError, UnixSweep, take},
+    kernel::tracefs::{Format, TracefsError},
 };
 
 pub(crate) static OBJECT: &[u8] =
@@ -279,8 +279,8 @@ pub enum ProbeError {
         #[source]
         source: Box<ProgramError>,
     },
-    #[error("the eBPF object has no map `{name}`")]
-    MissingMap { name: &'static str },
+    #[error(transparent)]
+    TakeMap(#[from] TakeError),
     #[error("the kernel's BTF has no function {function}: the fentry hooks need it")]
     NoFunction { function: &'static str },
     #[error("{function}({params}) is not what the fentry hooks read")]
@@ -1132,13 +1132,4 @@ pub fn pid_slots() -> u32 {
         .and_then(|s| s.trim().parse::<u32>().ok())
         .unwrap_or(probe_common::MAX_PID_SLOTS)
         .clamp(probe_common::DEFAULT_PID_SLOTS, probe_common::MAX_PID_SLOTS)
-}
-
-/// Take a map out of the object, typed.
-pub fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbeError>
-where
-    T: TryFrom<aya::maps::Map, Error = MapError>,
-{
-    let map = ebpf.take_map(name).ok_or(ProbeError::MissingMap { name })?;
-    T::try_from(map).map_err(|source| ProbeError::Map { name, source })
 }

@@ -1,7 +1,17 @@
-//! Why a process ended, as a `reason` label: `exit_0`, `exit_nonzero`, `signal_<NAME>`.
+//! Worker lifecycle: how many started and stopped in a tree, and why a process ended, as a
+//! `reason` label: `exit_0`, `exit_nonzero`, `signal_<NAME>`.
+
+use std::collections::BTreeMap;
 
 use nix::sys::signal::Signal;
 use probe_common::{ExitInfo, exit_flags};
+
+/// Worker starts and stops of one root's tree.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lifecycle {
+    pub started: u64,
+    pub stopped: BTreeMap<String, u64>,
+}
 
 /// Reasons every server reports from the start, so `rate()` sees them at 0 first.
 pub const COMMON_REASONS: [&str; 3] = ["exit_0", "exit_nonzero", "signal_SIGKILL"];

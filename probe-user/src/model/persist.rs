@@ -25,7 +25,7 @@ use probe_common::{ConnKey, ConnState, ExitInfo, ProcStats, ReqKey, ReqStats, na
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::{probe::Limits, watched::Lifecycle};
+use crate::{kernel::probe::Limits, model::lifecycle::Lifecycle};
 
 /// statfs f_type of a BPF filesystem (include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: nix::libc::c_long = 0xcafe_4a11;

@@ -6,9 +6,15 @@ use std::collections::BTreeMap;
 use probe_common::{PortStats, ProcStats, ReqKey, ReqStats, drop_reason};
 
 use crate::{
-    containers::Labels,
-    watched::{Lifecycle, Member, Watched},
+    model::lifecycle::Lifecycle,
+    model::watched::{Member, Watched},
+    processes::containers::Labels,
 };
+
+/// Where snapshots come from (the daemon's shared state; a fixed one in tests).
+pub trait SnapshotSource: Send + Sync {
+    fn snapshot(&self) -> Snapshot;
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {

@@ -11,18 +11,20 @@ use probe_common::{ListenKey, PortStats, ProcEvent, event_kind};
 use procfs::Current as _;
 
 use crate::{
-    containers,
-    kernel_maps::{KernelMaps, Remains},
-    lifecycle, memory,
-    metrics::SnapshotSource,
-    openssl::OpenSsl,
-    persist::PinDir,
-    probe::Probe,
-    selectors::Selectors,
-    snapshot::{self, KernelView, ServerPorts, Snapshot},
-    sock_diag,
-    sockets::{self, Holder},
-    watched::{Watched, alive},
+    kernel::maps::{KernelMaps, Remains},
+    kernel::memory,
+    kernel::openssl::OpenSsl,
+    kernel::probe::Probe,
+    kernel::sock_diag,
+    model::lifecycle,
+    model::persist::PinDir,
+    model::snapshot::SnapshotSource,
+    model::snapshot::{self, KernelView, ServerPorts, Snapshot},
+    model::watched::Watched,
+    processes::containers,
+    processes::selectors::Selectors,
+    processes::sockets::{self, Holder},
+    processes::tree::alive,
 };
 
 /// Sweeps between full /proc scans for the node-wide selectors: events find new servers at

@@ -10,18 +10,20 @@ use std::{
 };
 
 use probe_common::{ProcStats, ReqKey, ReqStats};
-use procfs::process::{Process, all_processes};
+use procfs::process::Process;
 
 use crate::{
-    containers::Labels,
     error::StartError,
-    kernel_maps::Remains,
-    persist::{Ledger, MemberLedger, RootLedger},
-    server_kind, sockets,
+    kernel::maps::Remains,
+    model::{
+        lifecycle::Lifecycle,
+        persist::{Ledger, MemberLedger, RootLedger},
+    },
+    processes::containers::Labels,
+    processes::server_kind,
+    processes::sockets,
+    processes::tree::{PF_KTHREAD, alive, parents},
 };
-
-/// task_struct flag of kernel threads (include/linux/sched.h).
-const PF_KTHREAD: u32 = 0x0020_0000;
 
 /// How long an exited process's kernel state is kept before it is read one last time: long
 /// enough for its other threads to finish exiting.
@@ -75,13 +77,6 @@ pub struct Member {
     pub exited: Option<Instant>,
 }
 
-/// Worker starts and stops of one root's tree.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Lifecycle {
-    pub started: u64,
-    pub stopped: BTreeMap<String, u64>,
-}
-
 /// The pid under which exited workers past their retention are folded together (no process
 /// has PID 0); exposed as `pid="retired"`.
 pub const FOLDED: u32 = 0;
@@ -109,16 +104,6 @@ pub struct Watched {
     unresolved_forks: BTreeMap<u32, u32>,
     /// The last `EVENT_LOG_LEN` worker starts and stops, oldest first.
     events: VecDeque<LifecycleEvent>,
-}
-
-/// Every process's parent, as /proc shows them now.
-pub fn parents() -> BTreeMap<u32, u32> {
-    all_processes()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p.ok()?.stat().ok())
-        .map(|s| (s.pid as u32, s.ppid as u32))
-        .collect()
 }
 
 /// What /proc says about a process: (comm, start in seconds after boot, ppid).
@@ -720,19 +705,6 @@ impl Member {
             supervisor: false,
             classified: false,
             exited: None,
-        }
-    }
-}
-
-/// Whether `pid` still runs. Only /proc saying so makes it gone: an error such as running out
-/// of file descriptors must not declare live workers dead (and untrack them).
-pub fn alive(pid: u32) -> bool {
-    match Process::new(pid as i32).and_then(|p| p.stat()) {
-        Ok(stat) => stat.state != 'Z' && stat.state != 'X',
-        Err(procfs::ProcError::NotFound(_)) => false,
-        Err(err) => {
-            log::debug!("cannot tell whether {pid} runs ({err}): assuming it does");
-            true
         }
     }
 }

@@ -9,7 +9,7 @@ use std::{
     sync::OnceLock,
 };
 
-use crate::kubelet;
+use crate::processes::kubelet;
 
 /// Label names, in the order `Labels::values` returns them. `namespace`, `pod` and
 /// `container` are the names cAdvisor and kube-state-metrics use, so joins just work.

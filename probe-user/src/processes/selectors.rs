@@ -15,13 +15,10 @@ use std::{
 use procfs::process::Process;
 
 use crate::{
-    containers,
-    sockets::{self, ListenerCache},
-    watched,
+    processes::containers,
+    processes::sockets::{self, ListenerCache},
+    processes::tree::{self, PF_KTHREAD},
 };
-
-/// task_struct flag of kernel threads (include/linux/sched.h).
-const PF_KTHREAD: u32 = 0x0020_0000;
 
 #[derive(Debug, Clone, Default)]
 pub struct Selectors {
@@ -132,7 +129,7 @@ impl Selectors {
         if self.is_empty() {
             return Vec::new();
         }
-        let parents = watched::parents();
+        let parents = tree::parents();
         let mut listeners = ListenerCache::default();
         let candidates: BTreeSet<u32> = parents
             .keys()

@@ -13,7 +13,7 @@ use procfs::{
     process::{FDTarget, Process},
 };
 
-use crate::containers;
+use crate::processes::containers;
 
 /// Listening-socket inodes each of `pids` holds (processes holding none are left out).
 pub fn listening(pids: impl IntoIterator<Item = u32>) -> BTreeMap<u32, BTreeSet<u64>> {
