@@ -62,6 +62,42 @@ pub fn https_client(
     )
 }
 
+/// Runs tests/apps/grpc_echo.py's client: `calls` unary calls on one channel (one
+/// connection), `threads` at once, the first `fail` of them failing with INVALID_ARGUMENT
+/// (in the trailers of an HTTP 200); over TLS when given the certificate to trust. What it
+/// saw: (answered, failed).
+pub fn grpc_calls(
+    port: u16,
+    calls: u32,
+    fail: u32,
+    threads: u32,
+    cert: Option<&std::path::Path>,
+) -> (u64, u64) {
+    let mut cmd = Command::new(servers::python());
+    cmd.arg(workspace().join("tests/apps/grpc_echo.py"))
+        .args(["call", &port.to_string(), &calls.to_string()])
+        .args([
+            "--fail",
+            &fail.to_string(),
+            "--threads",
+            &threads.to_string(),
+        ]);
+    if let Some(cert) = cert {
+        cmd.arg("--tls").arg(cert);
+    }
+    let out = cmd.output().expect("run the gRPC client");
+    assert!(
+        out.status.success(),
+        "gRPC client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    (
+        report["ok"].as_u64().expect("ok"),
+        report["failed"].as_u64().expect("failed"),
+    )
+}
+
 fn run(
     script: &str,
     port: u16,

@@ -6,15 +6,16 @@
 //! saw and, for nginx, with its own stub_status. With the fentry and syscall hooks, which
 //! do not walk frames, an h2 connection is read/write exchanges, never requests.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use flyprobe_tests::{
     eventually,
     flyprobe::{Flyprobe, Metrics},
-    py_clients::{REQUESTS, assert_streams, h2_client, h2_requests, settled, stub_requests},
+    py_clients::{
+        REQUESTS, assert_streams, grpc_calls, h2_client, h2_requests, settled, stub_requests,
+    },
     require_root,
     servers::{self, Server},
-    workspace,
 };
 
 const SETTLE: Duration = Duration::from_secs(20);
@@ -252,22 +253,7 @@ fn grpc_calls_are_post_requests() {
     let fp = Flyprobe::watch(server.pid());
     // 300 unary calls on one channel (one connection), 32 at once; 30 of them fail with
     // INVALID_ARGUMENT, which gRPC sends in the trailers of an HTTP 200.
-    let out = Command::new(servers::python())
-        .arg(workspace().join("tests/apps/grpc_echo.py"))
-        .args(["call", &server.port.to_string(), "300"])
-        .args(["--fail", "30", "--threads", "32"])
-        .output()
-        .expect("run the gRPC client");
-    assert!(
-        out.status.success(),
-        "gRPC client: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(
-        (report["ok"].as_u64(), report["failed"].as_u64()),
-        (Some(270), Some(30))
-    );
+    assert_eq!(grpc_calls(server.port, 300, 30, 32, None), (270, 30));
     let label = "python";
     if !walks_frames(&fp) {
         let m = eventually("h2 exchanges", SETTLE, || {

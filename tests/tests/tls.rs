@@ -17,7 +17,7 @@ use flyprobe_tests::{
     flyprobe::{Flyprobe, Metrics},
     procs::Guard,
     py_clients::{
-        REQUESTS, Seen, assert_streams, h2_client, https_client, requests, settle, settled,
+        self, REQUESTS, Seen, assert_streams, h2_client, https_client, requests, settle, settled,
         stub_requests,
     },
     require_root, servers,
@@ -35,22 +35,9 @@ fn grpc_over_its_own_tls_is_connections_and_bytes_only() {
     require_root();
     let (server, cert) = servers::grpc_echo_tls();
     let fp = watch_tls(server.pid());
-    let out = std::process::Command::new(servers::python())
-        .arg(flyprobe_tests::workspace().join("tests/apps/grpc_echo.py"))
-        .args(["call", &server.port.to_string(), "40", "--fail", "4"])
-        .arg("--tls")
-        .arg(&cert)
-        .output()
-        .expect("run the gRPC client");
-    assert!(
-        out.status.success(),
-        "gRPC client: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(
-        (report["ok"].as_u64(), report["failed"].as_u64()),
-        (Some(36), Some(4))
+        py_clients::grpc_calls(server.port, 40, 4, 8, Some(&cert)),
+        (36, 4)
     );
     let of = [("server", "python")];
     let m = eventually("one connection accepted and closed", SETTLE, || {
@@ -90,13 +77,7 @@ fn grpc_over_its_own_tls_is_connections_and_bytes_only() {
 fn a_process_that_execs_a_program_without_openssl_loses_its_mark() {
     require_root();
     let mut server = servers::python_then_echo();
-    let fp = Flyprobe::start(&[
-        "--pid-tree",
-        &server.pid().to_string(),
-        "--tls",
-        "--server-name",
-        "execd",
-    ]);
+    let fp = tls_named(server.pid(), "execd");
     watch_attached(&fp);
     servers::exec_echo(&mut server);
     // A TLS record (a handshake's header and a few bytes), echoed back: one read/write turn.
@@ -123,6 +104,17 @@ fn a_process_that_execs_a_program_without_openssl_loses_its_mark() {
     );
     eprintln!("{exchanges} tls exchanges after the exec");
     fp.stop();
+}
+
+/// flyprobe with `--tls` on `pid`'s tree, its server named `name` (`--server-name`).
+fn tls_named(pid: u32, name: &str) -> Flyprobe {
+    Flyprobe::start(&[
+        "--pid-tree",
+        &pid.to_string(),
+        "--tls",
+        "--server-name",
+        name,
+    ])
 }
 
 /// flyprobe with `--tls` on `pid`'s tree, once it has attached to the server's libssl.
@@ -387,13 +379,7 @@ fn a_tls_server_started_after_flyprobe_is_attached_then() {
     );
     let shell = Guard::spawn("sh", std::process::Command::new("sh").args(["-c", &script]));
     // The root was a shell when flyprobe found it: the label is set.
-    let fp = Flyprobe::start(&[
-        "--pid-tree",
-        &shell.pid().to_string(),
-        "--tls",
-        "--server-name",
-        "nginx",
-    ]);
+    let fp = tls_named(shell.pid(), "nginx");
     assert_eq!(fp.scrape().get("flyprobe_tls_libraries", &[]), Some(0.0));
     std::fs::write(&go, b"").expect("go");
     eventually("nginx answering over TLS", SETTLE, || {
