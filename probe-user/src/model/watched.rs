@@ -22,7 +22,7 @@ use crate::{
     processes::containers::Labels,
     processes::server_kind,
     processes::sockets,
-    processes::tree::{PF_KTHREAD, alive, parents},
+    processes::tree::{PF_KTHREAD, alive, nearest_root, parents},
 };
 
 /// How long an exited process's kernel state is kept before it is read one last time: long
@@ -709,38 +709,12 @@ impl Member {
     }
 }
 
-/// The closest ancestor of `pid` (or `pid` itself) that is a root.
-fn nearest_root(pid: u32, parents: &BTreeMap<u32, u32>, roots: &BTreeSet<u32>) -> Option<u32> {
-    let mut cur = pid;
-    // PIDs form a tree; the bound only guards against a /proc snapshot taken mid-reparent.
-    for _ in 0..256 {
-        if roots.contains(&cur) {
-            return Some(cur);
-        }
-        cur = *parents.get(&cur)?;
-        if cur == 0 {
-            return None;
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn member(ppid: u32, forked_here: bool) -> Member {
         Member::new(ppid, 1, "python".into(), 0.0, forked_here)
-    }
-
-    #[test]
-    fn nearest_root_walks_up_to_the_closest_root() {
-        // 1 -> 10 -> 11 -> 12, 1 -> 20
-        let parents = BTreeMap::from([(1, 0), (10, 1), (11, 10), (12, 11), (20, 1)]);
-        let roots = BTreeSet::from([10, 11]);
-        assert_eq!(nearest_root(12, &parents, &roots), Some(11));
-        assert_eq!(nearest_root(10, &parents, &roots), Some(10));
-        assert_eq!(nearest_root(20, &parents, &roots), None);
     }
 
     #[test]

@@ -39,15 +39,7 @@ impl Selectors {
             .map(|(mount, _)| mount)
             .collect();
         let mut ancestors = BTreeSet::from([1]);
-        let mut cur = std::process::id();
-        while let Some(ppid) = Process::new(cur as i32)
-            .and_then(|p| p.stat())
-            .ok()
-            .map(|s| s.ppid as u32)
-            .filter(|&p| p > 1 && ancestors.insert(p))
-        {
-            cur = ppid;
-        }
+        ancestors.extend(tree::ancestors(std::process::id(), &tree::parents()));
         Self {
             ancestors,
             ports: ports.to_vec(),
@@ -147,20 +139,11 @@ fn topmost(
     watched: impl Fn(u32) -> bool,
 ) -> Vec<u32> {
     let mut out: Vec<(usize, u32)> = Vec::new();
-    'next: for &pid in candidates {
-        let mut depth = 0;
-        let mut cur = pid;
-        while let Some(&parent) = parents.get(&cur) {
-            if parent == 0 || depth > 256 {
-                break;
-            }
-            if candidates.contains(&parent) || watched(parent) {
-                continue 'next;
-            }
-            depth += 1;
-            cur = parent;
+    for &pid in candidates {
+        let above = tree::ancestors(pid, parents);
+        if !above.iter().any(|&p| candidates.contains(&p) || watched(p)) {
+            out.push((above.len(), pid));
         }
-        out.push((depth, pid));
     }
     out.sort_unstable();
     out.into_iter().map(|(_, pid)| pid).collect()

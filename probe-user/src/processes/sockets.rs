@@ -13,7 +13,7 @@ use procfs::{
     process::{FDTarget, Process},
 };
 
-use crate::processes::containers;
+use crate::processes::{containers, tree};
 
 /// Listening-socket inodes each of `pids` holds (processes holding none are left out).
 pub fn listening(pids: impl IntoIterator<Item = u32>) -> BTreeMap<u32, BTreeSet<u64>> {
@@ -202,7 +202,7 @@ pub struct Roles {
 pub fn roles(holders: &BTreeMap<u32, BTreeSet<u64>>, parents: &BTreeMap<u32, u32>) -> Roles {
     let supervisors: BTreeSet<u32> = holders
         .keys()
-        .flat_map(|&pid| ancestors(pid, parents))
+        .flat_map(|&pid| tree::ancestors(pid, parents))
         .filter(|a| holders.contains_key(a))
         .collect();
     let workers = holders
@@ -214,19 +214,6 @@ pub fn roles(holders: &BTreeMap<u32, BTreeSet<u64>>, parents: &BTreeMap<u32, u32
         workers,
         supervisors,
     }
-}
-
-fn ancestors(pid: u32, parents: &BTreeMap<u32, u32>) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut cur = pid;
-    while let Some(&parent) = parents.get(&cur) {
-        if parent == 0 || out.contains(&parent) || out.len() > 256 {
-            break;
-        }
-        out.push(parent);
-        cur = parent;
-    }
-    out
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The process tree as /proc shows it now.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use procfs::process::{Process, all_processes};
 
@@ -27,5 +27,52 @@ pub fn alive(pid: u32) -> bool {
             log::debug!("cannot tell whether {pid} runs ({err}): assuming it does");
             true
         }
+    }
+}
+
+/// `pid`'s ancestors in `parents`, its parent first, up to PID 1. Bounded: a snapshot of
+/// /proc taken mid-reparent may hold a loop.
+pub fn ancestors(pid: u32, parents: &BTreeMap<u32, u32>) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut cur = pid;
+    while let Some(&parent) = parents.get(&cur) {
+        if parent == 0 || out.contains(&parent) || out.len() > 256 {
+            break;
+        }
+        out.push(parent);
+        cur = parent;
+    }
+    out
+}
+
+/// The closest of `pid` and its ancestors that is in `roots`.
+pub fn nearest_root(pid: u32, parents: &BTreeMap<u32, u32>, roots: &BTreeSet<u32>) -> Option<u32> {
+    std::iter::once(pid)
+        .chain(ancestors(pid, parents))
+        .find(|p| roots.contains(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ancestors_end_at_the_top_and_at_a_loop() {
+        // 1 -> 10 -> 11 -> 12; 30 <-> 31 (a snapshot taken mid-reparent)
+        let parents = BTreeMap::from([(1, 0), (10, 1), (11, 10), (12, 11), (30, 31), (31, 30)]);
+        assert_eq!(ancestors(12, &parents), vec![11, 10, 1]);
+        assert_eq!(ancestors(1, &parents), Vec::<u32>::new());
+        assert_eq!(ancestors(99, &parents), Vec::<u32>::new());
+        assert_eq!(ancestors(30, &parents), vec![31, 30]);
+    }
+
+    #[test]
+    fn nearest_root_walks_up_to_the_closest_root() {
+        // 1 -> 10 -> 11 -> 12, 1 -> 20
+        let parents = BTreeMap::from([(1, 0), (10, 1), (11, 10), (12, 11), (20, 1)]);
+        let roots = BTreeSet::from([10, 11]);
+        assert_eq!(nearest_root(12, &parents, &roots), Some(11));
+        assert_eq!(nearest_root(10, &parents, &roots), Some(10));
+        assert_eq!(nearest_root(20, &parents, &roots), None);
     }
 }
