@@ -66,10 +66,6 @@ pub fn drop_unneeded(tls: bool) -> Result<HashSet<Capability>, DropError> {
     Ok(keep)
 }
 
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
 /// CAP_BPF + CAP_PERFMON (kernel ≥ 5.8), or CAP_SYS_ADMIN, which implies both.
 pub fn check() -> Result<(), StartError> {
     let effective = Process::myself()
@@ -87,11 +83,12 @@ pub fn check() -> Result<(), StartError> {
     }
 }
 
-fn has(set: u64, cap: u32) -> bool {
-    set & (1 << cap) != 0
+fn has(set: u64, cap: Capability) -> bool {
+    set & cap.bitmask() != 0
 }
 
 fn can_load(effective: u64) -> bool {
+    use Capability::{CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN};
     has(effective, CAP_SYS_ADMIN) || (has(effective, CAP_BPF) && has(effective, CAP_PERFMON))
 }
 
@@ -101,9 +98,13 @@ mod tests {
 
     #[test]
     fn either_sys_admin_or_bpf_and_perfmon() {
-        assert!(can_load(1 << CAP_SYS_ADMIN));
-        assert!(can_load((1 << CAP_BPF) | (1 << CAP_PERFMON)));
-        assert!(!can_load(1 << CAP_BPF));
+        use Capability::{CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN};
+        // The kernel's numbers (include/uapi/linux/capability.h), as /proc/PID/status has them.
+        assert!(can_load(1 << 21));
+        assert_eq!(CAP_SYS_ADMIN.bitmask(), 1 << 21);
+        assert!(can_load(CAP_BPF.bitmask() | CAP_PERFMON.bitmask()));
+        assert!(can_load((1 << 39) | (1 << 38)));
+        assert!(!can_load(CAP_BPF.bitmask()));
         assert!(!can_load(0));
     }
 }
