@@ -5,9 +5,12 @@
 
 use std::{
     fs,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::OnceLock,
 };
+
+use procfs::process::Process;
 
 use crate::processes::kubelet;
 
@@ -131,9 +134,19 @@ impl Labels {
 /// The cgroup v2 path of `pid` from the hierarchy's root (the `0::` line of
 /// /proc/<pid>/cgroup, made absolute when flyprobe runs in a cgroup namespace).
 pub fn cgroup_of(pid: u32) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let seen = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    Some(namespace_root().map_or_else(|| seen.to_string(), |root| join(root, seen)))
+    let seen = cgroup2_path(Process::new(pid as i32).ok()?)?;
+    Some(namespace_root().map_or_else(|| seen.clone(), |root| join(root, &seen)))
+}
+
+/// The `0::` (cgroup v2) line's path of /proc/<pid>/cgroup.
+fn cgroup2_path(process: Process) -> Option<String> {
+    process
+        .cgroups()
+        .ok()?
+        .0
+        .into_iter()
+        .find(|c| c.hierarchy == 0 && c.controllers.is_empty())
+        .map(|c| c.pathname)
 }
 
 /// Where flyprobe's cgroup namespace is rooted in the hierarchy, if it runs in one (a
@@ -151,11 +164,7 @@ fn namespace_root() -> Option<&'static str> {
         if !mount_root.starts_with("/..") && !other_ns {
             return None; // the host's namespace: paths are absolute already
         }
-        let seen = fs::read_to_string("/proc/self/cgroup").ok()?;
-        let seen = seen
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))?
-            .to_string();
+        let seen = cgroup2_path(Process::myself().ok()?)?;
         let me = std::process::id().to_string();
         let own = find_procs(&root, &root, &me, 0)?;
         let base = own.strip_suffix(seen.trim_end_matches('/')).unwrap_or(&own);
@@ -187,18 +196,14 @@ fn find_procs(root: &Path, dir: &Path, pid: &str, depth: u32) -> Option<String> 
 /// Where cgroup2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts),
 /// with each mount's root as mountinfo shows it ("/", or "/../.." from inside a namespace).
 pub fn cgroup2_mounts() -> Vec<(PathBuf, String)> {
-    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
+    let Ok(mounts) = Process::myself().and_then(|p| p.mountinfo()) else {
         return Vec::new();
     };
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mut fields = left.split_whitespace();
-            let root = fields.nth(3)?;
-            let mount = fields.next()?;
-            (right.split_whitespace().next()? == "cgroup2")
-                .then(|| (PathBuf::from(mount), root.to_string()))
-        })
+    mounts
+        .0
+        .into_iter()
+        .filter(|m| m.fs_type == "cgroup2")
+        .map(|m| (m.mount_point, m.root))
         .collect()
 }
 
@@ -217,14 +222,10 @@ fn join(root: &str, path: &str) -> String {
 
 /// The inode of the network namespace of `/proc/<of>` (a PID, or "self").
 pub fn netns_id(of: impl std::fmt::Display) -> Option<u64> {
-    let target = fs::read_link(format!("/proc/{of}/ns/net")).ok()?;
-    // "net:[4026531840]"
-    target
-        .to_str()?
-        .strip_prefix("net:[")?
-        .strip_suffix(']')?
-        .parse()
+    // The link's target is the namespace's nsfs inode ("net:[4026531840]" names it too).
+    fs::metadata(format!("/proc/{of}/ns/net"))
         .ok()
+        .map(|m| m.ino())
 }
 
 /// `pod<uid>` (cgroupfs driver) or `kubepods-<qos>-pod<uid_with_underscores>.slice` (systemd).
@@ -351,5 +352,22 @@ mod tests {
         let l = Labels::from_cgroup_path("/user.slice/user-0.slice/session-3.scope");
         assert_eq!(l.unit.as_deref(), Some("session-3.scope"));
         assert_eq!(l.pairs(), vec![("unit", "session-3.scope")]);
+    }
+
+    /// procfs and a stat read what /proc shows: the network namespace's inode as its link
+    /// names it, and the cgroup v2 line of /proc/self/cgroup.
+    #[test]
+    fn own_netns_and_cgroup_as_proc_shows_them() {
+        let link = fs::read_link("/proc/self/ns/net").expect("ns/net");
+        assert_eq!(
+            format!("net:[{}]", netns_id("self").expect("netns")),
+            link.to_string_lossy()
+        );
+        let text = fs::read_to_string("/proc/self/cgroup").expect("cgroup");
+        let v2 = text.lines().find_map(|l| l.strip_prefix("0::"));
+        assert_eq!(
+            cgroup2_path(Process::myself().expect("myself")),
+            v2.map(str::to_string)
+        );
     }
 }
