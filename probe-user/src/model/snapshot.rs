@@ -218,9 +218,9 @@ fn server(
         }
         per_pid.entry(pid).or_default().add(&stats);
     }
-    for (&(root, pid), stats) in watched.retired() {
-        if roots.contains(&root) {
-            per_pid.entry(pid).or_default().add(stats);
+    for (key, stats) in watched.retired() {
+        if roots.contains(&key.root) {
+            per_pid.entry(key.pid).or_default().add(stats);
         }
     }
     let mine = || watched.roots().iter().filter(|r| roots.contains(&r.pid));

@@ -77,6 +77,19 @@ pub struct Member {
     pub exited: Option<Instant>,
 }
 
+/// A process of a watched tree: its root and its PID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ProcessKey {
+    pub root: u32,
+    pub pid: u32,
+}
+
+impl ProcessKey {
+    pub fn new(root: u32, pid: u32) -> Self {
+        Self { root, pid }
+    }
+}
+
 /// The pid under which exited workers past their retention are folded together (no process
 /// has PID 0); exposed as `pid="retired"`.
 pub const FOLDED: u32 = 0;
@@ -88,13 +101,13 @@ const UNRESOLVED_FORKS: usize = 4096;
 pub struct Watched {
     roots: Vec<Root>,
     members: BTreeMap<u32, Member>,
-    /// Final counters of exited processes, by (root, pid); summed if a PID is reused. Pid
-    /// `FOLDED` holds those past their retention, folded together.
-    retired: BTreeMap<(u32, u32), ProcStats>,
+    /// Final counters of exited processes; summed if a PID is reused. Pid `FOLDED` holds
+    /// those past their retention, folded together.
+    retired: BTreeMap<ProcessKey, ProcStats>,
     /// Their labelled requests, by root.
     retired_requests: BTreeMap<(u32, ReqKey), ReqStats>,
-    /// When each (root, pid) of `retired` was retired (a restored one: when restored).
-    retired_at: BTreeMap<(u32, u32), Instant>,
+    /// When each process of `retired` was retired (a restored one: when restored).
+    retired_at: BTreeMap<ProcessKey, Instant>,
     lifecycle: BTreeMap<u32, Lifecycle>,
     /// Members found gone by the last sweep, confirmed by the next.
     suspects: BTreeSet<u32>,
@@ -201,8 +214,8 @@ impl Watched {
             return 0;
         }
         self.roots.retain(|r| !gone.contains(&r.pid));
-        self.retired.retain(|(root, _), _| !gone.contains(root));
-        self.retired_at.retain(|(root, _), _| !gone.contains(root));
+        self.retired.retain(|key, _| !gone.contains(&key.root));
+        self.retired_at.retain(|key, _| !gone.contains(&key.root));
         self.retired_requests
             .retain(|(root, _), _| !gone.contains(root));
         self.lifecycle.retain(|root, _| !gone.contains(root));
@@ -241,7 +254,7 @@ impl Watched {
         &self.members
     }
 
-    pub fn retired(&self) -> &BTreeMap<(u32, u32), ProcStats> {
+    pub fn retired(&self) -> &BTreeMap<ProcessKey, ProcStats> {
         &self.retired
     }
 
@@ -533,8 +546,8 @@ impl Watched {
                         retired: self
                             .retired
                             .iter()
-                            .filter(|((root, _), _)| *root == r.pid)
-                            .map(|((_, pid), s)| (*pid, *s))
+                            .filter(|(key, _)| key.root == r.pid)
+                            .map(|(key, s)| (key.pid, *s))
                             .collect(),
                         retired_requests: self
                             .retired_requests
@@ -578,9 +591,10 @@ impl Watched {
             continued.insert(rl.pid);
             self.lifecycle.insert(rl.pid, rl.lifecycle());
             for (pid, stats) in &rl.retired {
-                self.retired.entry((rl.pid, *pid)).or_default().add(stats);
+                let key = ProcessKey::new(rl.pid, *pid);
+                self.retired.entry(key).or_default().add(stats);
                 if *pid != FOLDED {
-                    self.retired_at.insert((rl.pid, *pid), now);
+                    self.retired_at.insert(key, now);
                 }
             }
             for (key, stats) in &rl.retired_requests {
@@ -635,9 +649,10 @@ impl Watched {
         let Some(member) = self.members.remove(&pid) else {
             return;
         };
-        self.retired_at.insert((member.root, pid), Instant::now());
+        let key = ProcessKey::new(member.root, pid);
+        self.retired_at.insert(key, Instant::now());
         self.retired
-            .entry((member.root, pid))
+            .entry(key)
             .or_default()
             .add(&last.stats.finished());
         for (key, stats) in &last.requests {
@@ -654,7 +669,7 @@ impl Watched {
     /// `FOLDED` series: their own series leave /metrics, every total stays the same. Returns
     /// how many were folded.
     pub fn fold_retired(&mut self, now: Instant, retention: Duration) -> usize {
-        let due: Vec<(u32, u32)> = self
+        let due: Vec<ProcessKey> = self
             .retired_at
             .iter()
             .filter(|(_, at)| now.saturating_duration_since(**at) >= retention)
@@ -663,17 +678,18 @@ impl Watched {
         if due.is_empty() {
             return 0;
         }
-        let due_set: BTreeSet<(u32, u32)> = due.iter().copied().collect();
-        for key @ (root, _) in &due {
+        let due_set: BTreeSet<ProcessKey> = due.iter().copied().collect();
+        for key in &due {
             self.retired_at.remove(key);
             if let Some(stats) = self.retired.remove(key) {
-                self.retired.entry((*root, FOLDED)).or_default().add(&stats);
+                let folded = ProcessKey::new(key.root, FOLDED);
+                self.retired.entry(folded).or_default().add(&stats);
             }
         }
         let folded: Vec<(u32, ReqKey)> = self
             .retired_requests
             .keys()
-            .filter(|(root, key)| due_set.contains(&(*root, key.tgid)))
+            .filter(|(root, key)| due_set.contains(&ProcessKey::new(*root, key.tgid)))
             .copied()
             .collect();
         for (root, key) in folded {
@@ -737,7 +753,7 @@ mod tests {
         };
         w.retire(5, &remains);
         w.retire(5, &remains); // not a member any more: ignored
-        let kept = w.retired()[&(1, 5)];
+        let kept = w.retired()[&ProcessKey::new(1, 5)];
         assert_eq!((kept.accepted, kept.requests), (3, 4));
         assert_eq!((kept.active(), kept.in_flight()), (0, 0));
         assert!(w.members().is_empty());
@@ -791,7 +807,7 @@ mod tests {
         assert_eq!(w.fold_retired(later, Duration::from_secs(60)), 2);
         assert_eq!(
             w.retired().keys().collect::<Vec<_>>(),
-            vec![&(1, FOLDED)],
+            vec![&ProcessKey::new(1, FOLDED)],
             "one series for the server's retired workers"
         );
         assert_eq!(total(&w), (10, 10), "no count lost or doubled");
@@ -820,7 +836,8 @@ mod tests {
         // nginx restarted in place: the old master exited long ago, the new one runs.
         w.roots.push(found_root(10, Some(100.0)));
         w.roots.push(found_root(20, None));
-        w.retired.insert((10, 11), ProcStats::default());
+        w.retired
+            .insert(ProcessKey::new(10, 11), ProcStats::default());
         assert_eq!(w.forget_exited(1000.0, 300.0), 0, "its totals still count");
         w.roots[1].exited = Some(600.0);
         assert_eq!(
