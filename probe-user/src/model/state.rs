@@ -20,7 +20,7 @@ use crate::{
     model::persist::PinDir,
     model::snapshot::SnapshotSource,
     model::snapshot::{self, KernelView, ServerPorts, Snapshot},
-    model::watched::Watched,
+    model::watched::{Origin, Watched},
     processes::containers,
     processes::selectors::Selectors,
     processes::sockets::{self, Holder},
@@ -130,7 +130,7 @@ impl Shared {
                 let watched = &mut state.watched;
                 watched.on_exit(event.pid, &reason, accepted, Instant::now(), uptime());
                 match watched.roots().iter().find(|r| r.pid == event.pid) {
-                    Some(root) if root.found => {
+                    Some(root) if root.origin == Origin::Selector => {
                         log::info!(
                             "server {} (pid {}) exited ({reason})",
                             root.server,
@@ -184,7 +184,7 @@ impl State {
     fn add_root(&mut self, pid: u32) -> bool {
         match self
             .watched
-            .add_root(pid, self.server_name.as_deref(), true)
+            .add_root(pid, self.server_name.as_deref(), Origin::Selector)
         {
             Ok(true) => {}
             Ok(false) => return false,

@@ -39,8 +39,16 @@ pub struct Root {
     pub exited: Option<f64>,
     /// Container, pod, unit and network namespace, where known.
     pub labels: Labels,
-    /// Found by a node-wide selector (not named by --pid-tree).
-    pub found: bool,
+    pub origin: Origin,
+}
+
+/// How a root came to be watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Named by `--pid-tree`: watched for flyprobe's whole life.
+    PidTree,
+    /// Found by a node-wide selector: forgotten some time after it exits.
+    Selector,
 }
 
 /// Worker starts and stops kept for the dashboard's feed.
@@ -132,20 +140,19 @@ impl Watched {
     pub fn discover(roots: &[u32], server_name: Option<&str>) -> Result<Self, StartError> {
         let mut watched = Self::default();
         for &pid in roots {
-            watched.add_root(pid, server_name, false)?;
+            watched.add_root(pid, server_name, Origin::PidTree)?;
         }
         watched.rescan();
         Ok(watched)
     }
 
-    /// Watch `pid` and its descendants from the next `rescan` on. `found`: discovered by a
-    /// selector (forgotten some time after it exits) rather than named by --pid-tree.
-    /// Returns false if it is a root already.
+    /// Watch `pid` and its descendants from the next `rescan` on. Returns false if it is a
+    /// root already.
     pub fn add_root(
         &mut self,
         pid: u32,
         server_name: Option<&str>,
-        found: bool,
+        origin: Origin,
     ) -> Result<bool, StartError> {
         if self.roots.iter().any(|r| r.pid == pid) {
             return Ok(false); // named twice
@@ -177,7 +184,7 @@ impl Watched {
             started: stat.starttime as f64 / procfs::ticks_per_second() as f64,
             exited: None,
             labels: Labels::of(pid),
-            found,
+            origin,
         });
         self.lifecycle.insert(pid, Lifecycle::default());
         Ok(true)
@@ -200,7 +207,9 @@ impl Watched {
             .roots
             .iter()
             .filter(|r| {
-                !r.found || busy.contains(&r.pid) || r.exited.is_none_or(|t| now - t <= after)
+                r.origin == Origin::PidTree
+                    || busy.contains(&r.pid)
+                    || r.exited.is_none_or(|t| now - t <= after)
             })
             .map(group)
             .collect();
@@ -290,7 +299,7 @@ impl Watched {
     pub fn exited_root(&self) -> Option<u32> {
         self.roots
             .iter()
-            .filter(|r| !r.found)
+            .filter(|r| r.origin == Origin::PidTree)
             .map(|r| r.pid)
             .find(|&pid| !alive(pid))
     }
@@ -298,7 +307,7 @@ impl Watched {
     pub fn all_roots_exited(&self) -> bool {
         self.roots
             .iter()
-            .filter(|r| !r.found)
+            .filter(|r| r.origin == Origin::PidTree)
             .all(|r| r.exited.is_some())
     }
 
@@ -826,7 +835,7 @@ mod tests {
             started: 0.0,
             exited,
             labels: Labels::default(),
-            found: true,
+            origin: Origin::Selector,
         }
     }
 
