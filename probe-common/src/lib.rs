@@ -351,6 +351,35 @@ impl TlsCall {
         }
     }
 
+    /// `conn` out of the queue (its handshake tied it to its `SSL *`), the others kept in
+    /// order.
+    #[inline(always)]
+    pub fn remove_untied(&mut self, conn: ConnKey) {
+        let mut len = self.untied_len as usize;
+        if len > UNTIED {
+            len = UNTIED;
+        }
+        let mut kept = 0;
+        let mut i = 0;
+        while i < UNTIED {
+            let c = self.untied[i];
+            self.untied[i] = 0;
+            if i < len && c != conn {
+                // Written by constant index, as in `queue_untied`.
+                let mut j = 0;
+                while j < UNTIED {
+                    if j == kept {
+                        self.untied[j] = c;
+                    }
+                    j += 1;
+                }
+                kept += 1;
+            }
+            i += 1;
+        }
+        self.untied_len = kept as u32;
+    }
+
     /// The oldest queued connection `usable` accepts, taken out of the queue with the
     /// unusable ones before it (gone, or tied since); 0 when none is.
     #[inline(always)]
@@ -787,6 +816,30 @@ mod tests {
         // B was tied meanwhile by its own socket-BIO call: skipped and dropped.
         assert_eq!(call.take_untied(|c| c != 0xb), 0xc);
         assert_eq!((call.untied_len, call.take_untied(|_| true)), (0, 0));
+    }
+
+    #[test]
+    fn a_connection_its_handshake_tied_leaves_the_queue() {
+        let mut call = TlsCall::default();
+        for conn in [0xa, 0xb, 0xc] {
+            call.queue_untied(conn);
+        }
+        call.remove_untied(0xb);
+        assert_eq!(call.untied_len, 2);
+        assert_eq!(call.take_untied(|_| true), 0xa);
+        assert_eq!(call.take_untied(|_| true), 0xc);
+        call.remove_untied(0xd);
+        assert_eq!((call.untied_len, call.untied), (0, [0; UNTIED]));
+        for conn in 1..=(UNTIED as u64) {
+            call.queue_untied(conn);
+        }
+        call.remove_untied(1);
+        call.remove_untied(UNTIED as u64);
+        assert_eq!(call.untied_len as usize, UNTIED - 2);
+        assert_eq!(
+            (call.take_untied(|_| true), call.take_untied(|_| true)),
+            (2, 3)
+        );
     }
 
     #[test]

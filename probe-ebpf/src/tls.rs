@@ -319,17 +319,15 @@ fn plaintext(ctx: &RetProbeContext) -> Option<u32> {
 /// between a connection's handshake and its first request, in any order.
 #[inline(always)]
 fn handshake(call: &mut TlsCall, tgid: u32) {
-    let conn = if call.conn != 0 { call.conn } else { call.last };
-    if conn == 0 {
-        return;
-    }
-    let key = SslKey {
-        ssl: call.ssl,
-        tgid,
-        _pad: 0,
+    // Never `FOREIGN` here: other I/O in or before the call (a log write, a DNS lookup in a
+    // callback, a keylog file) would hide the served connection and drop its plaintext. An
+    // `SSL *` left untied is placed at its first read, as before handshakes were seen.
+    let conn = if call.conn != 0 && call.conn != FOREIGN {
+        call.conn
+    } else {
+        call.last
     };
-    if conn == FOREIGN {
-        let _ = SSL_CONNS.insert(key, FOREIGN, BPF_ANY as u64);
+    if conn == 0 || conn == FOREIGN {
         return;
     }
     // A connection of this process in its handshake (no plaintext yet), or no tie.
@@ -338,7 +336,14 @@ fn handshake(call: &mut TlsCall, tgid: u32) {
         (*s).owner == tgid && (*s).protocol == PROTO_TLS && (*s).flags & conn_flags::TLS == 0
     });
     if handshaking {
+        let key = SslKey {
+            ssl: call.ssl,
+            tgid,
+            _pad: 0,
+        };
         let _ = SSL_CONNS.insert(key, conn, BPF_ANY as u64);
+        // Tied: no other `SSL *`'s first read may take it from the queue.
+        call.remove_untied(conn);
     }
 }
 

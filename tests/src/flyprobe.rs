@@ -95,11 +95,16 @@ impl Flyprobe {
         Self { guard, port, log }
     }
 
-    /// Wait until it serves /metrics; fail with its log if it exits first.
+    /// Wait until it serves /metrics (30 s, or `FLYPROBE_START_SECS`: the QEMU guests under
+    /// TCG need longer); fail with its log if it exits first.
     pub fn ready(mut self) -> Self {
+        let secs = std::env::var("FLYPROBE_START_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(30);
         eventually(
             "flyprobe to serve /metrics",
-            Duration::from_secs(30),
+            Duration::from_secs(secs),
             || {
                 if let Ok(Some(status)) = self.guard.child.try_wait() {
                     panic!("flyprobe exited early ({status}):\n{}", self.log());

@@ -116,6 +116,10 @@ fn stalled_run(during_stall: impl FnOnce(u16) -> u64) -> Outcome {
         || {
             let exited_workers = exited();
             let m = fp.scrape();
+            // A worker that exited during the scrape: look again.
+            if exited() != exited_workers {
+                return Err((0, 0, 0, 0, exited_workers));
+            }
             let (ok_counted, accepted, closed) = m.served(SERVER);
             let stops = stopped_total(&m);
             // A connection cut by the kill counts for the killed worker (read or not); its

@@ -218,6 +218,9 @@ echo "VMSUITE kernel $(uname -r) cpus $(nproc)"
 export FLYPROBE_BIN=/bin/flyprobe FLYPROBE_TEST_SERVER=/bin/flyprobe-test-server
 export FLYPROBE_ECHO_SERVER=/bin/flyprobe-echo-server FLYPROBE_URING_SERVER=/bin/flyprobe-uring-server
 export CI=true
+# Under TCG a daemon that verifies every program (the socket set with --tls) takes tens of
+# seconds to start, more when the host is busy.
+export FLYPROBE_START_SECS=180
 /bin/flyprobe-vm-suite "$@" 2>/tmp/suite.err
 status=$?
 [ $status -eq 0 ] || { echo "VMSUITE exit $status"; tail -n 40 /tmp/suite.err; }

@@ -120,9 +120,12 @@ impl Default for OpenSsl {
 }
 
 /// The libssl files `pid` maps executable, as paths through its root (its mount namespace);
-/// `None` when its maps cannot be read (it is gone).
+/// `None` when its maps cannot be read or show nothing (it is gone, or a zombie).
 fn libssl_of(pid: u32) -> Option<Vec<(FileId, PathBuf)>> {
     let maps = Process::new(pid as i32).and_then(|p| p.maps()).ok()?;
+    if maps.0.is_empty() {
+        return None;
+    }
     let mut found = Vec::new();
     for map in maps {
         let MMapPath::Path(path) = &map.pathname else {
