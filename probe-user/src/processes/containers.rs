@@ -10,7 +10,7 @@ use std::{
     sync::OnceLock,
 };
 
-use procfs::process::Process;
+use procfs::process::{MountInfo, Process};
 
 use crate::processes::kubelet;
 
@@ -196,12 +196,16 @@ fn find_procs(root: &Path, dir: &Path, pid: &str, depth: u32) -> Option<String> 
 /// Where cgroup2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts),
 /// with each mount's root as mountinfo shows it ("/", or "/../.." from inside a namespace).
 pub fn cgroup2_mounts() -> Vec<(PathBuf, String)> {
-    let Ok(mounts) = Process::myself().and_then(|p| p.mountinfo()) else {
-        return Vec::new();
-    };
-    mounts
-        .0
-        .into_iter()
+    fs::read_to_string("/proc/self/mountinfo")
+        .map(|text| cgroup2_mounts_in(&text))
+        .unwrap_or_default()
+}
+
+/// The cgroup2 mounts of a mountinfo text, each line parsed by procfs on its own: a line it
+/// cannot parse costs that line, not every mount.
+fn cgroup2_mounts_in(text: &str) -> Vec<(PathBuf, String)> {
+    text.lines()
+        .filter_map(|line| MountInfo::from_line(line).ok())
         .filter(|m| m.fs_type == "cgroup2")
         .map(|m| (m.mount_point, m.root))
         .collect()
@@ -368,6 +372,23 @@ mod tests {
         assert_eq!(
             cgroup2_path(Process::myself().expect("myself")),
             v2.map(str::to_string)
+        );
+    }
+
+    #[test]
+    fn cgroup2_mounts_from_mountinfo_lines_skip_what_does_not_parse() {
+        let text = "\
+25 30 0:23 / /sys rw,nosuid shared:7 - sysfs sysfs rw
+this line is not mountinfo
+35 25 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate
+36 25 0:31 /../.. /host/cgroup rw - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            cgroup2_mounts_in(text),
+            vec![
+                (PathBuf::from("/sys/fs/cgroup"), "/".to_string()),
+                (PathBuf::from("/host/cgroup"), "/../..".to_string()),
+            ]
         );
     }
 }
