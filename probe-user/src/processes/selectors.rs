@@ -39,7 +39,11 @@ impl Selectors {
             .map(|(mount, _)| mount)
             .collect();
         let mut ancestors = BTreeSet::from([1]);
-        ancestors.extend(tree::ancestors(std::process::id(), &tree::parents()));
+        // /proc read a step at a time: all of it (`tree::parents`) is not needed here.
+        ancestors.extend(tree::ancestors_by(std::process::id(), |pid| {
+            let stat = Process::new(pid as i32).and_then(|p| p.stat()).ok()?;
+            Some(stat.ppid as u32)
+        }));
         Self {
             ancestors,
             ports: ports.to_vec(),

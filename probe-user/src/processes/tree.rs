@@ -33,9 +33,14 @@ pub fn alive(pid: u32) -> bool {
 /// `pid`'s ancestors in `parents`, its parent first, up to PID 1. Bounded: a snapshot of
 /// /proc taken mid-reparent may hold a loop.
 pub fn ancestors(pid: u32, parents: &BTreeMap<u32, u32>) -> Vec<u32> {
+    ancestors_by(pid, |p| parents.get(&p).copied())
+}
+
+/// `pid`'s ancestors as `parent_of` names them (a map, or /proc read a step at a time).
+pub fn ancestors_by(pid: u32, parent_of: impl Fn(u32) -> Option<u32>) -> Vec<u32> {
     let mut out = Vec::new();
     let mut cur = pid;
-    while let Some(&parent) = parents.get(&cur) {
+    while let Some(parent) = parent_of(cur) {
         if parent == 0 || out.contains(&parent) || out.len() > 256 {
             break;
         }
