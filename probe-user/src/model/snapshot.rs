@@ -200,7 +200,7 @@ fn server(
     let mut per_pid: BTreeMap<u32, ProcStats> = BTreeMap::new();
     let mut workers = Vec::new();
     for (&pid, member) in &members {
-        if member.worker {
+        if member.role.serving() {
             workers.push(WorkerView {
                 pid,
                 ppid: member.ppid,
@@ -209,7 +209,7 @@ fn server(
             });
         }
         let counters = kernel.stats.get(&pid).copied();
-        if counters.is_none() && !member.ever_worker {
+        if counters.is_none() && !member.role.has_served() {
             continue; // a supervisor or helper that never accepted
         }
         let mut stats = counters.unwrap_or_default();

@@ -74,15 +74,54 @@ pub struct Member {
     pub started: f64,
     /// Forked after flyprobe attached: becoming a worker counts as a start.
     pub forked_here: bool,
-    /// Serves right now (holds a listening socket it did not hand down, or accepted).
-    pub worker: bool,
-    /// Has served: its exit is a worker stop.
-    pub ever_worker: bool,
-    /// Has handed its listening socket to a descendant: never a worker.
-    pub supervisor: bool,
-    /// Has been through `classify` while alive (else its role is unknown at exit).
-    pub classified: bool,
+    pub role: Role,
     pub exited: Option<Instant>,
+}
+
+/// What a member is to its server, as `classify` (or its exit) last found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Role {
+    /// Not looked at while alive yet: at its exit, a sibling that serves makes it a worker.
+    #[default]
+    Unclassified,
+    /// Has not served (a helper, a child before it serves).
+    Other,
+    /// Serves right now (holds a listening socket it did not hand down, or accepted).
+    Serving,
+    /// Has served, not now: its exit is a worker stop.
+    Served,
+    /// Has handed its listening socket to a descendant: never a worker.
+    Supervisor,
+}
+
+impl Role {
+    pub fn serving(self) -> bool {
+        self == Self::Serving
+    }
+
+    /// Serves or has served: a worker, whose exit is a stop.
+    pub fn has_served(self) -> bool {
+        matches!(self, Self::Serving | Self::Served)
+    }
+
+    /// The role once the member is known to have served (a previous run's ledger says so):
+    /// a supervisor stays one, for `classify` to decide.
+    fn served(self) -> Self {
+        match self {
+            Self::Serving | Self::Supervisor => self,
+            Self::Unclassified | Self::Other | Self::Served => Self::Served,
+        }
+    }
+
+    /// The role after `classify` found the member serving (`serves`) or not.
+    fn classified(self, serves: bool) -> Self {
+        match (serves, self) {
+            (true, _) => Self::Serving,
+            (false, Self::Serving | Self::Served) => Self::Served,
+            (false, Self::Supervisor) => Self::Supervisor,
+            (false, Self::Unclassified | Self::Other) => Self::Other,
+        }
+    }
 }
 
 /// A process of a watched tree: its root and its PID.
@@ -352,8 +391,7 @@ impl Watched {
         // reload's generations); it is then the only holder left but still not a worker.
         for pid in &roles.supervisors {
             if let Some(m) = self.members.get_mut(pid) {
-                m.supervisor = true;
-                m.ever_worker = false;
+                m.role = Role::Supervisor;
             }
         }
         let mut workers = roles.workers;
@@ -362,7 +400,11 @@ impl Watched {
             live.iter()
                 .filter(|pid| kernel.get(pid).is_some_and(|s| s.accepted > 0)),
         );
-        workers.retain(|pid| self.members.get(pid).is_some_and(|m| !m.supervisor));
+        workers.retain(|pid| {
+            self.members
+                .get(pid)
+                .is_some_and(|m| m.role != Role::Supervisor)
+        });
         for pid in live {
             let is_worker = workers.contains(&pid);
             if let Some((comm, _, _)) = is_worker.then(|| proc_facts(pid)).flatten() {
@@ -379,16 +421,14 @@ impl Watched {
         let Some(m) = self.members.get_mut(&pid) else {
             return;
         };
-        m.worker = is_worker;
-        m.classified = true;
-        if is_worker && !m.ever_worker {
-            m.ever_worker = true;
-            if m.forked_here {
-                let root = m.root;
-                self.lifecycle.entry(root).or_default().started += 1;
-                log::info!("worker {pid} ({}) started", m.comm);
-                self.log_event(root, pid, None);
-            }
+        // Its first time serving: a start, for a process forked while flyprobe watched.
+        let started = is_worker && !m.role.has_served() && m.forked_here;
+        m.role = m.role.classified(is_worker);
+        if started {
+            let root = m.root;
+            self.lifecycle.entry(root).or_default().started += 1;
+            log::info!("worker {pid} ({}) started", m.comm);
+            self.log_event(root, pid, None);
         }
     }
 
@@ -411,20 +451,20 @@ impl Watched {
             return;
         }
         let ppid = member.ppid;
-        let sibling_serves = !member.classified
+        let sibling_serves = member.role == Role::Unclassified
             && self
                 .members
                 .iter()
-                .any(|(&p, m)| p != pid && m.ppid == ppid && m.ever_worker);
-        if !member.ever_worker && (accepted || sibling_serves) {
+                .any(|(&p, m)| p != pid && m.ppid == ppid && m.role.has_served());
+        if !member.role.has_served() && (accepted || sibling_serves) {
             self.set_worker(pid, true);
         }
         let Some(member) = self.members.get_mut(&pid) else {
             return;
         };
         member.exited = Some(now);
-        member.worker = false;
-        if member.ever_worker {
+        member.role = member.role.classified(false);
+        if member.role.has_served() {
             log::info!("worker {pid} ({}) stopped: {reason}", member.comm);
             let root = member.root;
             *self
@@ -574,7 +614,7 @@ impl Watched {
                     pid,
                     root: m.root,
                     started: m.started,
-                    ever_worker: m.ever_worker,
+                    ever_worker: m.role.has_served(),
                     exited: m.exited.is_some(),
                 })
                 .collect(),
@@ -620,8 +660,8 @@ impl Watched {
             .filter(|m| continued.contains(&m.root))
         {
             if let Some(m) = self.members.get_mut(&ml.pid) {
-                if same(m.started, ml.started) {
-                    m.ever_worker |= ml.ever_worker;
+                if same(m.started, ml.started) && ml.ever_worker {
+                    m.role = m.role.served();
                 }
                 continue; // alive (or its PID taken by a member since)
             }
@@ -630,14 +670,19 @@ impl Watched {
                 && alive(ml.pid)
             {
                 let mut member = Member::new(ppid, ml.root, comm, started, false);
-                member.ever_worker = ml.ever_worker;
+                if ml.ever_worker {
+                    member.role = Role::Served;
+                }
                 self.members.insert(ml.pid, member);
                 retrack.push(ml.pid);
                 continue;
             }
             let mut member = Member::new(0, ml.root, String::new(), ml.started, false);
-            member.ever_worker = ml.ever_worker;
-            member.classified = true;
+            member.role = if ml.ever_worker {
+                Role::Served
+            } else {
+                Role::Other
+            };
             member.exited = Some(now.checked_sub(RETIRE_GRACE).unwrap_or(now));
             if ml.ever_worker && !ml.exited {
                 *self
@@ -725,10 +770,7 @@ impl Member {
             comm,
             started,
             forked_here,
-            worker: false,
-            ever_worker: false,
-            supervisor: false,
-            classified: false,
+            role: Role::Unclassified,
             exited: None,
         }
     }
@@ -740,6 +782,24 @@ mod tests {
 
     fn member(ppid: u32, forked_here: bool) -> Member {
         Member::new(ppid, 1, "python".into(), 0.0, forked_here)
+    }
+
+    /// The role's state machine: serving makes a worker for good (its exit is a stop), a
+    /// supervisor is never made a worker by not serving, and the ledger's word that a member
+    /// served leaves a supervisor to `classify`.
+    #[test]
+    fn a_role_once_served_stays_a_worker_and_a_supervisor_stays_one() {
+        use Role::*;
+        assert_eq!(Unclassified.classified(false), Other);
+        assert_eq!(Other.classified(true), Serving);
+        assert_eq!(Serving.classified(false), Served);
+        assert_eq!(Served.classified(true), Serving);
+        assert_eq!(Supervisor.classified(false), Supervisor);
+        assert!(Served.has_served() && Serving.has_served());
+        assert!(!Other.has_served() && !Supervisor.has_served() && !Unclassified.has_served());
+        assert_eq!(Unclassified.served(), Served);
+        assert_eq!(Supervisor.served(), Supervisor);
+        assert_eq!(Serving.served(), Serving);
     }
 
     #[test]
