@@ -68,8 +68,9 @@ pub struct VmArgs {
     /// `tcg` (emulation: works everywhere, slow) or `kvm` (where nested virtualization works).
     #[arg(long, default_value = "tcg", value_parser = ["tcg", "kvm"])]
     accel: String,
-    /// Give up on a guest after this many seconds.
-    #[arg(long, default_value_t = 900)]
+    /// Give up on a guest after this many seconds (6.12 runs four hook sets: 15 minutes and
+    /// more under TCG on a busy 2-core host).
+    #[arg(long, default_value_t = 1800)]
     timeout: u64,
 }
 
