@@ -140,6 +140,9 @@ impl Streams {
 pub trait Frames {
     /// Reads `len` (at most [`WINDOW`]) bytes at `addr` into the start of `out`.
     fn read(&mut self, addr: u64, len: u32, out: &mut [u8; WINDOW]) -> bool;
+    /// The same from kernel memory: an iovec array the kernel copied in
+    /// ([`buf_kind::KERNEL_IOVEC`]).
+    fn read_kernel(&mut self, addr: u64, len: u32, out: &mut [u8; WINDOW]) -> bool;
     /// The client opened `stream` with a request for `method`.
     fn opened(&mut self, stream: u32, method: u8);
     /// The server sent response headers with the final `status` (0 when not known) on
@@ -168,17 +171,31 @@ pub const MAX_STEPS: u32 = 8192;
 /// Calls of [`step`] per event: the last one finds the event done.
 pub const STEP_LOOPS: u32 = MAX_STEPS + 1;
 
-/// `ret` bytes were read (`read`) or written on the connection, in the buffer `buf` shaped
-/// as `kind` (`buf_kind`) says. True if this event lost the direction's frames.
+/// Where an event's bytes are: `addr` shaped as `kind` (`buf_kind`) says; for an iovec
+/// array, the bytes start `skip` bytes into its first segment (an fexit program finds the
+/// data a call moved part-way into a segment).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buffer {
+    pub kind: u32,
+    pub addr: u64,
+    pub skip: u32,
+}
+
+impl Buffer {
+    /// `kind` at `addr`, from its start.
+    pub const fn at(kind: u32, addr: u64) -> Self {
+        Self {
+            kind,
+            addr,
+            skip: 0,
+        }
+    }
+}
+
+/// `ret` bytes were read (`read`) or written on the connection, in `buf`. True if this
+/// event lost the direction's frames.
 #[inline(always)]
-pub fn on_data(
-    h2: &mut H2,
-    read: bool,
-    kind: u32,
-    buf: u64,
-    ret: u64,
-    f: &mut impl Frames,
-) -> bool {
+pub fn on_data(h2: &mut H2, read: bool, buf: Buffer, ret: u64, f: &mut impl Frames) -> bool {
     let H2 {
         rx, tx, streams, ..
     } = h2;
@@ -186,7 +203,7 @@ pub fn on_data(
     if d.lost != 0 {
         return false;
     }
-    if let Some(mut w) = start(d, streams, read, kind, buf, ret, f) {
+    if let Some(mut w) = start(d, streams, read, buf, ret, f) {
         f.run(&mut w, d, streams);
         if !w.done {
             d.lost = 1;
@@ -200,6 +217,10 @@ pub fn on_data(
 pub struct Walk {
     /// The iovec array (`readv`, `sendmsg`, ...), 0 for one plain buffer.
     iov: u64,
+    /// The array is in kernel memory (`buf_kind::KERNEL_IOVEC`).
+    kernel: bool,
+    /// Bytes of the first segment before the event's.
+    skip: u32,
     /// Iovecs taken from it.
     taken: u32,
     /// Bytes of the event in no segment yet.
@@ -220,8 +241,7 @@ fn start(
     d: &mut Direction,
     s: &mut Streams,
     read: bool,
-    kind: u32,
-    buf: u64,
+    buf: Buffer,
     ret: u64,
     f: &mut impl Frames,
 ) -> Option<Walk> {
@@ -234,17 +254,23 @@ fn start(
         read,
         ..Walk::default()
     };
-    match kind {
+    match buf.kind {
         buf_kind::PLAIN => {
-            w.addr = buf;
+            w.addr = buf.addr;
             w.len = ret;
         }
         buf_kind::IOVEC => {
-            w.iov = buf;
+            w.iov = buf.addr;
             w.left = ret;
         }
+        buf_kind::KERNEL_IOVEC => {
+            w.iov = buf.addr;
+            w.left = ret;
+            w.kernel = true;
+            w.skip = buf.skip;
+        }
         // struct msghdr { void *msg_name; int msg_namelen; struct iovec *msg_iov; ... }
-        buf_kind::MSGHDR => match read_u64(f, buf + 16) {
+        buf_kind::MSGHDR => match read_u64(f, buf.addr + 16, false) {
             Some(iov) => {
                 w.iov = iov;
                 w.left = ret;
@@ -273,9 +299,14 @@ fn start(
 }
 
 #[inline(always)]
-fn read_u64(f: &mut impl Frames, addr: u64) -> Option<u64> {
+fn read_u64(f: &mut impl Frames, addr: u64, kernel: bool) -> Option<u64> {
     let mut w = [0u8; WINDOW];
-    if !f.read(addr, 8, &mut w) {
+    let read = if kernel {
+        f.read_kernel(addr, 8, &mut w)
+    } else {
+        f.read(addr, 8, &mut w)
+    };
+    if !read {
         return None;
     }
     Some(u64::from_le_bytes([
@@ -311,10 +342,18 @@ pub fn step(w: &mut Walk, d: &mut Direction, s: &mut Streams, f: &mut impl Frame
             return false;
         }
         let at = w.iov + 16 * w.taken as u64;
-        let (Some(base), Some(len)) = (read_u64(f, at), read_u64(f, at + 8)) else {
+        let (Some(base), Some(len)) = (read_u64(f, at, w.kernel), read_u64(f, at + 8, w.kernel))
+        else {
             d.lost = 1;
             return false;
         };
+        // The event's bytes start `skip` into the first segment.
+        let skip = if w.taken == 0 { w.skip as u64 } else { 0 };
+        if len < skip {
+            d.lost = 1;
+            return false;
+        }
+        let (base, len) = (base + skip, len - skip);
         let len = if len < w.left as u64 {
             len as u32
         } else {
@@ -890,11 +929,13 @@ mod tests {
     use super::*;
     use crate::http::{METHODS, status_class};
 
-    /// A server's memory as its reads and writes left it: buffers at addresses. A read
-    /// outside them fails, so the walk must never look past the data it was given.
+    /// A server's memory as its reads and writes left it: buffers at addresses, and the
+    /// kernel's copies of iovec arrays apart. A read outside them (or of the wrong one)
+    /// fails, so the walk must never look past the data it was given.
     #[derive(Default)]
     struct Server {
         memory: Vec<(u64, Vec<u8>)>,
+        kernel: Vec<(u64, Vec<u8>)>,
         next: u64,
         h2: H2,
         /// Requests opened, in order: (stream, method).
@@ -907,17 +948,24 @@ mod tests {
         lost: u32,
     }
 
+    fn read_from(memory: &[(u64, Vec<u8>)], addr: u64, len: u32, out: &mut [u8; WINDOW]) -> bool {
+        assert!(len as usize <= WINDOW);
+        for (at, bytes) in memory {
+            if addr >= *at && addr + len as u64 <= at + bytes.len() as u64 {
+                let from = (addr - at) as usize;
+                out[..len as usize].copy_from_slice(&bytes[from..from + len as usize]);
+                return true;
+            }
+        }
+        false
+    }
+
     impl Frames for Server {
         fn read(&mut self, addr: u64, len: u32, out: &mut [u8; WINDOW]) -> bool {
-            assert!(len as usize <= WINDOW);
-            for (at, bytes) in &self.memory {
-                if addr >= *at && addr + len as u64 <= at + bytes.len() as u64 {
-                    let from = (addr - at) as usize;
-                    out[..len as usize].copy_from_slice(&bytes[from..from + len as usize]);
-                    return true;
-                }
-            }
-            false
+            read_from(&self.memory, addr, len, out)
+        }
+        fn read_kernel(&mut self, addr: u64, len: u32, out: &mut [u8; WINDOW]) -> bool {
+            read_from(&self.kernel, addr, len, out)
         }
         fn opened(&mut self, stream: u32, method: u8) {
             let method = METHODS[method as usize];
@@ -944,6 +992,18 @@ mod tests {
         }
     }
 
+    /// How an event's iovecs reach the walk.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Shape {
+        /// A user iovec array (readv, writev).
+        Iovec,
+        /// A user msghdr pointing at one (recvmsg, sendmsg).
+        Msghdr,
+        /// The kernel's copy of the array, the data starting part-way into its first
+        /// segment (what an fexit program finds).
+        Kernel,
+    }
+
     impl Server {
         fn place(&mut self, bytes: &[u8]) -> u64 {
             let at = 0x1000 + self.next;
@@ -951,19 +1011,33 @@ mod tests {
             self.memory.push((at, bytes.to_vec()));
             at
         }
-        /// One read or write of `bytes`, through `segments` iovecs (1: a plain buffer).
-        fn event(&mut self, read: bool, bytes: &[u8], segments: usize, msghdr: bool) {
-            let (kind, buf) = if segments <= 1 && !msghdr {
-                (buf_kind::PLAIN, self.place(bytes))
+        fn place_kernel(&mut self, bytes: &[u8]) -> u64 {
+            let at = 0xffff_0000_0000_0000 + self.next;
+            self.next += bytes.len() as u64 + 0x100;
+            self.kernel.push((at, bytes.to_vec()));
+            at
+        }
+        /// One read or write of `bytes`, through `segments` iovecs shaped as `shape` says
+        /// (1 segment of a user array: a plain buffer).
+        fn event(&mut self, read: bool, bytes: &[u8], segments: usize, shape: Shape) {
+            let buf = if segments <= 1 && shape == Shape::Iovec {
+                Buffer::at(buf_kind::PLAIN, self.place(bytes))
             } else {
                 let n = segments.max(1);
                 let step = bytes.len().div_ceil(n).max(1);
+                let skip = if shape == Shape::Kernel {
+                    1 + bytes.len() % 5
+                } else {
+                    0
+                };
                 let mut iov = Vec::new();
                 let parts: Vec<&[u8]> = bytes.chunks(step).collect();
                 for (k, part) in parts.iter().enumerate() {
+                    // Bytes an earlier call moved, before the event's in its first segment.
+                    let mut room = if k == 0 { vec![0xdd; skip] } else { Vec::new() };
+                    room.extend_from_slice(part);
                     // The last iovec has room to spare, as a read's buffer does: the walk
                     // must stop at the bytes the call moved.
-                    let mut room = part.to_vec();
                     if k + 1 == parts.len() {
                         room.extend_from_slice(&[0xee; 7]);
                     }
@@ -971,29 +1045,35 @@ mod tests {
                     iov.extend_from_slice(&at.to_le_bytes());
                     iov.extend_from_slice(&(room.len() as u64).to_le_bytes());
                 }
-                let iov = self.place(&iov);
-                if msghdr {
-                    let mut hdr = vec![0u8; 56];
-                    hdr[16..24].copy_from_slice(&iov.to_le_bytes());
-                    (buf_kind::MSGHDR, self.place(&hdr))
-                } else {
-                    (buf_kind::IOVEC, iov)
+                match shape {
+                    Shape::Iovec => Buffer::at(buf_kind::IOVEC, self.place(&iov)),
+                    Shape::Msghdr => {
+                        let iov = self.place(&iov);
+                        let mut hdr = vec![0u8; 56];
+                        hdr[16..24].copy_from_slice(&iov.to_le_bytes());
+                        Buffer::at(buf_kind::MSGHDR, self.place(&hdr))
+                    }
+                    Shape::Kernel => Buffer {
+                        kind: buf_kind::KERNEL_IOVEC,
+                        addr: self.place_kernel(&iov),
+                        skip: skip as u32,
+                    },
                 }
             };
             let mut h2 = self.h2;
             let was_lost = if read { h2.rx.lost } else { h2.tx.lost } != 0;
-            let lost = on_data(&mut h2, read, kind, buf, bytes.len() as u64, self);
+            let lost = on_data(&mut h2, read, buf, bytes.len() as u64, self);
             if lost && !was_lost {
                 self.lost += 1;
             }
             self.h2 = h2;
         }
         fn read(&mut self, bytes: &[u8]) -> &mut Self {
-            self.event(true, bytes, 1, false);
+            self.event(true, bytes, 1, Shape::Iovec);
             self
         }
         fn write(&mut self, bytes: &[u8]) -> &mut Self {
-            self.event(false, bytes, 1, false);
+            self.event(false, bytes, 1, Shape::Iovec);
             self
         }
         fn connected() -> Self {
@@ -1307,13 +1387,22 @@ mod tests {
                 &request_block("GET", MethodField::Indexed, "/", 0),
             ));
         }
-        // Every split point, through a plain buffer and through three iovecs.
+        // Every split point, through a plain buffer, through three iovecs (the second read's
+        // in a msghdr), and through the kernel's copy of three.
         for cut in 1..bytes.len() {
-            for segments in [1, 3] {
+            for (segments, first, second) in [
+                (1, Shape::Iovec, Shape::Iovec),
+                (3, Shape::Iovec, Shape::Msghdr),
+                (3, Shape::Kernel, Shape::Kernel),
+            ] {
                 let mut s = Server::connected();
-                s.event(true, &bytes[..cut], segments, false);
-                s.event(true, &bytes[cut..], segments, segments == 3);
-                assert_eq!(s.opened.len(), 5, "cut at {cut}, {segments} iovecs");
+                s.event(true, &bytes[..cut], segments, first);
+                s.event(true, &bytes[cut..], segments, second);
+                assert_eq!(
+                    s.opened.len(),
+                    5,
+                    "cut at {cut}, {segments} {first:?} iovecs"
+                );
                 assert_eq!(s.lost, 0);
             }
         }
@@ -1349,10 +1438,16 @@ mod tests {
         s.write(&[0, 0x10, 0, 0, 0, 0, 0, 0, 1]); // a DATA header announcing 4096 bytes
         let mut h2 = s.h2;
         // sendfile: 4096 bytes of that frame's payload, unseen.
-        assert!(!on_data(&mut h2, false, buf_kind::NONE, 0, 4096, &mut s));
+        assert!(!on_data(
+            &mut h2,
+            false,
+            Buffer::at(buf_kind::NONE, 0),
+            4096,
+            &mut s
+        ));
         assert_eq!(h2.tx.need, 0);
         assert!(
-            on_data(&mut h2, false, buf_kind::NONE, 0, 10, &mut s),
+            on_data(&mut h2, false, Buffer::at(buf_kind::NONE, 0), 10, &mut s),
             "past the frame: lost"
         );
     }
@@ -1419,7 +1514,7 @@ mod tests {
     }
 
     /// Random cuts of `bytes` into events, each through 1..=3 iovecs.
-    fn events(bytes: &[u8], cuts: &[(usize, u8)]) -> Vec<(Vec<u8>, usize, bool)> {
+    fn events(bytes: &[u8], cuts: &[(usize, u8)]) -> Vec<(Vec<u8>, usize, Shape)> {
         let mut out = Vec::new();
         let mut at = 0;
         for &(size, shape) in cuts {
@@ -1430,12 +1525,12 @@ mod tests {
             out.push((
                 bytes[at..end].to_vec(),
                 1 + (shape % 3) as usize,
-                shape >= 3,
+                [Shape::Iovec, Shape::Msghdr, Shape::Kernel][(shape / 3) as usize],
             ));
             at = end;
         }
         if at < bytes.len() {
-            out.push((bytes[at..].to_vec(), 1, false));
+            out.push((bytes[at..].to_vec(), 1, Shape::Iovec));
         }
         out
     }
@@ -1449,8 +1544,8 @@ mod tests {
         #[test]
         fn every_stream_is_one_request_with_its_method_and_status(
             exchanges in prop::collection::vec(arb_exchange(), 1..8),
-            rcuts in prop::collection::vec((1..120usize, 0..6u8), 0..12),
-            wcuts in prop::collection::vec((1..120usize, 0..6u8), 0..12),
+            rcuts in prop::collection::vec((1..120usize, 0..9u8), 0..12),
+            wcuts in prop::collection::vec((1..120usize, 0..9u8), 0..12),
         ) {
             let mut client = PREFACE.to_vec();
             client.extend(settings());
@@ -1501,14 +1596,14 @@ mod tests {
                 server.extend(window_update(id));
             }
             let mut s = Server::connected();
-            for (bytes, segments, msghdr) in events(&client, &rcuts) {
-                s.event(true, &bytes, segments, msghdr);
+            for (bytes, segments, shape) in events(&client, &rcuts) {
+                s.event(true, &bytes, segments, shape);
             }
             let cancelled = exchanges.iter().filter(|e| e.reset == 1).count() as u32;
             prop_assert_eq!(s.opened.len(), exchanges.len(), "each stream opened once");
             prop_assert_eq!(s.h2.streams.open(), exchanges.len() as u32 - cancelled);
-            for (bytes, segments, msghdr) in events(&server, &wcuts) {
-                s.event(false, &bytes, segments, msghdr);
+            for (bytes, segments, shape) in events(&server, &wcuts) {
+                s.event(false, &bytes, segments, shape);
             }
             prop_assert_eq!(s.lost, 0);
             prop_assert_eq!(s.h2.streams.open(), 0);
@@ -1532,10 +1627,11 @@ mod tests {
 
         /// Whatever the bytes, the walk neither panics nor reads outside them.
         #[test]
-        fn the_walk_is_total(bytes in prop::collection::vec(any::<u8>(), 0..400), read: bool, segments in 1..4usize) {
+        fn the_walk_is_total(bytes in prop::collection::vec(any::<u8>(), 0..400), read: bool, segments in 1..4usize, kernel: bool) {
             let mut s = Server::connected();
-            s.event(read, &bytes, segments, false);
-            s.event(!read, &bytes, 1, false);
+            let shape = if kernel { Shape::Kernel } else { Shape::Iovec };
+            s.event(read, &bytes, segments, shape);
+            s.event(!read, &bytes, 1, Shape::Iovec);
         }
     }
 }

@@ -53,8 +53,9 @@ pub const fn label_of(protocol: u8, flags: u8) -> u8 {
 }
 
 /// Whether a counted series (`ReqKey`) is requests rather than exchanges: HTTP/2 streams
-/// have a method (`OTHER` at least); an h2 connection whose frames are not walked (the
-/// fentry and syscall hook sets) is counted by exchanges, without one.
+/// have a method (`OTHER` at least); an h2 connection whose frames are not walked (a unix
+/// socket with the fentry hooks, walks the kernel refused) is counted by exchanges,
+/// without one.
 #[inline(always)]
 pub const fn is_request(protocol: u8, method: u8) -> bool {
     has_requests(protocol) || (protocol == PROTO_H2 && method != METHOD_NONE)

@@ -186,6 +186,9 @@ pub mod buf_kind {
     /// `struct mmsghdr *` (recvmmsg, sendmmsg): peeked at as its first message's msghdr;
     /// which message an event is cannot be told, so HTTP/2 frames are not walked there.
     pub const MMSGHDR: u32 = 4;
+    /// A `struct iovec` array in kernel memory, whose segments are user memory: what an
+    /// fexit program finds in a `struct msghdr`'s iterator (`ITER_IOVEC`).
+    pub const KERNEL_IOVEC: u32 = 5;
 }
 
 /// A read or write on a tracked connection, remembered per thread until the syscall returns.
@@ -645,6 +648,10 @@ pub mod names {
     pub const STREAMS: &str = "STREAMS";
     pub const H2_CONNS: &str = "H2_CONNS";
     pub const H2_WALK: &str = "H2_WALK";
+    pub const FEXIT_RECV_WALK: &str = "FEXIT_RECV_WALK";
+    pub const FEXIT_SEND_WALK: &str = "FEXIT_SEND_WALK";
+    pub const FEXIT_SENDPAGE_WALK: &str = "FEXIT_SENDPAGE_WALK";
+    pub const DATA_WALKS: &str = "DATA_WALKS";
     pub const TLS_CALLS: &str = "TLS_CALLS";
     pub const SSL_CONNS: &str = "SSL_CONNS";
     pub const TLS_H2_WALK: &str = "TLS_H2_WALK";

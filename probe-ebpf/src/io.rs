@@ -9,7 +9,7 @@ use aya_ebpf::{
     bindings::BPF_ANY,
     helpers::{
         bpf_ktime_get_ns,
-        generated::{bpf_loop, bpf_probe_read_user},
+        generated::{bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user},
     },
     macros::tracepoint,
     programs::TracePointContext,
@@ -17,13 +17,16 @@ use aya_ebpf::{
 use probe_common::{
     ConnKey, ConnState, PendingIo, ProcStats, Stream, StreamKey, buf_kind, conn_flags, dir,
     drop_reason, fd_key,
-    h2::{self, Frames, H2, WINDOW},
+    h2::{self, Buffer, Frames, H2, WINDOW},
     http::{Head, PROTO_H2, PROTO_TLS, status_class},
     turn::{self, Turns},
 };
 
 use crate::{
-    maps::{CONNS, H2_CONNS, PENDING_IO, STREAMS, count_drop, is_target, sees_openssl, stats_mut},
+    maps::{
+        CONNS, DATA_WALKS, H2_CONNS, H2_WALK, PENDING_IO, STREAMS, count_drop, is_target,
+        sees_openssl, stats_mut,
+    },
     record::{
         access_log_enabled, current, syscall_arg, syscall_arg0, syscall_arg1, syscall_ret,
         tls_enabled,
@@ -170,32 +173,68 @@ fn try_io_exit(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: the entry stays valid for this program's run (RCU); a connection is driven by
     // one thread at a time, so the state is not written concurrently.
     let state = unsafe { &mut *state };
-    // No HTTP/2 frame walk in this set (an h2 connection is counted by exchanges): the walk
-    // is a raw tracepoint program of its own, which a tracepoint program cannot tail-call,
-    // and inlined here it would not fit one program's stack and verifier budget.
-    let _ = transfer::<false>(
-        fd_key(tgid, pending.fd),
-        tgid,
-        state,
-        pending.dir,
-        ret,
-        || (pending.kind, pending.buf),
-    );
+    let key = fd_key(tgid, pending.fd);
+    let buffer = || (pending.kind, pending.buf);
+    if transfer(key, tgid, state, pending.dir, ret, data_walks, buffer) {
+        // An HTTP/2 connection's frames: walked by a program of its own (`io_h2_recv`,
+        // `io_h2_send`), with its own stack and instruction budget. It finds the buffer in
+        // this thread's slot, which keeps it until the next call.
+        // SAFETY: a tracepoint program, tail-calling one of its own type with its context.
+        unsafe { H2_WALK.tail_call(ctx, pending.dir) };
+    }
     Ok(())
+}
+
+// The walks are written out rather than with `#[tracepoint]`, as `sockets::h2_recv` is.
+
+/// An HTTP/2 connection's read, tail-called by `io_exit` (`H2_WALK[dir::READ]`).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "tracepoint/io_h2_recv")]
+pub fn io_h2_recv(ctx: *mut c_void) -> u32 {
+    io_h2(ctx, true);
+    0
+}
+
+/// An HTTP/2 connection's write, tail-called by `io_exit` (`H2_WALK[dir::WRITE]`).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "tracepoint/io_h2_send")]
+pub fn io_h2_send(ctx: *mut c_void) -> u32 {
+    io_h2(ctx, false);
+    0
+}
+
+/// A subprogram of its own, as `sockets::h2_data` is. The syscall's buffer is the one its
+/// enter program left in this thread's `PENDING_IO` slot.
+#[inline(never)]
+fn io_h2(ctx: *mut c_void, read: bool) -> u32 {
+    let ctx = TracePointContext::new(ctx);
+    let (id, tgid, _) = current();
+    let ret = match syscall_ret(&ctx) {
+        Ok(ret) if ret > 0 => ret as u64,
+        _ => return 0,
+    };
+    // SAFETY: this thread's own slot, read at once.
+    let Some(pending) = PENDING_IO.get_ptr(id).map(|p| unsafe { *p }) else {
+        return 0;
+    };
+    let buf = Buffer::at(pending.kind, pending.buf);
+    u32::from(walk_h2(fd_key(tgid, pending.fd), tgid, read, ret, buf))
 }
 
 /// `ret` (> 0) bytes moved on the connection `key` in direction `direction`, by process
 /// `tgid`: counts the bytes and moves the request/response turn (`probe_common::turn`), or
-/// walks an HTTP/2 connection's frames where `WALK_H2`. `buffer` says where the data is
-/// (`buf_kind`, address); it is asked only when the bytes must be looked at. Shared by
-/// every hook set. True when the event is an HTTP/2 connection's, for `walk_h2`.
+/// leaves an HTTP/2 connection's frames to the caller's walk where `walks` says there is
+/// one. `buffer` says where the data is (`buf_kind`, address); it is asked only when the
+/// bytes must be looked at. Shared by every hook set. True when the event is an HTTP/2
+/// connection's, for `walk_h2`.
 #[inline(always)]
-pub fn transfer<const WALK_H2: bool>(
+pub fn transfer(
     key: ConnKey,
     tgid: u32,
     state: &mut ConnState,
     direction: u32,
     ret: i64,
+    walks: impl Fn() -> bool,
     buffer: impl Fn() -> (u32, u64),
 ) -> bool {
     let Some(stats) = stats_mut(tgid) else {
@@ -217,37 +256,50 @@ pub fn transfer<const WALK_H2: bool>(
             return false;
         }
     }
-    turn_data::<WALK_H2>(key, tgid, state, stats, direction, ret as u64, buffer)
+    turn_data(
+        key, tgid, state, stats, direction, ret as u64, walks, buffer,
+    )
+}
+
+/// Whether the daemon loaded the data path's HTTP/2 walks (`H2_WALK`, or the fexit
+/// programs' arrays): asked only of an h2 connection's events. Without them (a verifier
+/// that refused them) an h2 connection is counted by exchanges.
+#[inline(always)]
+pub fn data_walks() -> bool {
+    DATA_WALKS.get(0).is_some_and(|w| *w != 0)
 }
 
 /// `ret` (> 0) bytes of connection `key`'s data (plaintext, for TLS) moved in `direction`
 /// by `tgid`, whose counters are `stats`: moves the turn, or tells the caller to walk an
-/// HTTP/2 connection's frames (true) where `WALK_H2`.
+/// HTTP/2 connection's frames (true) where `walks` (asked of h2 connections only).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub fn turn_data<const WALK_H2: bool>(
+pub fn turn_data(
     key: ConnKey,
     tgid: u32,
     state: &mut ConnState,
     stats: &'static mut ProcStats,
     direction: u32,
     ret: u64,
+    walks: impl Fn() -> bool,
     buffer: impl Fn() -> (u32, u64),
 ) -> bool {
     let read = direction == dir::READ;
     // An HTTP/2 connection's frames are walked by a program of their own (`walk_h2`,
     // tail-called by the caller): with the turn, they would need more than the 512 bytes of
     // stack and the instructions the verifier allows one program.
-    if WALK_H2 && state.protocol == PROTO_H2 {
+    if state.protocol == PROTO_H2 && walks() {
         return true;
     }
-    let mut kernel = Kernel::<_, WALK_H2> {
+    let mut kernel = Kernel {
         tgid,
         stats,
         buffer,
+        walks,
     };
     turn::on_data(state, read, ret, &mut kernel);
     // Not h2 before the turn: this read began an HTTP/2 connection.
-    if !(WALK_H2 && state.protocol == PROTO_H2) {
+    if !(state.protocol == PROTO_H2 && kernel.walks_h2()) {
         return false;
     }
     // The connection preface: the frames start after it. Inserted from the static, by
@@ -270,17 +322,18 @@ pub fn turn_data<const WALK_H2: bool>(
 }
 
 /// The turn's clock, bytes and counts, in the kernel.
-struct Kernel<F, const WALK_H2: bool> {
+struct Kernel<F, W> {
     tgid: u32,
     stats: &'static mut ProcStats,
     buffer: F,
+    walks: W,
 }
 
-/// `ret` bytes read (`read`) or written on the HTTP/2 connection `key` by `tgid`, in the
-/// buffer `buffer` says: walks its frames (`h2::on_data`); its streams are its requests.
-/// False when the connection is not (or no longer) one.
+/// `ret` bytes read (`read`) or written on the HTTP/2 connection `key` by `tgid`, in
+/// `buffer`: walks its frames (`h2::on_data`); its streams are its requests. False when
+/// the connection is not (or no longer) one.
 #[inline(always)]
-pub fn walk_h2(key: ConnKey, tgid: u32, read: bool, ret: u64, buffer: (u32, u64)) -> bool {
+pub fn walk_h2(key: ConnKey, tgid: u32, read: bool, ret: u64, buffer: Buffer) -> bool {
     let Some(conn) = H2_CONNS.get_ptr_mut(key) else {
         return false;
     };
@@ -295,14 +348,13 @@ pub fn walk_h2(key: ConnKey, tgid: u32, read: bool, ret: u64, buffer: (u32, u64)
         flags: conn.flags,
         stats,
     };
-    let (kind, buf) = buffer;
-    if h2::on_data(conn, read, kind, buf, ret, &mut streams) {
+    if h2::on_data(conn, read, buffer, ret, &mut streams) {
         count_drop(drop_reason::H2_FRAMES_LOST);
     }
     true
 }
 
-impl<F: Fn() -> (u32, u64), const WALK_H2: bool> Turns for Kernel<F, WALK_H2> {
+impl<F: Fn() -> (u32, u64), W: Fn() -> bool> Turns for Kernel<F, W> {
     #[inline(always)]
     fn now(&mut self) -> u64 {
         unsafe { bpf_ktime_get_ns() }
@@ -347,7 +399,7 @@ impl<F: Fn() -> (u32, u64), const WALK_H2: bool> Turns for Kernel<F, WALK_H2> {
 
     #[inline(always)]
     fn walks_h2(&self) -> bool {
-        WALK_H2
+        (self.walks)()
     }
 }
 
@@ -430,6 +482,18 @@ impl Frames for Requests {
         // SAFETY: at most WINDOW bytes into `out`; a fault returns an error.
         unsafe {
             bpf_probe_read_user(out.as_mut_ptr() as *mut c_void, len, addr as *const c_void) == 0
+        }
+    }
+
+    #[inline(always)]
+    fn read_kernel(&mut self, addr: u64, len: u32, out: &mut [u8; WINDOW]) -> bool {
+        // Only ever an iovec's 8-byte halves: a constant length.
+        if len != 8 {
+            return false;
+        }
+        // SAFETY: 8 bytes into `out`; a fault returns an error.
+        unsafe {
+            bpf_probe_read_kernel(out.as_mut_ptr() as *mut c_void, 8, addr as *const c_void) == 0
         }
     }
 

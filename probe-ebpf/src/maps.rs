@@ -88,10 +88,31 @@ pub static REQS: PerCpuHashMap<ReqKey, ReqStats> =
 pub static H2_CONNS: HashMap<ConnKey, H2> =
     HashMap::with_max_entries(MAX_H2_CONNECTIONS, NO_PREALLOC);
 
-/// The socket set's HTTP/2 frame walks (`h2_recv`, `h2_send`), tail-called by `sock_recv`
-/// and `sock_send`: a program of their own has its own stack and instruction budget.
+/// The HTTP/2 frame walks by direction: the socket set's (`h2_recv`, `h2_send`),
+/// tail-called by `sock_recv` and `sock_send`, or the syscall set's (`io_h2_recv`,
+/// `io_h2_send`), tail-called by `io_exit`. A program of their own has its own stack and
+/// instruction budget.
 #[map]
 pub static H2_WALK: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+/// The fentry set's walks, one array per kernel function: a tail call stays within
+/// programs attached to the same function (Linux >= 6.11 refuses others). `tcp_h2_recv`
+/// (tcp_recvmsg's), tail-called by `tcp_recv_exit`.
+#[map]
+pub static FEXIT_RECV_WALK: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// `tcp_h2_send` (tcp_sendmsg's), tail-called by `tcp_send_exit`.
+#[map]
+pub static FEXIT_SEND_WALK: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// `tcp_h2_sendpage` (tcp_sendpage's, before 6.5), tail-called by `tcp_sendpage_exit`.
+#[map]
+pub static FEXIT_SENDPAGE_WALK: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Non-zero once the daemon has filled the data path's walk arrays: without them (a
+/// verifier that refused them) an h2 connection is counted by exchanges.
+#[map]
+pub static DATA_WALKS: Array<u32> = Array::with_max_entries(1, 0);
 
 /// HTTP/2 requests waiting for their response headers, by (connection, stream).
 #[map]

@@ -23,12 +23,13 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use probe_common::{
-    ConnKey, ConnState, ListenKey, buf_kind, conn_flags, dir, drop_reason, x86_64_syscall,
+    ConnKey, ConnState, ListenKey, buf_kind, conn_flags, dir, drop_reason, h2::Buffer,
+    x86_64_syscall,
 };
 
 use crate::{
     connections::end_connection,
-    io::{transfer, walk_h2},
+    io::{data_walks, transfer, walk_h2},
     maps::{CONNS, DROPPED, H2_WALK, LISTEN_PORTS, STATS, count_drop, is_target, stats_mut},
     ports,
     record::{
@@ -73,7 +74,7 @@ fn try_sock_data(ctx: &RawTracePointContext, direction: u32) -> Result<(), i64> 
     let sk: u64 = ctx.arg(0);
     let ret = ctx.arg::<u64>(1) as i32;
     let flags = ctx.arg::<u64>(2) as i32;
-    if sock_data::<true>(sk, ret, flags, direction, user_buffer) {
+    if sock_data(sk, ret, flags, direction, data_walks, user_buffer) {
         // SAFETY: a raw tracepoint program, tail-calling one of its own type with its
         // context. Without one there (the daemon did not load it), nothing is walked.
         unsafe { H2_WALK.tail_call(ctx, direction) };
@@ -111,20 +112,22 @@ fn h2_data(ctx: *mut c_void, read: bool) -> u32 {
         return 0;
     }
     let (_, tgid, _) = current();
-    u32::from(walk_h2(sk, tgid, read, ret as u64, user_buffer()))
+    let (kind, buf) = user_buffer();
+    u32::from(walk_h2(sk, tgid, read, ret as u64, Buffer::at(kind, buf)))
 }
 
 /// `ret` bytes (or an error) moved on socket `sk` by the current process: the data path both
 /// socket-layer hook sets share (the tracepoints here, the fexit programs of `tcp_calls`).
-/// `buffer` finds the data when it must be looked at; `H2`: HTTP/2 frames are walked (the
-/// fentry set's buffer is only the data's first bytes, so it counts h2 by exchanges).
-/// True when the event is an HTTP/2 connection's, whose frames the caller has walked.
+/// `buffer` finds the data when it must be looked at; `walks`: the caller walks HTTP/2
+/// frames (asked of h2 connections only). True when the event is an HTTP/2 connection's,
+/// whose frames the caller is to walk.
 #[inline(always)]
-pub fn sock_data<const H2: bool>(
+pub fn sock_data(
     sk: u64,
     ret: i32,
     flags: i32,
     direction: u32,
+    walks: impl Fn() -> bool,
     buffer: impl Fn() -> (u32, u64),
 ) -> bool {
     let (_, tgid, _) = current();
@@ -149,7 +152,7 @@ pub fn sock_data<const H2: bool>(
     if ret <= 0 {
         return false;
     }
-    transfer::<H2>(sk, tgid, state, direction, ret as i64, buffer)
+    transfer(sk, tgid, state, direction, ret as i64, walks, buffer)
 }
 
 /// The connection of `sk`, served by `tgid` from now on (its first touch or its accept): a

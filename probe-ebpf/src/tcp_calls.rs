@@ -11,14 +11,20 @@
 //! fexit sees the `struct msghdr` after the copy: its iterator has moved past the data, so
 //! the first bytes are found by walking back over what this call moved. Struct offsets and
 //! the iterator kinds come from the kernel's BTF (`iov_iter` changed between 6.1 and 6.12).
+//! An HTTP/2 connection's frames are walked by fexit programs of their own on the same
+//! functions, tail-called (`tcp_h2_*`).
+
+use core::ffi::c_void;
 
 use aya_ebpf::{macros::fexit, programs::FExitContext};
-use probe_common::{buf_kind, dir, http::PEEK};
+use probe_common::{buf_kind, dir, h2::Buffer, http::PEEK};
 
 use crate::{
+    io::{data_walks, walk_h2},
+    maps::{FEXIT_RECV_WALK, FEXIT_SEND_WALK, FEXIT_SENDPAGE_WALK},
     record::{
         ITER_IOVEC, ITER_OFFSET_OFFSET, ITER_PTR_OFFSET, ITER_TYPE_OFFSET, ITER_UBUF,
-        MSG_ITER_OFFSET, SOCKET_SK_OFFSET, kernel_at,
+        MSG_ITER_OFFSET, SOCKET_SK_OFFSET, current, kernel_at,
     },
     sockets::sock_data,
 };
@@ -48,12 +54,13 @@ fn recv_exit(ctx: &FExitContext, ret: i32) {
     let sk: u64 = ctx.arg(0);
     let msg: u64 = ctx.arg(1);
     let flags = ctx.arg::<u64>(3) as i32;
-    // MSG_TRUNC returns more than it copied: the iterator did not move that far.
-    if flags & MSG_TRUNC != 0 {
-        let _ = sock_data::<false>(sk, ret, flags, dir::READ, || (buf_kind::NONE, 0));
-        return;
+    if sock_data(sk, ret, flags, dir::READ, data_walks, || {
+        moved_from(msg, ret, flags)
+    }) {
+        // SAFETY: an fexit program on tcp_recvmsg tail-calling one on the same function,
+        // with its context. Without one there (not loaded), nothing is walked.
+        unsafe { FEXIT_RECV_WALK.tail_call(ctx, 0) };
     }
-    let _ = sock_data::<false>(sk, ret, flags, dir::READ, || moved_from(msg, ret));
 }
 
 /// int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)
@@ -62,12 +69,18 @@ pub fn tcp_send_exit(ctx: FExitContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let msg: u64 = ctx.arg(1);
     let ret = ctx.arg::<u64>(3) as i32;
-    let _ = sock_data::<false>(sk, ret, 0, dir::WRITE, || moved_from(msg, ret));
+    if sock_data(sk, ret, 0, dir::WRITE, data_walks, || {
+        moved_from(msg, ret, 0)
+    }) {
+        // SAFETY: as in `recv_exit`, on tcp_sendmsg.
+        unsafe { FEXIT_SEND_WALK.tail_call(&ctx, 0) };
+    }
     0
 }
 
 /// int unix_stream_recvmsg(struct socket *sock, struct msghdr *msg, size_t size, int flags):
-/// unix-domain stream sockets, whose reads do not pass tcp_recvmsg.
+/// unix-domain stream sockets, whose reads do not pass tcp_recvmsg. HTTP/2 there is
+/// counted by exchanges (no walk: it would be two more programs for a rare transport).
 #[fexit(function = "unix_stream_recvmsg")]
 pub fn unix_recv_exit(ctx: FExitContext) -> i32 {
     let Some(sk) = socket_sk(ctx.arg(0)) else {
@@ -76,11 +89,14 @@ pub fn unix_recv_exit(ctx: FExitContext) -> i32 {
     let msg: u64 = ctx.arg(1);
     let flags = ctx.arg::<u64>(3) as i32;
     let ret = ctx.arg::<u64>(4) as i32;
-    if flags & MSG_TRUNC != 0 {
-        let _ = sock_data::<false>(sk, ret, flags, dir::READ, || (buf_kind::NONE, 0));
-        return 0;
-    }
-    let _ = sock_data::<false>(sk, ret, flags, dir::READ, || moved_from(msg, ret));
+    let _ = sock_data(
+        sk,
+        ret,
+        flags,
+        dir::READ,
+        || false,
+        || moved_from(msg, ret, flags),
+    );
     0
 }
 
@@ -92,7 +108,7 @@ pub fn unix_send_exit(ctx: FExitContext) -> i32 {
     };
     let msg: u64 = ctx.arg(1);
     let ret = ctx.arg::<u64>(3) as i32;
-    let _ = sock_data::<false>(sk, ret, 0, dir::WRITE, || moved_from(msg, ret));
+    let _ = sock_data(sk, ret, 0, dir::WRITE, || false, || moved_from(msg, ret, 0));
     0
 }
 
@@ -107,27 +123,109 @@ fn socket_sk(socket: u64) -> Option<u64> {
 }
 
 /// int tcp_sendpage(struct sock *sk, struct page *page, int offset, size_t size, int flags):
-/// sendfile before 6.5. The data is a page cache page: nothing to peek at.
+/// sendfile before 6.5. The data is a page cache page: nothing to peek at (an HTTP/2
+/// connection's walk passes over it, inside a DATA frame).
 #[fexit(function = "tcp_sendpage")]
 pub fn tcp_sendpage_exit(ctx: FExitContext) -> i32 {
     let sk: u64 = ctx.arg(0);
     let ret = ctx.arg::<u64>(5) as i32;
-    let _ = sock_data::<false>(sk, ret, 0, dir::WRITE, || (buf_kind::NONE, 0));
+    if sock_data(sk, ret, 0, dir::WRITE, data_walks, || (buf_kind::NONE, 0)) {
+        // SAFETY: as in `recv_exit`, on tcp_sendpage.
+        unsafe { FEXIT_SENDPAGE_WALK.tail_call(&ctx, 0) };
+    }
     0
+}
+
+// The walks are written out rather than with `#[fexit]`, as `sockets::h2_recv` is; an fexit
+// program must return 0.
+
+/// An HTTP/2 connection's read (tcp_recvmsg with 5 parameters), tail-called by
+/// `tcp_recv_exit` (`FEXIT_RECV_WALK`).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "fexit/tcp_recvmsg")]
+pub fn tcp_h2_recv(ctx: *mut c_void) -> i32 {
+    let ctx = FExitContext::new(ctx);
+    let flags = ctx.arg::<u64>(3) as i32;
+    fexit_h2(
+        ctx.arg(0),
+        ctx.arg(1),
+        ctx.arg::<u64>(5) as i32,
+        flags,
+        dir::READ,
+    );
+    0
+}
+
+/// The same with 4 parameters (6.16 on), tail-called by `tcp_recv4_exit`.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "fexit/tcp_recvmsg")]
+pub fn tcp_h2_recv4(ctx: *mut c_void) -> i32 {
+    let ctx = FExitContext::new(ctx);
+    let flags = ctx.arg::<u64>(3) as i32;
+    fexit_h2(
+        ctx.arg(0),
+        ctx.arg(1),
+        ctx.arg::<u64>(4) as i32,
+        flags,
+        dir::READ,
+    );
+    0
+}
+
+/// An HTTP/2 connection's write, tail-called by `tcp_send_exit` (`FEXIT_SEND_WALK`).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "fexit/tcp_sendmsg")]
+pub fn tcp_h2_send(ctx: *mut c_void) -> i32 {
+    let ctx = FExitContext::new(ctx);
+    fexit_h2(
+        ctx.arg(0),
+        ctx.arg(1),
+        ctx.arg::<u64>(3) as i32,
+        0,
+        dir::WRITE,
+    );
+    0
+}
+
+/// sendfile's bytes on an HTTP/2 connection (before 6.5), tail-called by
+/// `tcp_sendpage_exit` (`FEXIT_SENDPAGE_WALK`): passed over, unseen.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "fexit/tcp_sendpage")]
+pub fn tcp_h2_sendpage(ctx: *mut c_void) -> i32 {
+    let ctx = FExitContext::new(ctx);
+    fexit_h2(ctx.arg(0), 0, ctx.arg::<u64>(5) as i32, 0, dir::WRITE);
+    0
+}
+
+/// A subprogram of its own, as `sockets::h2_data` is: walks the `ret` bytes the call moved
+/// on `sk`, found in `msg`'s iterator (unseen without a msghdr, sendpage's page, or with
+/// MSG_TRUNC in `flags`).
+#[inline(never)]
+fn fexit_h2(sk: u64, msg: u64, ret: i32, flags: i32, direction: u32) -> u32 {
+    if ret <= 0 {
+        return 0;
+    }
+    let (_, tgid, _) = current();
+    let buf = if msg == 0 || flags & MSG_TRUNC != 0 {
+        Buffer::at(buf_kind::NONE, 0)
+    } else {
+        moved_span(msg, ret)
+    };
+    u32::from(walk_h2(sk, tgid, direction == dir::READ, ret as u64, buf))
 }
 
 /// Where the `moved` bytes this call copied start, in user memory: a single user buffer
 /// (`ITER_UBUF`: the iterator's offset counts from its base, which never moves), or an
 /// iovec array (`ITER_IOVEC`: the iterator points at the current segment, so walk back over
 /// the segments this call emptied, at most `SEGMENTS_BACK`: hyper writes a response as up to
-/// 16 buffers, nginx up to 64). Kernel-memory iterators (splice, sendfile
-/// since 6.5) have no user bytes.
+/// 16 buffers, nginx up to 64); the array is the kernel's copy. Kernel-memory iterators
+/// (splice, sendfile since 6.5) have no user bytes.
 const SEGMENTS_BACK: u32 = 64;
 const MSG_TRUNC: i32 = 0x20;
 
 #[inline(always)]
-fn moved_from(msg: u64, moved: i32) -> (u32, u64) {
-    const NONE: (u32, u64) = (buf_kind::NONE, 0);
+fn moved_span(msg: u64, moved: i32) -> Buffer {
+    const NONE: Buffer = Buffer::at(buf_kind::NONE, 0);
     let iter = msg + MSG_ITER_OFFSET.load() as u64;
     let Ok(kind) = kernel_at::<u8>(iter, ITER_TYPE_OFFSET.load()) else {
         return NONE;
@@ -143,19 +241,21 @@ fn moved_from(msg: u64, moved: i32) -> (u32, u64) {
         // The offset counts everything this iterator moved, this call's bytes last (io_uring
         // reuses an iterator when it retries a partial send).
         return match offset.checked_sub(moved) {
-            Some(start) => (buf_kind::PLAIN, ptr + start),
+            Some(start) => Buffer::at(buf_kind::PLAIN, ptr + start),
             None => NONE,
         };
     }
     if kind as u32 != ITER_IOVEC.load() {
         return NONE;
     }
+    let iovec = |segment: u64, skip: u64| Buffer {
+        kind: buf_kind::KERNEL_IOVEC,
+        addr: segment,
+        skip: skip as u32,
+    };
     if offset >= moved {
         // Still in the segment it started in.
-        return match kernel_at::<[u64; 2]>(ptr, 0) {
-            Ok([base, len]) => peekable(base, len, offset - moved, moved),
-            Err(_) => NONE,
-        };
+        return iovec(ptr, offset - moved);
     }
     let mut left = moved - offset;
     let mut segment = ptr;
@@ -163,11 +263,11 @@ fn moved_from(msg: u64, moved: i32) -> (u32, u64) {
     while i < SEGMENTS_BACK {
         // struct iovec { void *iov_base; size_t iov_len; }, the array in kernel memory.
         segment -= 16;
-        let Ok([base, len]) = kernel_at::<[u64; 2]>(segment, 0) else {
+        let Ok(len) = kernel_at::<u64>(segment, 8) else {
             return NONE;
         };
         if len >= left {
-            return peekable(base, len, len - left, moved);
+            return iovec(segment, len - left);
         }
         left -= len;
         i += 1;
@@ -175,16 +275,29 @@ fn moved_from(msg: u64, moved: i32) -> (u32, u64) {
     NONE
 }
 
-/// Data starting `start` bytes into a segment of `len` at `base`: peeked only when the
-/// segment holds the whole peek (or all the call moved), so the bytes parsed are this
-/// call's, never what lies past the segment.
+/// The first bytes this call moved, for a peek: `moved_span`'s start when its segment holds
+/// the whole peek (or all the call moved), so the bytes parsed are this call's, never what
+/// lies past the segment.
 #[inline(always)]
-fn peekable(base: u64, len: u64, start: u64, moved: u64) -> (u32, u64) {
-    let avail = len - start;
-    if avail >= PEEK as u64 || avail >= moved {
+fn moved_from(msg: u64, moved: i32, flags: i32) -> (u32, u64) {
+    const NONE: (u32, u64) = (buf_kind::NONE, 0);
+    // MSG_TRUNC returns more than it copied: the iterator did not move that far.
+    if flags & MSG_TRUNC != 0 {
+        return NONE;
+    }
+    let span = moved_span(msg, moved);
+    if span.kind != buf_kind::KERNEL_IOVEC {
+        return (span.kind, span.addr);
+    }
+    let Ok([base, len]) = kernel_at::<[u64; 2]>(span.addr, 0) else {
+        return NONE;
+    };
+    let start = span.skip as u64;
+    let avail = len.saturating_sub(start);
+    if avail >= PEEK as u64 || avail >= moved as u64 {
         (buf_kind::PLAIN, base + start)
     } else {
-        (buf_kind::NONE, 0)
+        NONE
     }
 }
 

@@ -25,6 +25,7 @@ use aya_ebpf::{
 };
 use probe_common::{
     ConnKey, FOREIGN, SslKey, TlsCall, buf_kind, conn_flags, dir, drop_reason,
+    h2::Buffer,
     http::{PROTO_TLS, PROTO_UNKNOWN, has_requests},
     phase, target,
 };
@@ -299,10 +300,10 @@ fn plaintext(ctx: &RetProbeContext) -> Option<u32> {
     let buffer = || (buf_kind::PLAIN, buf);
     let walks = TLS_WALKS.get(0).is_some_and(|w| *w != 0);
     if !walks {
-        turn_data::<false>(conn, tgid, state, stats, direction, bytes, buffer);
+        turn_data(conn, tgid, state, stats, direction, bytes, || false, buffer);
         return None;
     }
-    if !turn_data::<true>(conn, tgid, state, stats, direction, bytes, buffer) {
+    if !turn_data(conn, tgid, state, stats, direction, bytes, || true, buffer) {
         return None;
     }
     call.conn = conn;
@@ -373,5 +374,11 @@ fn ssl_h2(read: bool) -> u32 {
     };
     // SAFETY: this thread's slot; three fields, not a copy on the walk's stack.
     let (conn, bytes, buf) = unsafe { ((*call).conn, (*call).bytes, (*call).buf) };
-    u32::from(walk_h2(conn, tgid, read, bytes, (buf_kind::PLAIN, buf)))
+    u32::from(walk_h2(
+        conn,
+        tgid,
+        read,
+        bytes,
+        Buffer::at(buf_kind::PLAIN, buf),
+    ))
 }

@@ -329,11 +329,12 @@ fn head(method: &str, path: &str, body_len: usize, extra: &str) -> String {
 }
 
 /// An HTTP/2 client without TLS (prior knowledge) for servers whose machine has no Python
-/// (the kernel matrix's guests): `streams` GET / requests opened at once on one connection,
-/// with static-table HPACK (`GET`, `http`, `/`) and a literal `:authority`. Returns the
-/// `:status` of each response as its first header field shows it (0x88: 200, ...), in the
-/// order the responses came, once every stream ended.
-pub fn h2c_gets(port: u16, streams: u32) -> std::io::Result<Vec<u16>> {
+/// (the kernel matrix's guests): `streams` GET requests for `path` opened at once on one
+/// connection, with static-table HPACK (`GET`, `http`, `/`, else `:path` as a literal) and
+/// a literal `:authority`. Returns the `:status` of each response as its first header
+/// field shows it (0x88: 200, ...), in the order the responses came, once every stream
+/// ended. The responses must fit the initial connection window: it sends no WINDOW_UPDATE.
+pub fn h2c_gets(port: u16, path: &str, streams: u32) -> std::io::Result<Vec<u16>> {
     use std::io::{Error, ErrorKind};
     const STATIC_STATUS: [u16; 7] = [200, 204, 206, 304, 400, 404, 500];
     let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
@@ -349,7 +350,15 @@ pub fn h2c_gets(port: u16, streams: u32) -> std::io::Result<Vec<u16>> {
     out.extend(frame(0x4, 0, 0, &[]));
     let authority = b"localhost";
     for i in 0..streams {
-        let mut block = vec![0x82, 0x86, 0x84, 0x41, authority.len() as u8];
+        let mut block = vec![0x82, 0x86];
+        if path == "/" {
+            block.push(0x84);
+        } else {
+            // A literal without indexing, name `:path` (static index 4).
+            block.extend([0x04, path.len() as u8]);
+            block.extend_from_slice(path.as_bytes());
+        }
+        block.extend([0x41, authority.len() as u8]);
         block.extend_from_slice(authority);
         // END_STREAM | END_HEADERS
         out.extend(frame(0x1, 0x5, 2 * i + 1, &block));

@@ -366,6 +366,10 @@ pub fn nginx(upstream: u16) -> Server {
     start_nginx(dir, port, &conf, 2)
 }
 
+/// The size of `nginx_h2c`'s `/static/page.bin`: eight of them fit the client's initial
+/// HTTP/2 connection window (65,535 bytes), so a client needs no WINDOW_UPDATE.
+pub const H2C_PAGE: usize = 6000;
+
 /// nginx (1 worker) speaking HTTP/2 without TLS (prior knowledge, `listen ... http2`) on
 /// its port, with its own counters (stub_status) at `/stub` over HTTP/1.1 on the second
 /// port returned.
@@ -373,6 +377,10 @@ pub fn nginx_h2c() -> (Server, u16) {
     let port = free_port();
     let stub = free_port();
     let dir = nginx_dir(port);
+    // A static file, sent with sendfile: DATA frames the walk passes over unseen.
+    std::fs::create_dir_all(dir.join("static")).expect("nginx static dir");
+    std::fs::write(dir.join("static/page.bin"), vec![b'x'; H2C_PAGE]).expect("static file");
+    let d = dir.display();
     let conf = nginx_conf(
         &dir,
         1,
@@ -380,6 +388,7 @@ pub fn nginx_h2c() -> (Server, u16) {
         &format!(
             "listen 127.0.0.1:{port} http2;
     listen 127.0.0.1:{stub};
+    location /static/ {{ root {d}; }}
     location = / {{ return 200 'ok'; }}
     location = /echo {{ return 200 'received'; }}
     location = /error {{ return 500; }}

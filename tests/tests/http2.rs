@@ -3,8 +3,8 @@
 //! from request headers to response headers; many streams multiplexed on one connection;
 //! nothing in flight when idle, nothing aborted by a clean close; streams a client abandons
 //! are aborted. Compared with what the h2 client (Python's `h2`, hypercorn's own library)
-//! saw and, for nginx, with its own stub_status. With the fentry and syscall hooks, which
-//! do not walk frames, an h2 connection is read/write exchanges, never requests.
+//! saw and, for nginx, with its own stub_status. Every hook set walks the frames (the
+//! syscall set here, the fentry set in the kernel matrix's guests).
 
 use std::time::Duration;
 
@@ -20,28 +20,15 @@ use flyprobe_tests::{
 
 const SETTLE: Duration = Duration::from_secs(20);
 
-/// Whether this flyprobe walks HTTP/2 frames: the socket hooks do; the fentry hooks (where
-/// `auto` finds them) and the syscall hooks count h2 by exchanges.
-fn walks_frames(fp: &Flyprobe) -> bool {
-    fp.scrape()
-        .get("flyprobe_build_info", &[("hooks", "socket")])
-        .is_some()
-}
-
-/// With the syscall hooks: the same traffic is h2 exchanges, no request.
-fn assert_exchanges_only(m: &Metrics, server: &str) {
+/// No h2 connection of `server` was counted by exchanges: every byte was walked.
+fn assert_no_exchanges(m: &Metrics, server: &str) {
     assert_eq!(
-        m.total("server_requests_total", &[("server", server)]),
-        0,
-        "{server}: no request without the frame walk\n{}",
-        m.text
-    );
-    assert!(
         m.total(
             "server_exchanges_total",
             &[("server", server), ("protocol", "h2")]
-        ) > 0,
-        "{server}: h2 exchanges\n{}",
+        ),
+        0,
+        "{server}: h2 is streams, never exchanges\n{}",
         m.text
     );
 }
@@ -50,20 +37,9 @@ fn multiplexed(server: &Server, label: &str) {
     let fp = Flyprobe::watch(server.pid());
     // 3 connections, 20 rounds of the mix each, 16 streams open at once.
     let seen = h2_client(server.port, &REQUESTS, 20, 3, &["--window", "16"]);
-    if !walks_frames(&fp) {
-        let m = eventually("h2 exchanges", SETTLE, || {
-            let m = fp.scrape();
-            match m.total("server_connections_closed_total", &[("server", label)]) {
-                3 => Ok(m),
-                n => Err(n),
-            }
-        });
-        assert_exchanges_only(&m, label);
-        fp.stop();
-        return;
-    }
     let m = settled(&fp, label, seen.requests, seen.connections);
     assert_streams(&m, label, &seen);
+    assert_no_exchanges(&m, label);
     assert_eq!(
         m.total(
             "flyprobe_dropped_events_total",
@@ -100,29 +76,6 @@ fn nginx_h2c_streams_match_its_stub_status() {
         seen.requests,
         "nginx served what the client sent"
     );
-    if !walks_frames(&fp) {
-        let m = eventually("the stub reads", SETTLE, || {
-            let m = fp.scrape();
-            match m.total("server_connections_closed_total", &[("server", "nginx")]) {
-                4 => Ok(m),
-                n => Err(n),
-            }
-        });
-        let http1 = m.total(
-            "server_requests_total",
-            &[("server", "nginx"), ("protocol", "http1")],
-        );
-        assert_eq!(http1, 2, "the stub reads\n{}", m.text);
-        assert_eq!(
-            m.total(
-                "server_requests_total",
-                &[("server", "nginx"), ("protocol", "h2")]
-            ),
-            0
-        );
-        fp.stop();
-        return;
-    }
     let m = eventually("nginx settled", SETTLE, || {
         let m = fp.scrape();
         let of = [("server", "nginx")];
@@ -176,11 +129,6 @@ fn slow_streams_ended_early(how: &[&str], answered: (u64, u64)) {
             n => Err(n),
         }
     });
-    if !walks_frames(&fp) {
-        assert_exchanges_only(&m, label);
-        fp.stop();
-        return;
-    }
     let count = |method: &str, status: &str| {
         m.total(
             "server_requests_total",
@@ -205,7 +153,7 @@ fn slow_streams_ended_early(how: &[&str], answered: (u64, u64)) {
 #[test]
 fn streams_a_client_abandons_are_aborted_with_their_methods() {
     require_root();
-    // Sent at once; the client leaves before any answer.
+    // Sent at once; the client leaves (with a reset) before any answer.
     slow_streams_ended_early(&["--abandon", "--window", "10"], (0, 0));
 }
 
@@ -220,29 +168,38 @@ fn streams_the_client_cancels_are_aborted_and_leave_nothing_in_flight() {
 }
 
 /// The kernel matrix's guests have no Python: they check HTTP/2 with the workspace's own
-/// minimal client (`client::h2c_gets`), which this runs here against the same nginx.
+/// minimal client (`client::h2c_gets`), which this runs here against the same nginx: 8
+/// GET / streams on one connection, then 8 GETs of a static file nginx sends with
+/// sendfile on another (DATA frames the walk passes over unseen).
 #[test]
-fn the_guests_h2c_client_counts_eight_streams_on_one_connection() {
+fn the_guests_h2c_client_counts_streams_and_static_pages() {
     require_root();
     let (server, _) = servers::nginx_h2c();
     let fp = Flyprobe::watch(server.pid());
-    let statuses = flyprobe_tests::client::h2c_gets(server.port, 8).expect("h2c");
-    assert_eq!(statuses, vec![200; 8]);
+    for path in ["/", "/static/page.bin"] {
+        let statuses = flyprobe_tests::client::h2c_gets(server.port, path, 8).expect("h2c");
+        assert_eq!(statuses, vec![200; 8], "{path}");
+    }
     let of = [("server", "nginx"), ("protocol", "h2")];
-    let want = if !walks_frames(&fp) { 0 } else { 8 };
-    let m = eventually("the connection closed", SETTLE, || {
+    let m = eventually("the connections closed", SETTLE, || {
         let m = fp.scrape();
         match m.total("server_connections_closed_total", &[("server", "nginx")]) {
-            1 => Ok(m),
+            2 => Ok(m),
             n => Err(n),
         }
     });
+    let get_2xx = [of[0], of[1], ("method", "GET"), ("status", "2xx")];
     assert_eq!(
-        m.total("server_requests_total", &of),
-        want,
+        (
+            m.total("server_requests_total", &get_2xx),
+            m.total("server_requests_total", &of),
+            m.total("server_in_flight_requests", &[("server", "nginx")]),
+        ),
+        (16, 16, 0),
         "GET streams\n{}",
         m.text
     );
+    assert_no_exchanges(&m, "nginx");
     fp.stop();
 }
 
@@ -255,22 +212,6 @@ fn grpc_calls_are_post_requests() {
     // INVALID_ARGUMENT, which gRPC sends in the trailers of an HTTP 200.
     assert_eq!(grpc_calls(server.port, 300, 30, 32, None), (270, 30));
     let label = "python";
-    if !walks_frames(&fp) {
-        let m = eventually("h2 exchanges", SETTLE, || {
-            let m = fp.scrape();
-            match m.total(
-                "server_exchanges_total",
-                &[("server", label), ("protocol", "h2")],
-            ) {
-                0 => Err(0),
-                n => Ok((n, m)),
-            }
-        })
-        .1;
-        assert_exchanges_only(&m, label);
-        fp.stop();
-        return;
-    }
     let m = eventually("300 POST streams", SETTLE, || {
         let m = fp.scrape();
         let got = h2_requests(&m, label);

@@ -141,8 +141,8 @@ pub const EXCHANGES: Def = def(
     C,
     &["server", "pid", "protocol", "transport"],
     "Read/write turns on connections that carry no requests flyprobe can see: TLS \
-     (protocol=\"tls\") and protocols that are not HTTP (\"other\"). Never counted as \
-     requests.",
+     (protocol=\"tls\"), protocols that are not HTTP (\"other\"), and HTTP/2 whose \
+     frames are not walked (\"h2\"). Never counted as requests.",
 );
 pub const RECEIVED: Def = def(
     "server_received_bytes_total",

@@ -91,8 +91,12 @@ pub fn bounds(limits: &Limits, pid_slots: u32) -> Vec<MapBound> {
             size_of::<ConnKey>(),
             size_of::<H2>(),
         ),
-        // The HTTP/2 frame walks' program array: two program descriptors.
+        // The HTTP/2 frame walks' program arrays: a program descriptor each.
         map(names::H2_WALK, Kind::Array, 2, 4, 4),
+        map(names::FEXIT_RECV_WALK, Kind::Array, 1, 4, 4),
+        map(names::FEXIT_SEND_WALK, Kind::Array, 1, 4, 4),
+        map(names::FEXIT_SENDPAGE_WALK, Kind::Array, 1, 4, 4),
+        map(names::DATA_WALKS, Kind::Array, 1, 4, 4),
         map(
             names::STREAMS,
             Kind::Hash,

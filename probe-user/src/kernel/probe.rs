@@ -662,9 +662,9 @@ pub struct Probe {
     pub skipped: Vec<&'static str>,
     /// BTF names SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (Linux >= 6.15).
     pub listen_overflow_reason: bool,
-    /// The socket set's HTTP/2 frame walks, tail-called from here (held: the kernel empties
-    /// a program array when its last descriptor closes).
-    h2_walk: Option<ProgramArray<MapData>>,
+    /// The data path's HTTP/2 frame walks' arrays, tail-called from here (held: the kernel
+    /// empties a program array when its last descriptor closes).
+    h2_walk: Vec<ProgramArray<MapData>>,
     /// The OpenSSL plaintext's HTTP/2 walks (`--tls`), held likewise.
     tls_h2_walk: Option<ProgramArray<MapData>>,
 }
@@ -776,7 +776,7 @@ impl Probe {
             kernel_btf: None,
             skipped: Vec::new(),
             listen_overflow_reason: socket.is_some_and(|o| o.listen_overflow != u32::MAX),
-            h2_walk: None,
+            h2_walk: Vec::new(),
             tls_h2_walk: None,
         };
         let set = options.hooks;
@@ -789,9 +789,7 @@ impl Probe {
         for hook in HOOKS.iter().filter(|h| h.wanted(set, task.is_some())) {
             probe.attach(tracefs, hook)?;
         }
-        if set == HookSet::Socket {
-            probe.h2_walks()?;
-        }
+        probe.data_walks();
         if options.tls {
             probe.tls_programs()?;
             probe.tls_h2_walks();
@@ -810,10 +808,7 @@ impl Probe {
 
     fn attach(&mut self, tracefs: &Path, hook: &Hook) -> Result<(), ProbeError> {
         let name = hook.program;
-        let program_error = |e| ProbeError::Program {
-            name,
-            source: Box::new(e),
-        };
+        let program_error = |e| program_error(name, e);
         let attach_error = |tp: &str, e| ProbeError::Attach {
             program: name,
             category: hook.category,
@@ -822,28 +817,14 @@ impl Probe {
         };
         if let FExit(params) = hook.kind {
             let function = hook.tracepoints[0];
-            if self.kernel_btf.is_none() {
-                self.kernel_btf = Some(Btf::from_sys_fs()?);
-            }
-            let found = self
-                .kernel_btf
-                .as_ref()
-                .and_then(|btf| btf.function_params(function))
-                .map(|p| p.len());
+            let found = self.params_of(function)?;
             if found != Some(params) {
                 log::debug!("{function} has {found:?} parameters here: {name} not attached");
                 return Ok(());
             }
-            if self.btf.is_none() {
-                self.btf =
-                    Some(aya::Btf::from_sys_fs().map_err(|e| program_error(ProgramError::Btf(e)))?);
-            }
+            self.read_btf(name)?;
             let btf = self.btf.as_ref().expect("read above");
-            let program = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(ProbeError::MissingProgram { name })?;
-            let program: &mut FExitProgram = program.try_into().map_err(program_error)?;
+            let program = program_of::<FExitProgram>(&mut self.ebpf, name)?;
             program.load(function, btf).map_err(program_error)?;
             program.attach().map_err(|e| attach_error(function, e))?;
             self.programs += 1;
@@ -865,13 +846,9 @@ impl Probe {
                 return Ok(());
             }
         }
-        let program = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(ProbeError::MissingProgram { name })?;
         self.programs += 1;
         if matches!(hook.kind, Raw | RawWith(_)) {
-            let program: &mut RawTracePoint = program.try_into().map_err(program_error)?;
+            let program = program_of::<RawTracePoint>(&mut self.ebpf, name)?;
             program.load().map_err(program_error)?;
             for &tp in hook.tracepoints {
                 Format::read(tracefs, hook.category, tp)?;
@@ -880,7 +857,7 @@ impl Probe {
                 log::debug!("attached {name} to raw tracepoint {tp}");
             }
         } else {
-            let program: &mut TracePoint = program.try_into().map_err(program_error)?;
+            let program = program_of::<TracePoint>(&mut self.ebpf, name)?;
             program.load().map_err(program_error)?;
             for &tp in hook.tracepoints {
                 Offsets::check(tracefs, hook.category, tp)?;
@@ -917,35 +894,129 @@ impl Probe {
     /// Loads raw tracepoint program `name` without attaching it: its descriptor, for the
     /// daemon to run it or for a program array.
     fn load_unattached(&mut self, name: &'static str) -> Result<ProgramFd, ProbeError> {
-        let program_error = |e| ProbeError::Program {
-            name,
-            source: Box::new(e),
-        };
-        let program: &mut RawTracePoint = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(ProbeError::MissingProgram { name })?
-            .try_into()
-            .map_err(program_error)?;
-        program.load().map_err(program_error)?;
-        let fd = program.fd().map_err(program_error)?;
-        fd.try_clone()
-            .map_err(|e| program_error(ProgramError::IOError(e)))
+        let program = program_of::<RawTracePoint>(&mut self.ebpf, name)?;
+        program.load().map_err(|e| program_error(name, e))?;
+        descriptor(name, program.fd())
     }
 
-    /// The socket set's HTTP/2 frame walks, loaded, not attached: `sock_recv` and
-    /// `sock_send` tail-call them (`H2_WALK`) for an h2 connection's reads and writes.
-    fn h2_walks(&mut self) -> Result<(), ProbeError> {
-        let walks = [
-            (dir::READ, self.load_unattached("h2_recv")?),
-            (dir::WRITE, self.load_unattached("h2_send")?),
-        ];
-        self.h2_walk = Some(self.program_array(names::H2_WALK, &walks)?);
-        log::info!(
-            "HTTP/2: h2_recv and h2_send loaded, tail-called by sock_recv and sock_send for \
-             h2 connections (streams are requests)"
-        );
+    /// The data path's HTTP/2 frame walks, loaded, not attached: the set's data programs
+    /// tail-call them for an h2 connection's reads and writes. They use `bpf_loop` (Linux
+    /// >= 5.17): a kernel that refuses them counts h2 by exchanges, and the log says so.
+    fn data_walks(&mut self) {
+        match self.load_data_walks() {
+            Ok(walks) => log::info!(
+                "HTTP/2: {} loaded, tail-called by the {} hooks for h2 connections (streams \
+                 are requests)",
+                walks.join(", "),
+                self.hooks.name()
+            ),
+            Err(e) => log::warn!(
+                "HTTP/2: the frame walks did not load ({}): h2 connections are counted by \
+                 exchanges, not requests",
+                first_line(&e)
+            ),
+        }
+    }
+
+    fn load_data_walks(&mut self) -> Result<Vec<&'static str>, ProbeError> {
+        let mut loaded = Vec::new();
+        match self.hooks {
+            set @ (HookSet::Socket | HookSet::Syscall) => {
+                let socket = set == HookSet::Socket;
+                let pair = if socket {
+                    ["h2_recv", "h2_send"]
+                } else {
+                    ["io_h2_recv", "io_h2_send"]
+                };
+                let mut walks = Vec::new();
+                for (direction, name) in [dir::READ, dir::WRITE].into_iter().zip(pair) {
+                    let fd = if socket {
+                        self.load_unattached(name)?
+                    } else {
+                        self.load_tracepoint(name)?
+                    };
+                    walks.push((direction, fd));
+                }
+                let array = self.program_array(names::H2_WALK, &walks)?;
+                self.h2_walk.push(array);
+                loaded.extend(pair);
+            }
+            HookSet::Fentry => {
+                // One per function, for the data program attached there (by its parameters).
+                let walks = [
+                    ("tcp_h2_recv", "tcp_recvmsg", 5, names::FEXIT_RECV_WALK),
+                    ("tcp_h2_recv4", "tcp_recvmsg", 4, names::FEXIT_RECV_WALK),
+                    ("tcp_h2_send", "tcp_sendmsg", 3, names::FEXIT_SEND_WALK),
+                    (
+                        "tcp_h2_sendpage",
+                        "tcp_sendpage",
+                        5,
+                        names::FEXIT_SENDPAGE_WALK,
+                    ),
+                ];
+                for (walk, function, params, array) in walks {
+                    if self.params_of(function)? != Some(params) {
+                        continue;
+                    }
+                    let fd = self.load_fexit(walk, function)?;
+                    let array = self.program_array(array, &[(0, fd)])?;
+                    self.h2_walk.push(array);
+                    loaded.push(walk);
+                }
+            }
+        }
+        let name = names::DATA_WALKS;
+        let mut on: Array<MapData, u32> = take(&mut self.ebpf, name)?;
+        on.set(0, 1, 0)
+            .map_err(|source| ProbeError::Map { name, source })?;
+        Ok(loaded)
+    }
+
+    /// How many parameters kernel function `function` has, from the kernel's BTF (None:
+    /// no such function).
+    fn params_of(&mut self, function: &str) -> Result<Option<usize>, ProbeError> {
+        if self.kernel_btf.is_none() {
+            self.kernel_btf = Some(Btf::from_sys_fs()?);
+        }
+        Ok(self
+            .kernel_btf
+            .as_ref()
+            .and_then(|btf| btf.function_params(function))
+            .map(|p| p.len()))
+    }
+
+    /// Loads fexit program `name` on `function` without attaching it, for a program array.
+    fn load_fexit(
+        &mut self,
+        name: &'static str,
+        function: &'static str,
+    ) -> Result<ProgramFd, ProbeError> {
+        self.read_btf(name)?;
+        let btf = self.btf.as_ref().expect("read above");
+        let program = program_of::<FExitProgram>(&mut self.ebpf, name)?;
+        program
+            .load(function, btf)
+            .map_err(|e| program_error(name, e))?;
+        self.programs += 1;
+        descriptor(name, program.fd())
+    }
+
+    /// The kernel's BTF as aya reads it, for loading fexit programs (`name`'s, for the
+    /// error).
+    fn read_btf(&mut self, name: &'static str) -> Result<(), ProbeError> {
+        if self.btf.is_none() {
+            let btf = aya::Btf::from_sys_fs().map_err(|e| program_error(name, e.into()))?;
+            self.btf = Some(btf);
+        }
         Ok(())
+    }
+
+    /// Loads tracepoint program `name` without attaching it, for a program array.
+    fn load_tracepoint(&mut self, name: &'static str) -> Result<ProgramFd, ProbeError> {
+        let program = program_of::<TracePoint>(&mut self.ebpf, name)?;
+        program.load().map_err(|e| program_error(name, e))?;
+        self.programs += 1;
+        descriptor(name, program.fd())
     }
 
     /// The OpenSSL uprobes, loaded (attached per library by `attach_openssl`).
@@ -959,18 +1030,10 @@ impl Probe {
 
     /// Loads uprobe program `name`, to attach or tail-call: its descriptor.
     fn load_uprobe(&mut self, name: &'static str) -> Result<ProgramFd, ProbeError> {
-        let program_error = |e| ProbeError::Program {
-            name,
-            source: Box::new(e),
-        };
-        let program = self.uprobe(name)?;
-        program.load().map_err(program_error)?;
-        let fd = program.fd().map_err(program_error)?;
-        let fd = fd
-            .try_clone()
-            .map_err(|e| program_error(ProgramError::IOError(e)))?;
+        let program = program_of::<UProbe>(&mut self.ebpf, name)?;
+        program.load().map_err(|e| program_error(name, e))?;
         self.programs += 1;
-        Ok(fd)
+        descriptor(name, program.fd())
     }
 
     /// Program array `name`, holding `walks` (index, program).
@@ -1020,14 +1083,7 @@ impl Probe {
     }
 
     fn uprobe(&mut self, name: &'static str) -> Result<&mut UProbe, ProbeError> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or(ProbeError::MissingProgram { name })?
-            .try_into()
-            .map_err(|e| ProbeError::Program {
-                name,
-                source: Box::new(e),
-            })
+        program_of(&mut self.ebpf, name)
     }
 
     /// Attaches the OpenSSL uprobes to `library` (a libssl, as a path this process can
@@ -1094,6 +1150,34 @@ impl Probe {
     pub fn program_count(&self) -> usize {
         self.programs
     }
+}
+
+/// Program `name` of the object, as its type `T`.
+fn program_of<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, ProbeError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(ProbeError::MissingProgram { name })?
+        .try_into()
+        .map_err(|e| program_error(name, e))
+}
+
+fn program_error(name: &'static str, e: ProgramError) -> ProbeError {
+    ProbeError::Program {
+        name,
+        source: Box::new(e),
+    }
+}
+
+/// A loaded program's descriptor, for its holder to keep (a program array, the daemon).
+fn descriptor(
+    name: &'static str,
+    fd: Result<&ProgramFd, ProgramError>,
+) -> Result<ProgramFd, ProbeError> {
+    fd.map_err(|e| program_error(name, e))?
+        .try_clone()
+        .map_err(|e| program_error(name, ProgramError::IOError(e)))
 }
 
 /// `e` and every error under it, on one line.
