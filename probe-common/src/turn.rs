@@ -41,9 +41,9 @@ pub trait Turns {
     fn wants_finished(&self) -> bool;
     /// A request's turn ended (the next one began on its connection).
     fn finished(&mut self, turn: &ConnState);
-    /// Whether the caller walks HTTP/2 frames (`h2::on_data`, a constant of the hook set):
-    /// then an h2 connection has no turns here, from its preface on; where it does not, its
-    /// turns are exchanges.
+    /// Whether the caller walks HTTP/2 frames (`h2::on_data`: where its walk programs
+    /// loaded): then an h2 connection has no turns here, from its preface on; where it does
+    /// not, its turns are exchanges. Asked of h2 connections only.
     fn walks_h2(&self) -> bool;
 }
 

@@ -272,14 +272,24 @@ fn connections_dropped_by_a_full_accept_queue_are_counted_as_the_kernel_counts_t
         .map(|t| t.join().unwrap())
         .filter(|answer| matches!(answer, Ok(true)))
         .count();
-    let kernel = listen_overflows() - before.1;
-    assert!(kernel > 0, "40 clients on a backlog of 4 overflow it");
-    let m = fp.scrape();
-    assert_eq!(
-        counted(&m),
-        Some(kernel),
-        "flyprobe's count against the kernel's ListenOverflows\n{}",
-        m.text
+    assert!(
+        listen_overflows() > before.1,
+        "40 clients on a backlog of 4 overflow it"
+    );
+    // Both counters are read again at each look: a dropped handshake's two counts (the
+    // listener's drop counter, then the kfree_skb event flyprobe subtracts) are moments
+    // apart, so a single look may fall between them (CI once saw 97 against 96 at one look;
+    // 10 runs here agreed at the first). A count that stays off still fails.
+    let kernel = eventually(
+        "flyprobe's count equal to the kernel's ListenOverflows",
+        SETTLE,
+        || {
+            let kernel = listen_overflows() - before.1;
+            match counted(&fp.scrape()) {
+                Some(n) if n == kernel => Ok(kernel),
+                other => Err((other, kernel)),
+            }
+        },
     );
     eprintln!(
         "{clients} clients, backlog 4: {answered} answered, {kernel} connections dropped, \
