@@ -1,13 +1,16 @@
-//! The main job on a laptop: a 2-worker uvicorn app watched by flyprobe, some traffic, and
-//! the scrape a Prometheus server would get.
+//! `cargo xtask demo`: builds flyprobe and the demo (`flyprobe-demo`,
+//! tests/src/bin/flyprobe-demo.rs), then runs it.
 
-use std::{thread, time::Duration};
+use std::process::Command;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::Args;
-use flyprobe_tests::{client::Conn, flyprobe::Flyprobe, servers};
 
-use crate::{build, setup};
+use crate::{
+    build::{self, artifact},
+    cmd::run,
+    setup,
+};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -19,59 +22,15 @@ pub struct DemoArgs {
     keep: bool,
 }
 
-pub fn run(args: &DemoArgs) -> Result<()> {
+pub fn run_demo(args: &DemoArgs) -> Result<()> {
     build::require_root("demo")?;
-    build::release(&["probe-user"])?;
-    // SAFETY (of the env): single-threaded here; the harness reads these paths.
-    unsafe {
-        std::env::set_var("FLYPROBE_BIN", build::artifact("flyprobe"));
-        std::env::set_var("FLYPROBE_PYTHON", setup::venv_python());
-    }
-
-    eprintln!("==> starting uvicorn tests/apps/app.py with 2 workers");
-    let server = servers::uvicorn(2);
-    eprintln!("==> starting flyprobe --pid-tree {}", server.pid());
-    let fp = Flyprobe::start_on(args.port, &["--pid-tree", &server.pid().to_string()]);
-
-    let (mut connections, mut requests) = (0, 0);
-    for _ in 0..40 {
-        let mut conn = Conn::connect(server.port).context("connecting to uvicorn")?;
-        conn.get("/")?;
-        conn.close();
-        connections += 1;
-        requests += 1;
-    }
-    for _ in 0..4 {
-        let mut conn = Conn::connect(server.port)?;
-        for _ in 0..40 {
-            conn.get("/")?;
-        }
-        conn.close();
-        connections += 1;
-        requests += 40;
-    }
-    let _held = Conn::connect(server.port)?;
-    connections += 1;
-    thread::sleep(Duration::from_millis(500));
-
-    println!("client: {connections} connections (1 still open), {requests} requests\n");
-    println!(
-        "$ curl -s http://127.0.0.1:{}/metrics | grep -v '^#'",
-        fp.port
-    );
-    for line in fp.scrape().text.lines().filter(|l| !l.starts_with('#')) {
-        println!("{line}");
-    }
+    build::release(&["probe-user", "flyprobe-tests"])?;
+    let mut demo = Command::new(artifact("flyprobe-demo"));
+    demo.args(["--port", &args.port.to_string()])
+        .env("FLYPROBE_BIN", artifact("flyprobe"))
+        .env("FLYPROBE_PYTHON", setup::venv_python());
     if args.keep {
-        println!(
-            "\nflyprobe is serving http://127.0.0.1:{0}/metrics and the live dashboard at \
-             http://127.0.0.1:{0}/; uvicorn listens on 127.0.0.1:{1}; Ctrl-C to stop",
-            fp.port, server.port
-        );
-        loop {
-            thread::park();
-        }
+        demo.arg("--keep");
     }
-    fp.stop();
-    Ok(())
+    run(&mut demo)
 }

@@ -38,9 +38,9 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Setup => setup_all(),
-        Task::Demo(args) => setup_all().and_then(|()| demo::run(&args)),
+        Task::Demo(args) => setup_all().and_then(|()| demo::run_demo(&args)),
         Task::Test(args) => setup_all().and_then(|()| test::run_all(&args)),
-        Task::Bench(args) => setup_all().and_then(|()| bench::run(&args)),
+        Task::Bench(args) => setup_all().and_then(|()| bench::run_bench(&args)),
         Task::VmTest(args) => setup_all().and_then(|()| vm::run_all(&args)),
     };
     if let Err(err) = result {

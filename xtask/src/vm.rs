@@ -232,7 +232,10 @@ poweroff -f
 /// The initramfs: /init, busybox, flyprobe and the suite's binaries at the paths the suite
 /// expects, every shared library they load (from `ldd`), and what nginx opens at start.
 fn write_initramfs(path: &Path, busybox: &Path) -> Result<()> {
-    let nginx = flyprobe_tests::servers::nginx_bin()
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
         .context("nginx is not installed: run `cargo xtask setup`")?;
     let mut cpio = Cpio::default();
     for dir in [

@@ -11,9 +11,15 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use flyprobe_tests::{client::Conn, free_port, procs::Guard, servers};
+use flyprobe_tests::{
+    client::Conn,
+    free_port,
+    procs::Guard,
+    servers::{self, python},
+    workspace,
+};
 
-use crate::{build, cmd::workspace_root, setup};
+use crate::artifact;
 
 /// A running server (killed with its process group on drop), the port and path it serves.
 pub struct Server {
@@ -165,7 +171,7 @@ fn nginx_with(workers: u32, cpu: Option<u32>, tls: bool) -> Result<Server> {
 pub fn axum(cpu: Option<u32>) -> Result<Server> {
     let port = free_port();
     let bin = std::env::var_os("FLYPROBE_TEST_SERVER")
-        .map_or_else(|| build::artifact("flyprobe-test-server"), PathBuf::from);
+        .map_or_else(|| artifact("flyprobe-test-server"), PathBuf::from);
     let guard = Guard::spawn(
         "flyprobe-test-server",
         pinned(cpu, bin).args(["--port", &port.to_string()]),
@@ -179,9 +185,9 @@ pub fn uvicorn_single(cpu: Option<u32>) -> Result<Server> {
     let port = free_port();
     let guard = Guard::spawn(
         "uvicorn",
-        pinned(cpu, setup::venv_python())
+        pinned(cpu, python())
             .args(["-m", "uvicorn", "bench_app:app", "--app-dir"])
-            .arg(workspace_root().join("tests/apps"))
+            .arg(workspace().join("tests/apps"))
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args([
                 "--workers",

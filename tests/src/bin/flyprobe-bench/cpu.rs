@@ -399,7 +399,7 @@ fn write_csv(kind: &Kind, variants: &[Variant], samples: &[Vec<Sample>]) -> Resu
             );
         }
     }
-    let path = crate::cmd::workspace_root()
+    let path = flyprobe_tests::workspace()
         .join("target/xtask")
         .join(format!("bench-cpu-{}.csv", kind.key));
     std::fs::write(&path, csv)?;
