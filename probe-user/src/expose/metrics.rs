@@ -21,8 +21,8 @@ use prometheus::{
 
 use crate::{
     model::lifecycle::COMMON_REASONS,
+    model::retired::FOLDED,
     model::snapshot::{Snapshot, SnapshotSource},
-    model::watched::FOLDED,
     processes::containers,
 };
 
@@ -189,7 +189,8 @@ pub const OVERFLOWS: Def = def(
     &["server", "port"],
     "Connections the kernel dropped on the server's listening port: its accept queue was \
      full (or its SYN queue), so the client's SYN or handshake was dropped (the listener's \
-     drop counter, as ss -ltnm shows it; listeners in flyprobe's own network namespace).",
+     drop counter, as ss -ltnm shows it, in flyprobe's own network namespace; elsewhere the \
+     namespace's ListenDrops, where the port is the only one listening there).",
 );
 pub const RESETS: Def = def(
     "server_connection_resets_total",

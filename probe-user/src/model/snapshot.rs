@@ -7,7 +7,7 @@ use probe_common::{PortStats, ProcStats, ReqKey, ReqStats, drop_reason};
 
 use crate::{
     model::lifecycle::Lifecycle,
-    model::watched::{Member, Watched},
+    model::{members::Member, watched::Watched},
     processes::containers::Labels,
 };
 
@@ -192,7 +192,7 @@ fn server(
         .filter(|(key, _)| members.contains_key(&key.tgid))
         .map(|(k, v)| (*k, *v))
         .collect();
-    for ((root, key), stats) in watched.retired_requests() {
+    for ((root, key), stats) in watched.retired().requests() {
         if roots.contains(root) {
             requests.entry(*key).or_default().add(stats);
         }
@@ -218,7 +218,7 @@ fn server(
         }
         per_pid.entry(pid).or_default().add(&stats);
     }
-    for (key, stats) in watched.retired() {
+    for (key, stats) in watched.retired().stats() {
         if roots.contains(&key.root) {
             per_pid.entry(key.pid).or_default().add(stats);
         }

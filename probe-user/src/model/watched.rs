@@ -1,145 +1,36 @@
 //! The watched process trees as userspace knows them: discovered from /proc at start, then
 //! kept current by the kernel's fork and exit events. Workers are classified from /proc
 //! (listening sockets) and the kernel counters; their starts and stops are counted here.
-//! Exited processes are retired after a short grace: their final counters move here and
-//! their kernel entries are freed.
+//! Exited processes are retired after a short grace: their final counters move to
+//! `Retired` and their kernel entries are freed.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
 };
 
-use probe_common::{ProcStats, ReqKey, ReqStats};
+use probe_common::ProcStats;
 use procfs::process::Process;
 
 use crate::{
     error::StartError,
     kernel::maps::Remains,
     model::{
-        lifecycle::Lifecycle,
+        lifecycle::{EventLog, Lifecycle},
+        members::{Member, Origin, ProcessKey, Role, Root},
         persist::{Ledger, MemberLedger, RootLedger},
+        retired::Retired,
     },
-    processes::containers::Labels,
-    processes::server_kind,
-    processes::sockets,
-    processes::tree::{PF_KTHREAD, alive, nearest_root, parents},
+    processes::{
+        containers::Labels,
+        server_kind, sockets,
+        tree::{PF_KTHREAD, alive, nearest_root, parents},
+    },
 };
 
 /// How long an exited process's kernel state is kept before it is read one last time: long
 /// enough for its other threads to finish exiting.
 pub const RETIRE_GRACE: Duration = Duration::from_millis(300);
-
-#[derive(Debug, Clone)]
-pub struct Root {
-    pub pid: u32,
-    pub server: String,
-    /// Seconds after boot the root process started.
-    pub started: f64,
-    /// Seconds after boot it exited, once it has.
-    pub exited: Option<f64>,
-    /// Container, pod, unit and network namespace, where known.
-    pub labels: Labels,
-    pub origin: Origin,
-}
-
-/// How a root came to be watched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    /// Named by `--pid-tree`: watched for flyprobe's whole life.
-    PidTree,
-    /// Found by a node-wide selector: forgotten some time after it exits.
-    Selector,
-}
-
-/// Worker starts and stops kept for the dashboard's feed.
-pub const EVENT_LOG_LEN: usize = 100;
-
-/// One worker start or stop.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LifecycleEvent {
-    /// Unix seconds.
-    pub time: f64,
-    pub root: u32,
-    pub pid: u32,
-    /// `None` for a start, the stop reason for a stop.
-    pub stopped: Option<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Member {
-    pub ppid: u32,
-    pub root: u32,
-    pub comm: String,
-    /// Seconds after boot the process started.
-    pub started: f64,
-    /// Forked after flyprobe attached: becoming a worker counts as a start.
-    pub forked_here: bool,
-    pub role: Role,
-    pub exited: Option<Instant>,
-}
-
-/// What a member is to its server, as `classify` (or its exit) last found.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Role {
-    /// Not looked at while alive yet: at its exit, a sibling that serves makes it a worker.
-    #[default]
-    Unclassified,
-    /// Has not served (a helper, a child before it serves).
-    Other,
-    /// Serves right now (holds a listening socket it did not hand down, or accepted).
-    Serving,
-    /// Has served, not now: its exit is a worker stop.
-    Served,
-    /// Has handed its listening socket to a descendant: never a worker.
-    Supervisor,
-}
-
-impl Role {
-    pub fn serving(self) -> bool {
-        self == Self::Serving
-    }
-
-    /// Serves or has served: a worker, whose exit is a stop.
-    pub fn has_served(self) -> bool {
-        matches!(self, Self::Serving | Self::Served)
-    }
-
-    /// The role once the member is known to have served (a previous run's ledger says so):
-    /// a supervisor stays one, for `classify` to decide.
-    fn served(self) -> Self {
-        match self {
-            Self::Serving | Self::Supervisor => self,
-            Self::Unclassified | Self::Other | Self::Served => Self::Served,
-        }
-    }
-
-    /// The role after `classify` found the member serving (`serves`) or not.
-    fn classified(self, serves: bool) -> Self {
-        match (serves, self) {
-            (true, _) => Self::Serving,
-            (false, Self::Serving | Self::Served) => Self::Served,
-            (false, Self::Supervisor) => Self::Supervisor,
-            (false, Self::Unclassified | Self::Other) => Self::Other,
-        }
-    }
-}
-
-/// A process of a watched tree: its root and its PID.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ProcessKey {
-    pub root: u32,
-    pub pid: u32,
-}
-
-impl ProcessKey {
-    pub fn new(root: u32, pid: u32) -> Self {
-        Self { root, pid }
-    }
-}
-
-/// The pid under which exited workers past their retention are folded together (no process
-/// has PID 0); exposed as `pid="retired"`.
-pub const FOLDED: u32 = 0;
 
 /// Forks of children already gone, remembered until their exit events arrive.
 const UNRESOLVED_FORKS: usize = 4096;
@@ -148,13 +39,8 @@ const UNRESOLVED_FORKS: usize = 4096;
 pub struct Watched {
     roots: Vec<Root>,
     members: BTreeMap<u32, Member>,
-    /// Final counters of exited processes; summed if a PID is reused. Pid `FOLDED` holds
-    /// those past their retention, folded together.
-    retired: BTreeMap<ProcessKey, ProcStats>,
-    /// Their labelled requests, by root.
-    retired_requests: BTreeMap<(u32, ReqKey), ReqStats>,
-    /// When each process of `retired` was retired (a restored one: when restored).
-    retired_at: BTreeMap<ProcessKey, Instant>,
+    /// Final counters of exited processes.
+    retired: Retired,
     lifecycle: BTreeMap<u32, Lifecycle>,
     /// Members found gone by the last sweep, confirmed by the next.
     suspects: BTreeSet<u32>,
@@ -162,8 +48,7 @@ pub struct Watched {
     /// served and exited quickly): child -> parent. A process among them sends an exit
     /// event next, which makes it a member; a thread sends none.
     unresolved_forks: BTreeMap<u32, u32>,
-    /// The last `EVENT_LOG_LEN` worker starts and stops, oldest first.
-    events: VecDeque<LifecycleEvent>,
+    events: EventLog,
 }
 
 /// What /proc says about a process: (comm, start in seconds after boot, ppid).
@@ -262,12 +147,9 @@ impl Watched {
             return 0;
         }
         self.roots.retain(|r| !gone.contains(&r.pid));
-        self.retired.retain(|key, _| !gone.contains(&key.root));
-        self.retired_at.retain(|key, _| !gone.contains(&key.root));
-        self.retired_requests
-            .retain(|(root, _), _| !gone.contains(root));
+        self.retired.forget(&gone);
         self.lifecycle.retain(|root, _| !gone.contains(root));
-        self.events.retain(|e| !gone.contains(&e.root));
+        self.events.forget(&gone);
         gone.len()
     }
 
@@ -302,31 +184,12 @@ impl Watched {
         &self.members
     }
 
-    pub fn retired(&self) -> &BTreeMap<ProcessKey, ProcStats> {
+    pub fn retired(&self) -> &Retired {
         &self.retired
     }
 
-    pub fn retired_requests(&self) -> &BTreeMap<(u32, ReqKey), ReqStats> {
-        &self.retired_requests
-    }
-
-    pub fn events(&self) -> &VecDeque<LifecycleEvent> {
+    pub fn events(&self) -> &EventLog {
         &self.events
-    }
-
-    fn log_event(&mut self, root: u32, pid: u32, stopped: Option<String>) {
-        if self.events.len() == EVENT_LOG_LEN {
-            self.events.pop_front();
-        }
-        let time = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
-        self.events.push_back(LifecycleEvent {
-            time,
-            root,
-            pid,
-            stopped,
-        });
     }
 
     pub fn lifecycle(&self, root: u32) -> Lifecycle {
@@ -428,7 +291,7 @@ impl Watched {
             let root = m.root;
             self.lifecycle.entry(root).or_default().started += 1;
             log::info!("worker {pid} ({}) started", m.comm);
-            self.log_event(root, pid, None);
+            self.events.push(root, pid, None);
         }
     }
 
@@ -474,7 +337,7 @@ impl Watched {
                 .stopped
                 .entry(reason.to_string())
                 .or_default() += 1;
-            self.log_event(root, pid, Some(reason.to_string()));
+            self.events.push(root, pid, Some(reason.to_string()));
         } else {
             log::debug!("process {pid} exited: {reason}");
         }
@@ -587,24 +450,16 @@ impl Watched {
                 .iter()
                 .map(|r| {
                     let lc = self.lifecycle(r.pid);
-                    RootLedger {
+                    let mut ledger = RootLedger {
                         pid: r.pid,
                         started: r.started,
                         started_workers: lc.started,
                         stopped: lc.stopped,
-                        retired: self
-                            .retired
-                            .iter()
-                            .filter(|(key, _)| key.root == r.pid)
-                            .map(|(key, s)| (key.pid, *s))
-                            .collect(),
-                        retired_requests: self
-                            .retired_requests
-                            .iter()
-                            .filter(|((root, _), _)| *root == r.pid)
-                            .map(|((_, key), s)| (*key, *s))
-                            .collect(),
-                    }
+                        retired: Vec::new(),
+                        retired_requests: Vec::new(),
+                    };
+                    self.retired.save(&mut ledger);
+                    ledger
                 })
                 .collect(),
             members: self
@@ -639,19 +494,7 @@ impl Watched {
             }
             continued.insert(rl.pid);
             self.lifecycle.insert(rl.pid, rl.lifecycle());
-            for (pid, stats) in &rl.retired {
-                let key = ProcessKey::new(rl.pid, *pid);
-                self.retired.entry(key).or_default().add(stats);
-                if *pid != FOLDED {
-                    self.retired_at.insert(key, now);
-                }
-            }
-            for (key, stats) in &rl.retired_requests {
-                self.retired_requests
-                    .entry((rl.pid, *key))
-                    .or_default()
-                    .add(stats);
-            }
+            self.retired.restore(rl, now);
         }
         let mut retrack = Vec::new();
         for ml in ledger
@@ -703,76 +546,15 @@ impl Watched {
         let Some(member) = self.members.remove(&pid) else {
             return;
         };
-        let key = ProcessKey::new(member.root, pid);
-        self.retired_at.insert(key, Instant::now());
         self.retired
-            .entry(key)
-            .or_default()
-            .add(&last.stats.finished());
-        for (key, stats) in &last.requests {
-            self.retired_requests
-                .entry((member.root, *key))
-                .or_default()
-                .add(stats);
-        }
+            .add(ProcessKey::new(member.root, pid), last, Instant::now());
     }
-}
 
-impl Watched {
     /// Fold the exited processes retired more than `retention` ago into their server's
     /// `FOLDED` series: their own series leave /metrics, every total stays the same. Returns
     /// how many were folded.
     pub fn fold_retired(&mut self, now: Instant, retention: Duration) -> usize {
-        let due: Vec<ProcessKey> = self
-            .retired_at
-            .iter()
-            .filter(|(_, at)| now.saturating_duration_since(**at) >= retention)
-            .map(|(key, _)| *key)
-            .collect();
-        if due.is_empty() {
-            return 0;
-        }
-        let due_set: BTreeSet<ProcessKey> = due.iter().copied().collect();
-        for key in &due {
-            self.retired_at.remove(key);
-            if let Some(stats) = self.retired.remove(key) {
-                let folded = ProcessKey::new(key.root, FOLDED);
-                self.retired.entry(folded).or_default().add(&stats);
-            }
-        }
-        let folded: Vec<(u32, ReqKey)> = self
-            .retired_requests
-            .keys()
-            .filter(|(root, key)| due_set.contains(&ProcessKey::new(*root, key.tgid)))
-            .copied()
-            .collect();
-        for (root, key) in folded {
-            if let Some(stats) = self.retired_requests.remove(&(root, key)) {
-                let into = ReqKey {
-                    tgid: FOLDED,
-                    ..key
-                };
-                self.retired_requests
-                    .entry((root, into))
-                    .or_default()
-                    .add(&stats);
-            }
-        }
-        due.len()
-    }
-}
-
-impl Member {
-    fn new(ppid: u32, root: u32, comm: String, started: f64, forked_here: bool) -> Self {
-        Self {
-            ppid,
-            root,
-            comm,
-            started,
-            forked_here,
-            role: Role::Unclassified,
-            exited: None,
-        }
+        self.retired.fold(now, retention)
     }
 }
 
@@ -784,108 +566,25 @@ mod tests {
         Member::new(ppid, 1, "python".into(), 0.0, forked_here)
     }
 
-    /// The role's state machine: serving makes a worker for good (its exit is a stop), a
-    /// supervisor is never made a worker by not serving, and the ledger's word that a member
-    /// served leaves a supervisor to `classify`.
     #[test]
-    fn a_role_once_served_stays_a_worker_and_a_supervisor_stays_one() {
-        use Role::*;
-        assert_eq!(Unclassified.classified(false), Other);
-        assert_eq!(Other.classified(true), Serving);
-        assert_eq!(Serving.classified(false), Served);
-        assert_eq!(Served.classified(true), Serving);
-        assert_eq!(Supervisor.classified(false), Supervisor);
-        assert!(Served.has_served() && Serving.has_served());
-        assert!(!Other.has_served() && !Supervisor.has_served() && !Unclassified.has_served());
-        assert_eq!(Unclassified.served(), Served);
-        assert_eq!(Supervisor.served(), Supervisor);
-        assert_eq!(Serving.served(), Serving);
-    }
-
-    #[test]
-    fn retiring_keeps_final_counters_with_gauges_at_zero() {
+    fn a_retired_member_leaves_its_counters_and_is_forgotten() {
         let mut w = Watched::default();
         let mut m = member(1, false);
         m.exited = Some(Instant::now());
         w.members.insert(5, m);
-        let last = ProcStats {
-            accepted: 3,
-            closed: 1,
-            requests: 4,
-            responses: 3,
-            aborted: 0,
-            ..Default::default()
-        };
         let remains = Remains {
-            stats: last,
+            stats: ProcStats {
+                accepted: 3,
+                requests: 4,
+                ..Default::default()
+            },
             ..Default::default()
         };
         w.retire(5, &remains);
         w.retire(5, &remains); // not a member any more: ignored
-        let kept = w.retired()[&ProcessKey::new(1, 5)];
+        let kept = w.retired().stats()[&ProcessKey::new(1, 5)];
         assert_eq!((kept.accepted, kept.requests), (3, 4));
-        assert_eq!((kept.active(), kept.in_flight()), (0, 0));
         assert!(w.members().is_empty());
-    }
-
-    #[test]
-    fn retired_workers_fold_into_one_series_after_their_retention_and_totals_stay() {
-        let mut w = Watched::default();
-        let stats = ProcStats {
-            accepted: 2,
-            requests: 5,
-            responses: 5,
-            ..Default::default()
-        };
-        for pid in [5, 6] {
-            w.members.insert(pid, member(1, false));
-            let key = ReqKey {
-                tgid: pid,
-                method: 1,
-                status: 2,
-                protocol: 1,
-                transport: 0,
-            };
-            let remains = Remains {
-                stats,
-                requests: vec![(
-                    key,
-                    ReqStats {
-                        count: 5,
-                        ..Default::default()
-                    },
-                )],
-                ..Default::default()
-            };
-            w.retire(pid, &remains);
-        }
-        let total = |w: &Watched| -> (u64, u64) {
-            (
-                w.retired().values().map(|s| s.requests).sum(),
-                w.retired_requests().values().map(|s| s.count).sum(),
-            )
-        };
-        let now = Instant::now();
-        assert_eq!(
-            w.fold_retired(now, Duration::from_secs(60)),
-            0,
-            "within retention"
-        );
-        assert_eq!(w.retired().len(), 2);
-        let later = now + Duration::from_secs(61);
-        assert_eq!(w.fold_retired(later, Duration::from_secs(60)), 2);
-        assert_eq!(
-            w.retired().keys().collect::<Vec<_>>(),
-            vec![&ProcessKey::new(1, FOLDED)],
-            "one series for the server's retired workers"
-        );
-        assert_eq!(total(&w), (10, 10), "no count lost or doubled");
-        assert!(w.retired_requests().keys().all(|(_, k)| k.tgid == FOLDED));
-        assert_eq!(
-            w.fold_retired(later, Duration::from_secs(60)),
-            0,
-            "folded once"
-        );
     }
 
     fn found_root(pid: u32, exited: Option<f64>) -> Root {
@@ -905,8 +604,9 @@ mod tests {
         // nginx restarted in place: the old master exited long ago, the new one runs.
         w.roots.push(found_root(10, Some(100.0)));
         w.roots.push(found_root(20, None));
-        w.retired
-            .insert(ProcessKey::new(10, 11), ProcStats::default());
+        w.members
+            .insert(11, Member::new(10, 10, "nginx".into(), 0.0, false));
+        w.retire(11, &Remains::default());
         assert_eq!(w.forget_exited(1000.0, 300.0), 0, "its totals still count");
         w.roots[1].exited = Some(600.0);
         assert_eq!(
@@ -915,7 +615,7 @@ mod tests {
             "the second exited too recently"
         );
         assert_eq!(w.forget_exited(1000.0, 300.0), 2);
-        assert!(w.roots.is_empty() && w.retired.is_empty());
+        assert!(w.roots.is_empty() && w.retired().stats().is_empty());
     }
 
     #[test]

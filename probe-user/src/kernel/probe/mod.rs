@@ -1,300 +1,48 @@
 //! Loads the embedded kernel object, fills in record offsets and map sizes, and attaches every
 //! program to its tracepoints. Dropping `Probe` detaches them all.
+//!
+//! - `hooks`: the table of programs and the events each serves, per hook set.
+//! - `offsets`: where the programs read, from the kernel's BTF and tracefs.
+//! - `error`: why loading or attaching failed.
+
+mod error;
+mod hooks;
+mod offsets;
 
 use std::path::Path;
 
 use aya::{
-    Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, MapData, MapError, ProgramArray, RingBuf},
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, ProgramArray, RingBuf},
     programs::{
         FExit as FExitProgram, ProgramError, ProgramFd, RawTracePoint, TracePoint, UProbe,
         uprobe::{UProbeLinkId, UProbeScope},
     },
 };
-use probe_common::{dir, names, syscall_layout};
-use thiserror::Error;
+use probe_common::{dir, names};
 
-use crate::{
-    kernel::btf::{Btf, BtfError},
-    kernel::maps::{KernelMaps, TakeError, UnixSweep, take},
-    kernel::tracefs::{Format, TracefsError},
+pub use self::{
+    error::{ProbeError, causes},
+    hooks::HookSet,
+    offsets::SocketOffsets,
+};
+use self::{
+    error::{first_line, program_error},
+    hooks::{
+        CALIBRATION, EXEC_DISCOVER, FLOOR, HOOKS, Hook,
+        Kind::{FExit, Raw, RawWith},
+        LISTEN_DISCOVER, OPENSSL_CALLS,
+    },
+    offsets::{FdOffsets, Offsets, TaskOffsets},
+};
+use crate::kernel::{
+    btf::Btf,
+    maps::{KernelMaps, UnixSweep, take},
+    tracefs::Format,
 };
 
 pub(crate) static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flyprobe"));
-
-/// A program and the events it serves. Syscall families share one program each: their
-/// records agree on where the first argument and the return value are (checked at attach).
-struct Hook {
-    program: &'static str,
-    /// The tracefs category (raw tracepoints are attached by event name alone; the category
-    /// says where to check that the event exists); "fexit" for fexit programs.
-    category: &'static str,
-    /// Tracepoints, or for an fexit program its kernel function.
-    tracepoints: &'static [&'static str],
-    kind: Kind,
-    /// The hook sets it belongs to.
-    sets: &'static [HookSet],
-    /// What else of the kernel decides whether it is attached.
-    needs: Needs,
-}
-
-/// A condition on the kernel, besides the hook set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Needs {
-    Nothing,
-    /// BTF names `task_struct`'s pid, tgid and exit_code: the raw lifecycle programs.
-    TaskBtf,
-    /// The kernel has no such BTF: the classic lifecycle programs instead.
-    NoTaskBtf,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    /// A classic perf-event tracepoint program.
-    Tracepoint,
-    /// A raw tracepoint (BPF_PROG_TYPE_RAW_TRACEPOINT: the event's arguments, none of the
-    /// perf-event glue).
-    Raw,
-    /// A raw tracepoint attached only where its format has this field (an argument the
-    /// program reads that older kernels do not pass).
-    RawWith(&'static str),
-    /// An fexit program (a BPF trampoline on a kernel function, found in BTF), attached
-    /// where the function has this many parameters: the program reads the return value
-    /// from the slot after them. Skipped elsewhere (and where the function does not exist).
-    FExit(usize),
-}
-
-impl Hook {
-    const fn new(
-        program: &'static str,
-        category: &'static str,
-        tracepoints: &'static [&'static str],
-        kind: Kind,
-        sets: &'static [HookSet],
-    ) -> Self {
-        Self {
-            program,
-            category,
-            tracepoints,
-            kind,
-            sets,
-            needs: Needs::Nothing,
-        }
-    }
-
-    const fn needs(self, needs: Needs) -> Self {
-        Self { needs, ..self }
-    }
-
-    fn wanted(&self, set: HookSet, task_btf: bool) -> bool {
-        self.sets.contains(&set)
-            && match self.needs {
-                Needs::Nothing => true,
-                Needs::TaskBtf => task_btf,
-                Needs::NoTaskBtf => !task_btf,
-            }
-    }
-}
-
-/// Which programs carry the requests and connections (`--hooks`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HookSet {
-    /// fexit programs on tcp_recvmsg / tcp_sendmsg (BPF trampolines, where the kernel allows
-    /// them), with the socket set's connection programs: nothing on the syscall path, and
-    /// Linux 6.1 has it.
-    Fentry,
-    /// Raw tracepoints on the socket layer (Linux >= 6.3): nothing on the syscall path.
-    Socket,
-    /// syscalls:* tracepoints: every syscall of every task on the node takes the tracing
-    /// slow path while they are attached. The fallback for older kernels.
-    Syscall,
-}
-
-impl HookSet {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Fentry => "fentry",
-            Self::Socket => "socket",
-            Self::Syscall => "syscall",
-        }
-    }
-}
-
-const ALL: &[HookSet] = &[HookSet::Fentry, HookSet::Socket, HookSet::Syscall];
-const BY_SOCKET: &[HookSet] = &[HookSet::Fentry, HookSet::Socket];
-const FENTRY: &[HookSet] = &[HookSet::Fentry];
-const SOCKET: &[HookSet] = &[HookSet::Socket];
-const SYSCALL: &[HookSet] = &[HookSet::Syscall];
-
-use Kind::{FExit, Raw, RawWith, Tracepoint};
-use Needs::{NoTaskBtf, TaskBtf};
-
-const CALIBRATION: Hook = Hook::new(
-    "calibration",
-    "syscalls",
-    &["sys_enter_read"],
-    Tracepoint,
-    ALL,
-);
-
-/// Node-wide discovery: attached only for the selectors that need them. The socket-keyed
-/// sets announce listen() from `sock_state` instead of this syscall hook.
-const EXEC_DISCOVER: Hook = Hook::new(
-    "exec_discover",
-    "sched",
-    &["sched_process_exec"],
-    Tracepoint,
-    ALL,
-);
-const LISTEN_DISCOVER: Hook = Hook::new(
-    "listen_discover",
-    "syscalls",
-    &["sys_exit_listen"],
-    Tracepoint,
-    SYSCALL,
-);
-
-/// The socket events a socket set needs from tracefs.
-const SOCKET_EVENTS: [&str; 3] = [
-    "sock_recv_length",
-    "sock_send_length",
-    "inet_sock_set_state",
-];
-
-/// Empty programs on each socket-keyed set's events, alone: the cost floor (`--empty-hooks`).
-#[rustfmt::skip]
-const FLOOR: &[Hook] = &[
-    Hook::new("empty_recv", "sock", &["sock_recv_length"], Raw, SOCKET),
-    Hook::new("empty_send", "sock", &["sock_send_length"], Raw, SOCKET),
-    Hook::new("empty_recv_exit", "fexit", &["tcp_recvmsg"], FExit(5), FENTRY),
-    Hook::new("empty_recv_exit", "fexit", &["tcp_recvmsg"], FExit(4), FENTRY),
-    Hook::new("empty_send_exit", "fexit", &["tcp_sendmsg"], FExit(3), FENTRY),
-    Hook::new("empty_unix_recv_exit", "fexit", &["unix_stream_recvmsg"], FExit(4), FENTRY),
-    Hook::new("empty_unix_send_exit", "fexit", &["unix_stream_sendmsg"], FExit(3), FENTRY),
-    Hook::new(
-        "empty_state",
-        "sock",
-        &["inet_sock_set_state"],
-        Raw,
-        BY_SOCKET,
-    ),
-];
-
-#[rustfmt::skip]
-const HOOKS: &[Hook] = &[
-    // Lifecycle: raw where BTF names the task's fields (threads are told apart from
-    // processes, and untracked; no perf event, which Debian's perf_event_paranoid=3 wants
-    // CAP_SYS_ADMIN for), else classic, with the exit status gathered on the way
-    Hook::new("process_fork_raw", "sched", &["sched_process_fork"], Raw, ALL).needs(TaskBtf),
-    Hook::new("process_exit_raw", "sched", &["sched_process_exit"], Raw, ALL).needs(TaskBtf),
-    Hook::new("process_fork", "sched", &["sched_process_fork"], Tracepoint, SYSCALL).needs(NoTaskBtf),
-    Hook::new("process_exit", "sched", &["sched_process_exit"], Tracepoint, SYSCALL).needs(NoTaskBtf),
-    Hook::new("exit_group_enter", "syscalls", &["sys_enter_exit_group"], Tracepoint, SYSCALL).needs(NoTaskBtf),
-    Hook::new("signal_generate", "signal", &["signal_generate"], Tracepoint, SYSCALL).needs(NoTaskBtf),
-    // Connections of the socket-keyed sets, and their resets
-    Hook::new("sock_state", "sock", &["inet_sock_set_state"], Raw, BY_SOCKET),
-    Hook::new("reset_sent", "tcp", &["tcp_send_reset"], Raw, BY_SOCKET),
-    Hook::new("reset_received", "tcp", &["tcp_receive_reset"], Raw, BY_SOCKET),
-    Hook::new("packet_dropped", "skb", &["kfree_skb"], RawWith("rx_sk"), BY_SOCKET),
-    // The fentry set's data
-    Hook::new("tcp_recv_exit", "fexit", &["tcp_recvmsg"], FExit(5), FENTRY),
-    Hook::new("tcp_recv4_exit", "fexit", &["tcp_recvmsg"], FExit(4), FENTRY),
-    Hook::new("tcp_send_exit", "fexit", &["tcp_sendmsg"], FExit(3), FENTRY),
-    // sendfile before 6.5
-    Hook::new("tcp_sendpage_exit", "fexit", &["tcp_sendpage"], FExit(5), FENTRY),
-    Hook::new("unix_recv_exit", "fexit", &["unix_stream_recvmsg"], FExit(4), FENTRY),
-    Hook::new("unix_send_exit", "fexit", &["unix_stream_sendmsg"], FExit(3), FENTRY),
-    // The socket set's data
-    Hook::new("sock_recv", "sock", &["sock_recv_length"], Raw, SOCKET),
-    Hook::new("sock_send", "sock", &["sock_send_length"], Raw, SOCKET),
-    // The syscall set
-    Hook::new("accept_enter", "syscalls", &["sys_enter_accept", "sys_enter_accept4"], Tracepoint, SYSCALL),
-    Hook::new("accept_exit", "syscalls", &["sys_exit_accept", "sys_exit_accept4"], Tracepoint, SYSCALL),
-    Hook::new("close_enter", "syscalls", &["sys_enter_close"], Tracepoint, SYSCALL),
-    Hook::new("read_enter", "syscalls", &["sys_enter_read"], Tracepoint, SYSCALL),
-    Hook::new("recvfrom_enter", "syscalls", &["sys_enter_recvfrom"], Tracepoint, SYSCALL),
-    Hook::new("readv_enter", "syscalls", &["sys_enter_readv"], Tracepoint, SYSCALL),
-    Hook::new("recvmsg_enter", "syscalls", &["sys_enter_recvmsg"], Tracepoint, SYSCALL),
-    Hook::new("write_enter", "syscalls", &["sys_enter_write", "sys_enter_sendto"], Tracepoint, SYSCALL),
-    Hook::new("writev_enter", "syscalls", &["sys_enter_writev"], Tracepoint, SYSCALL),
-    Hook::new("sendmsg_enter", "syscalls", &["sys_enter_sendmsg"], Tracepoint, SYSCALL),
-    Hook::new("sendfile_enter", "syscalls", &["sys_enter_sendfile64"], Tracepoint, SYSCALL),
-    Hook::new(
-        "io_exit",
-        "syscalls",
-        &[
-            "sys_exit_read", "sys_exit_readv", "sys_exit_recvfrom", "sys_exit_recvmsg",
-            "sys_exit_write", "sys_exit_writev", "sys_exit_sendto", "sys_exit_sendmsg",
-            "sys_exit_sendfile64",
-        ],
-        Tracepoint,
-        SYSCALL,
-    ),
-];
-
-/// The OpenSSL uprobes (`--tls`): (entry program, libssl symbol, required). Each call's
-/// return is `ssl_return`'s (a uretprobe); `SSL_free` has none.
-const OPENSSL_CALLS: [(&str, &str, bool); 6] = [
-    ("ssl_read", "SSL_read", true),
-    ("ssl_write", "SSL_write", true),
-    ("ssl_read_ex", "SSL_read_ex", false),
-    ("ssl_write_ex", "SSL_write_ex", false),
-    ("ssl_do_handshake", "SSL_do_handshake", false),
-    ("ssl_free", "SSL_free", false),
-];
-
-#[derive(Debug, Error)]
-pub enum ProbeError {
-    #[error(transparent)]
-    Tracefs(#[from] TracefsError),
-    #[error(transparent)]
-    Btf(#[from] BtfError),
-    #[error(
-        "tracepoint {category}:{name} keeps `{field}` at offset {found}, where the shared \
-         program expects {expected}"
-    )]
-    LayoutMismatch {
-        category: String,
-        name: String,
-        field: String,
-        found: u32,
-        expected: u32,
-    },
-    #[error("loading the eBPF object into the kernel")]
-    Load(#[source] Box<EbpfError>),
-    #[error("the eBPF object has no program `{name}`")]
-    MissingProgram { name: &'static str },
-    #[error("loading program {name}")]
-    Program {
-        name: &'static str,
-        #[source]
-        source: Box<ProgramError>,
-    },
-    #[error("attaching {program} to {category}:{tracepoint}")]
-    Attach {
-        program: &'static str,
-        category: &'static str,
-        tracepoint: String,
-        #[source]
-        source: Box<ProgramError>,
-    },
-    #[error(transparent)]
-    TakeMap(#[from] TakeError),
-    #[error("the kernel's BTF has no function {function}: the fentry hooks need it")]
-    NoFunction { function: &'static str },
-    #[error("{function}({params}) is not what the fentry hooks read")]
-    Signature {
-        function: &'static str,
-        params: String,
-    },
-    #[error("opening map {name}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: MapError,
-    },
-}
 
 pub struct Limits {
     pub max_connections: u32,
@@ -336,309 +84,6 @@ pub struct Options {
     pub pins: Vec<(&'static str, std::path::PathBuf)>,
     /// Load the OpenSSL uprobes (`--tls`); the daemon attaches them per library.
     pub tls: bool,
-}
-
-/// Offsets of kernel struct fields the socket-keyed sets read, from the kernel's BTF.
-#[derive(Clone, Copy, Debug)]
-pub struct SocketOffsets {
-    sk_family: u32,
-    sk_state: u32,
-    sk_num: u32,
-    sk_net: u32,
-    net_inum: u32,
-    sk_protocol: u32,
-    inet_sport: u32,
-    /// SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (u32::MAX where BTF lacks it).
-    listen_overflow: u32,
-    task: TaskOffsets,
-    /// `pt_regs.si`, followed by `di` and `orig_ax` (the syscall number).
-    regs_arg1: u32,
-    /// Unix-domain sockets; all 0 where BTF lacks `unix_sock` (af_unix built as a module).
-    unix: UnixOffsets,
-    /// The syscall's buffer is found through the saved user registers (the socket set on
-    /// x86_64).
-    peek_regs: bool,
-    /// The fentry set's iterator reads.
-    iter: Option<IterOffsets>,
-}
-
-/// What the raw lifecycle programs read of a task, from BTF.
-#[derive(Clone, Copy, Debug)]
-struct TaskOffsets {
-    exit_code: u32,
-    pid: u32,
-    tgid: u32,
-    flags: u32,
-}
-
-impl TaskOffsets {
-    fn read(btf: &Btf) -> Result<Self, ProbeError> {
-        let field = |path: &str| btf.offset_of("task_struct", &[path]);
-        Ok(Self {
-            exit_code: field("exit_code")?,
-            pid: field("pid")?,
-            tgid: field("tgid")?,
-            flags: field("flags")?,
-        })
-    }
-
-    /// The offsets where the kernel has BTF for them, else `None` (the syscall set then
-    /// attaches the classic lifecycle programs), and which it is, logged.
-    fn probe() -> Option<Self> {
-        match Btf::from_sys_fs()
-            .map_err(ProbeError::from)
-            .and_then(|btf| Self::read(&btf))
-        {
-            Ok(offsets) => Some(offsets),
-            Err(err) => {
-                log::info!(
-                    "lifecycle: classic sched tracepoints ({err}): every thread a watched \
-                     process starts is announced to the daemon, which discards it"
-                );
-                None
-            }
-        }
-    }
-}
-
-/// What the socket-keyed sets read of unix-domain sockets.
-#[derive(Clone, Copy, Debug, Default)]
-struct UnixOffsets {
-    sk_type: u32,
-    sk_socket: u32,
-    addr: u32,
-    /// `socket_alloc.vfs_inode` + `inode.i_ino`: a `struct socket`'s inode number.
-    socket_ino: u32,
-    socket_sk: u32,
-}
-
-impl UnixOffsets {
-    fn read(btf: &Btf) -> Result<Self, ProbeError> {
-        let field = |ty: &str, path: &[&str]| btf.offset_of(ty, path);
-        Ok(Self {
-            sk_type: field("sock", &["sk_type"])?,
-            sk_socket: field("sock", &["sk_socket"])?,
-            addr: field("unix_sock", &["addr"])?,
-            socket_ino: field("socket_alloc", &["vfs_inode"])? + field("inode", &["i_ino"])?,
-            socket_sk: field("socket", &["sk"])?,
-        })
-    }
-}
-
-/// The syscall set's way from an accepted fd to its socket's family (TCP or unix), from BTF.
-#[derive(Clone, Copy, Debug, Default)]
-struct FdOffsets {
-    task_files: u32,
-    files_fdt: u32,
-    fdt_fd: u32,
-    file_private_data: u32,
-    socket_sk: u32,
-    sk_family: u32,
-}
-
-impl FdOffsets {
-    /// The offsets, or zeros (and a warning) where the kernel has no BTF for them.
-    fn probe() -> Self {
-        let read = || -> Result<Self, ProbeError> {
-            let btf = Btf::from_sys_fs()?;
-            let field = |ty: &str, path: &[&str]| btf.offset_of(ty, path);
-            Ok(Self {
-                task_files: field("task_struct", &["files"])?,
-                files_fdt: field("files_struct", &["fdt"])?,
-                fdt_fd: field("fdtable", &["fd"])?,
-                file_private_data: field("file", &["private_data"])?,
-                socket_sk: field("socket", &["sk"])?,
-                sk_family: field("sock_common", &["skc_family"])?,
-            })
-        };
-        read().unwrap_or_else(|err| {
-            log::warn!(
-                "unix-domain connections accepted without a peer address are counted as tcp: {err}"
-            );
-            Self::default()
-        })
-    }
-}
-
-/// Where the fentry set finds the data of a `tcp_recvmsg` / `tcp_sendmsg` call.
-#[derive(Clone, Copy, Debug)]
-struct IterOffsets {
-    msg_iter: u32,
-    iter_type: u32,
-    iov_offset: u32,
-    /// The union of `ubuf` and the iovec pointer (`iov` before 6.4, `__iov` since).
-    iter_ptr: u32,
-    ubuf: u32,
-    iovec: u32,
-}
-
-impl SocketOffsets {
-    /// What the socket set needs, or why this kernel cannot have it: the socket tracepoints
-    /// (Linux >= 6.3) and the BTF to read sockets with.
-    pub fn probe(tracefs: &Path) -> Result<Self, ProbeError> {
-        for event in SOCKET_EVENTS {
-            Format::read(tracefs, "sock", event)?;
-        }
-        let btf = Btf::from_sys_fs()?;
-        let mut offsets = Self::fields(&btf)?;
-        let field = |ty: &str, path: &[&str]| btf.offset_of(ty, path);
-        // The programs read `si` and `orig_ax` 16 bytes after it: peek only where `si`,
-        // `di` and `orig_ax` are adjacent, as the x86_64 ABI lays them out.
-        if cfg!(target_arch = "x86_64") {
-            let (si, orig_ax) = (field("pt_regs", &["si"])?, field("pt_regs", &["orig_ax"])?);
-            let adjacent = field("pt_regs", &["di"])? == si + 8 && orig_ax == si + 16;
-            if !adjacent {
-                log::warn!(
-                    "pt_regs keeps si at {si} and orig_ax at {orig_ax}: method and status \
-                     labels are off"
-                );
-            }
-            offsets.regs_arg1 = si;
-            offsets.peek_regs = adjacent;
-        }
-        Ok(offsets)
-    }
-
-    /// What the fentry set needs: `inet_sock_set_state`, the BTF of the functions its fexit
-    /// programs read (with the parameters where they expect them) and of the iterator.
-    /// Whether the kernel lets trampolines attach is only known by trying.
-    pub fn probe_fentry(tracefs: &Path) -> Result<Self, ProbeError> {
-        Format::read(tracefs, "sock", "inet_sock_set_state")?;
-        let btf = Btf::from_sys_fs()?;
-        let signature = |function: &'static str, want: &[&str]| match btf.function_params(function)
-        {
-            Some(params) if params.len() >= want.len() && params[..want.len()] == *want => Ok(()),
-            Some(params) => Err(ProbeError::Signature {
-                function,
-                params: params.join(", "),
-            }),
-            None => Err(ProbeError::NoFunction { function }),
-        };
-        // tcp_recvmsg lost its trailing addr_len in 6.16: flags stays fourth, and one of
-        // the two programs reads the return value after the 4 or 5 parameters.
-        signature("tcp_recvmsg", &["sk", "msg", "len", "flags"])?;
-        // Each function's return value is read after its parameters: one of the programs
-        // on it must match their number here.
-        for (function, counts) in [("tcp_recvmsg", &[4, 5][..]), ("tcp_sendmsg", &[3])] {
-            let params = btf.function_params(function).map_or(0, |p| p.len());
-            if !counts.contains(&params) {
-                return Err(ProbeError::Signature {
-                    function,
-                    params: format!("{params} parameters"),
-                });
-            }
-        }
-        signature("tcp_sendmsg", &["sk", "msg", "size"])?;
-        let field = |ty: &str, path: &[&str]| btf.offset_of(ty, path);
-        let iter_ptr = field("iov_iter", &["ubuf"])?;
-        let iov = field("iov_iter", &["__iov"]).or_else(|_| field("iov_iter", &["iov"]))?;
-        if iov != iter_ptr {
-            return Err(ProbeError::Signature {
-                function: "iov_iter",
-                params: format!("ubuf at {iter_ptr}, iovec pointer at {iov}"),
-            });
-        }
-        let kind = |value: &str| -> Result<u32, ProbeError> {
-            Ok(btf.enum_value("iter_type", value)? as u32)
-        };
-        let mut offsets = Self::fields(&btf)?;
-        offsets.iter = Some(IterOffsets {
-            msg_iter: field("msghdr", &["msg_iter"])?,
-            iter_type: field("iov_iter", &["iter_type"])?,
-            iov_offset: field("iov_iter", &["iov_offset"])?,
-            iter_ptr,
-            ubuf: kind("ITER_UBUF")?,
-            iovec: kind("ITER_IOVEC")?,
-        });
-        Ok(offsets)
-    }
-
-    /// The socket and task fields both sets read.
-    fn fields(btf: &Btf) -> Result<Self, ProbeError> {
-        let field = |ty: &str, path: &[&str]| btf.offset_of(ty, path);
-        Ok(Self {
-            sk_family: field("sock_common", &["skc_family"])?,
-            sk_state: field("sock_common", &["skc_state"])?,
-            sk_num: field("sock_common", &["skc_num"])?,
-            sk_net: field("sock_common", &["skc_net", "net"])?,
-            net_inum: field("net", &["ns", "inum"])?,
-            sk_protocol: field("sock", &["sk_protocol"])?,
-            inet_sport: field("inet_sock", &["inet_sport"])?,
-            listen_overflow: btf
-                .enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW")
-                .map_or(u32::MAX, |v| v as u32),
-            task: TaskOffsets::read(btf)?,
-            regs_arg1: 0,
-            unix: UnixOffsets::read(btf).unwrap_or_else(|err| {
-                log::warn!("unix-domain connections are not counted: {err}");
-                UnixOffsets::default()
-            }),
-            peek_regs: false,
-            iter: None,
-        })
-    }
-}
-
-/// Offsets in tracepoint records, from tracefs.
-struct Offsets {
-    fork_child_pid: u32,
-    signal_sig: u32,
-    signal_pid: u32,
-    signal_result: u32,
-}
-
-impl Offsets {
-    fn read(tracefs: &Path) -> Result<Self, ProbeError> {
-        let fork = Format::read(tracefs, "sched", "sched_process_fork")?;
-        let signal = Format::read(tracefs, "signal", "signal_generate")?;
-        Ok(Self {
-            fork_child_pid: fork.offset("child_pid")?,
-            signal_sig: signal.offset("sig")?,
-            signal_pid: signal.offset("pid")?,
-            signal_result: signal.offset("result")?,
-        })
-    }
-
-    /// The kernel programs read syscall records at the fixed offsets of `syscall_layout` (a
-    /// stable ABI): check that this syscall keeps its arguments (or ret) there.
-    fn check(tracefs: &Path, category: &str, name: &str) -> Result<(), ProbeError> {
-        if category != "syscalls" {
-            return Ok(());
-        }
-        let format = Format::read(tracefs, category, name)?;
-        let checks: Vec<(String, u32, usize)> = if name.starts_with("sys_exit_") {
-            vec![(
-                "ret".to_string(),
-                format.offset("ret")?,
-                syscall_layout::RET,
-            )]
-        } else {
-            let args = format.args();
-            // The first is the descriptor every program reads.
-            args.first().ok_or_else(|| TracefsError::MissingField {
-                category: category.into(),
-                name: name.into(),
-                field: "fd".into(),
-            })?;
-            // Every argument: the recv family's programs read their flags too.
-            args.iter()
-                .enumerate()
-                .map(|(n, (field, offset))| (field.to_string(), *offset, syscall_layout::arg(n)))
-                .collect()
-        };
-        for (field, found, expected) in checks {
-            if found as usize != expected {
-                return Err(ProbeError::LayoutMismatch {
-                    category: category.into(),
-                    name: name.into(),
-                    field,
-                    found,
-                    expected: expected as u32,
-                });
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The kernel's ring buffers: lifecycle events, discovery announcements, access-log records.
@@ -1163,13 +608,6 @@ where
         .map_err(|e| program_error(name, e))
 }
 
-fn program_error(name: &'static str, e: ProgramError) -> ProbeError {
-    ProbeError::Program {
-        name,
-        source: Box::new(e),
-    }
-}
-
 /// A loaded program's descriptor, for its holder to keep (a program array, the daemon).
 fn descriptor(
     name: &'static str,
@@ -1178,35 +616,6 @@ fn descriptor(
     fd.map_err(|e| program_error(name, e))?
         .try_clone()
         .map_err(|e| program_error(name, ProgramError::IOError(e)))
-}
-
-/// `e` and every error under it, on one line.
-pub fn causes(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        next = cause.source();
-    }
-    out
-}
-
-/// The first line of `e` and its causes (a verifier's log is long), and the verifier's
-/// verdict from its end.
-fn first_line(e: &dyn std::error::Error) -> String {
-    let text = causes(e);
-    let line = text.lines().next().unwrap_or_default();
-    // The verifier's verdict is the line before its closing statistics ("R2 unbounded
-    // memory access, …" on 6.1); matching words missed that one.
-    let lines: Vec<&str> = text.lines().collect();
-    let verdict = lines
-        .iter()
-        .position(|l| l.trim_start().starts_with("verification time"))
-        .and_then(|at| lines[..at].iter().rev().find(|l| !l.trim().is_empty()))
-        .copied()
-        .unwrap_or_default();
-    format!("{line} … {verdict}")
 }
 
 /// The target set is indexed by PID: as many slots as PIDs can be (the kernel's pid_max).
