@@ -6,6 +6,7 @@
 pub mod browser;
 pub mod client;
 pub mod flyprobe;
+pub mod netns;
 pub mod procs;
 pub mod py_clients;
 pub mod servers;

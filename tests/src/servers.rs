@@ -238,6 +238,26 @@ pub fn gunicorn_recycling(workers: u32, max_requests: u32) -> Server {
     )
 }
 
+/// `gunicorn_sync(workers, backlog)` with `prepare` applied to its command (a network
+/// namespace to enter), not probed for readiness from here: the caller asks where it runs.
+pub fn gunicorn_sync_prepared(
+    workers: u32,
+    backlog: u32,
+    prepare: impl FnOnce(&mut Command),
+) -> Server {
+    let port = free_port();
+    let mut cmd = gunicorn_sync_command(port, workers);
+    cmd.args(["--backlog", &backlog.to_string()]);
+    prepare(&mut cmd);
+    let server = Server {
+        guard: Guard::spawn("gunicorn", &mut cmd),
+        port,
+        scratch: None,
+    };
+    all_forked(&server, workers, "");
+    server
+}
+
 fn gunicorn_sync_with(workers: u32, extra: &[&str]) -> Server {
     let port = free_port();
     let guard = Guard::spawn("gunicorn", gunicorn_sync_command(port, workers).args(extra));

@@ -15,27 +15,15 @@ use flyprobe_tests::{
     client::Conn,
     eventually,
     flyprobe::{Flyprobe, Metrics},
-    free_port, require_root,
+    free_port,
+    netns::{Netns, enter, in_netns, listening},
+    require_root,
     servers::{self, Server},
 };
 
 const SERVER: &str = "flyprobe-test-server";
 const REQUESTS: &str = "server_requests_total";
 const ACCEPTED: &str = "server_connections_accepted_total";
-
-/// Is something listening on TCP `port` in this network namespace? (Asked of /proc, so the
-/// server sees no connection the test does not count.)
-fn listening(port: u16) -> bool {
-    let want = format!(":{port:04X} ");
-    ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
-        .iter()
-        .any(|t| {
-            fs::read_to_string(t).is_ok_and(|text| {
-                text.lines()
-                    .any(|l| l.contains(&want) && l.split_whitespace().nth(3) == Some("0A"))
-            })
-        })
-}
 
 /// `n` requests on `conns` connections, all 200.
 fn traffic(port: u16, conns: u64, per_conn: u64) {
@@ -51,19 +39,22 @@ fn traffic(port: u16, conns: u64, per_conn: u64) {
 /// Wait until flyprobe reports a server whose series carry `labels`; how long that took.
 fn discovered(fp: &Flyprobe, labels: &[(&str, &str)]) -> Duration {
     let t0 = Instant::now();
-    eventually(
-        &format!("flyprobe to find the server {labels:?}"),
-        Duration::from_secs(10),
-        || {
-            let m = fp.scrape();
-            if m.get("server_up", labels) == Some(1.0) {
-                Ok(())
-            } else {
-                Err(m.series("server_up", &[]))
-            }
-        },
-    );
-    t0.elapsed()
+    let deadline = t0 + Duration::from_secs(10);
+    loop {
+        let m = fp.scrape();
+        if m.get("server_up", labels) == Some(1.0) {
+            return t0.elapsed();
+        }
+        // The daemon's log says what it saw (exec and listen announcements, scans): the
+        // one thing that tells a missed event from a slow one.
+        assert!(
+            Instant::now() < deadline,
+            "flyprobe did not find the server {labels:?} in 10 s; server_up: {:?}\nflyprobe's log:\n{}",
+            m.series("server_up", &[]),
+            fp.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Wait until the counts settle at the client's.
@@ -333,78 +324,13 @@ fn cgroup_selector_labels_kubernetes_containers_and_systemd_units() {
     drop((a, b, svc));
 }
 
-/// `ip netns` namespaces made for one test, removed after it.
-struct Netns(Vec<String>);
-
-impl Netns {
-    fn create(names: &[&str]) -> Self {
-        for name in names {
-            let _ = Command::new("ip").args(["netns", "delete", name]).status();
-            let ok = Command::new("ip")
-                .args(["netns", "add", name])
-                .status()
-                .is_ok_and(|s| s.success())
-                && Command::new("ip")
-                    .args(["-n", name, "link", "set", "lo", "up"])
-                    .status()
-                    .is_ok_and(|s| s.success());
-            assert!(
-                ok,
-                "`ip netns add {name}` failed: the test needs iproute2 and root"
-            );
-        }
-        Self(names.iter().map(|s| s.to_string()).collect())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for name in &self.0 {
-            let _ = Command::new("ip").args(["netns", "delete", name]).status();
-        }
-    }
-}
-
-/// Run `f` on a thread that entered network namespace `name`.
-fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/var/run/netns/{name}");
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let file = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-                use std::os::fd::AsRawFd as _;
-                // SAFETY: setns on this thread only; the fd is valid for the call.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {path}: {}", io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .expect("netns thread")
-    })
-}
-
 #[test]
 fn same_port_in_two_network_namespaces_are_two_servers() {
     require_root();
     let ns = Netns::create(&["flyprobe-e2e-a", "flyprobe-e2e-b"]);
     let port = 18080;
     let fp = Flyprobe::start(&["--port", &port.to_string()]);
-    let start = |name: &'static str| {
-        servers::rust_server_unprobed(port, move |c| {
-            let path = CString::new(format!("/var/run/netns/{name}")).unwrap();
-            // SAFETY: open + setns + close only, between fork and exec.
-            unsafe {
-                c.pre_exec(move || {
-                    let fd = libc::open(path.as_ptr(), libc::O_RDONLY);
-                    if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    libc::close(fd);
-                    Ok(())
-                });
-            }
-        })
-    };
+    let start = |name: &'static str| servers::rust_server_unprobed(port, |c| enter(c, name));
     let a = start("flyprobe-e2e-a");
     let b = start("flyprobe-e2e-b");
     for (s, name) in [(&a, "flyprobe-e2e-a"), (&b, "flyprobe-e2e-b")] {

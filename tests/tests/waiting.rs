@@ -17,6 +17,7 @@ use flyprobe_tests::{
     client::Conn,
     eventually,
     flyprobe::{Flyprobe, Metrics},
+    netns::{Netns, enter, in_netns, listening},
     require_root, servers,
 };
 
@@ -220,10 +221,10 @@ fn resets_are_counted_by_direction() {
     );
 }
 
-/// The kernel's own count of connections dropped because an accept queue was full, in this
-/// network namespace (`TcpExt: ListenOverflows` in /proc/net/netstat, what `nstat` shows).
-fn listen_overflows() -> u64 {
-    let text = std::fs::read_to_string("/proc/net/netstat").unwrap();
+/// Counter `name` of `TcpExt` in a netstat file: /proc/net/netstat is this network
+/// namespace's (what `nstat` shows), /proc/PID/net/netstat that of PID's.
+fn tcp_ext(file: &str, name: &str) -> u64 {
+    let text = std::fs::read_to_string(file).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     for pair in lines.chunks(2) {
         if let [names, values] = pair
@@ -231,26 +232,24 @@ fn listen_overflows() -> u64 {
         {
             let i = names
                 .split_whitespace()
-                .position(|n| n == "ListenOverflows")
-                .expect("ListenOverflows");
+                .position(|n| n == name)
+                .unwrap_or_else(|| panic!("no {name} in {file}"));
             return values.split_whitespace().nth(i).unwrap().parse().unwrap();
         }
     }
-    panic!("no TcpExt in /proc/net/netstat");
+    panic!("no TcpExt in {file}");
 }
 
-#[test]
-fn connections_dropped_by_a_full_accept_queue_are_counted_as_the_kernel_counts_them() {
-    require_root();
-    let clients = 40;
-    let server = servers::gunicorn_sync(1, 4);
-    let port = server.port;
-    let fp = watch(server.pid());
-    let counted = |m: &Metrics| port_gauge(m, "server_listen_overflows_total", port);
-    let before = (counted(&fp.scrape()), listen_overflows());
-    assert_eq!(before.0, Some(0), "a fresh listener has dropped nothing");
-    // Each client sends its request and reads until the server is done with it; a client
-    // whose handshake the full queue dropped may be reset in the end, which is the point.
+/// The kernel's own count of connections dropped because an accept queue was full, in this
+/// network namespace (`TcpExt: ListenOverflows`).
+fn listen_overflows() -> u64 {
+    tcp_ext("/proc/net/netstat", "ListenOverflows")
+}
+
+/// `clients` at once, each sending its request and reading until the server is done with
+/// it; a client whose handshake a full queue dropped may be reset in the end, which is the
+/// point. Returns how many were answered.
+fn overflow(port: u16, clients: usize) -> usize {
     let threads: Vec<_> = (0..clients)
         .map(|_| {
             std::thread::spawn(move || {
@@ -267,11 +266,24 @@ fn connections_dropped_by_a_full_accept_queue_are_counted_as_the_kernel_counts_t
             })
         })
         .collect();
-    let answered = threads
+    threads
         .into_iter()
         .map(|t| t.join().unwrap())
         .filter(|answer| matches!(answer, Ok(true)))
-        .count();
+        .count()
+}
+
+#[test]
+fn connections_dropped_by_a_full_accept_queue_are_counted_as_the_kernel_counts_them() {
+    require_root();
+    let clients = 40;
+    let server = servers::gunicorn_sync(1, 4);
+    let port = server.port;
+    let fp = watch(server.pid());
+    let counted = |m: &Metrics| port_gauge(m, "server_listen_overflows_total", port);
+    let before = (counted(&fp.scrape()), listen_overflows());
+    assert_eq!(before.0, Some(0), "a fresh listener has dropped nothing");
+    let answered = overflow(port, clients);
     assert!(
         listen_overflows() > before.1,
         "40 clients on a backlog of 4 overflow it"
@@ -295,4 +307,58 @@ fn connections_dropped_by_a_full_accept_queue_are_counted_as_the_kernel_counts_t
         "{clients} clients, backlog 4: {answered} answered, {kernel} connections dropped, \
          counted exactly"
     );
+}
+
+/// A server in a network namespace of its own, as in a pod: flyprobe's sock_diag does not
+/// reach there, so its drops are the namespace's own count, which is the port's when
+/// nothing else listens there. Nothing of this path depends on the kernel's version.
+#[test]
+fn a_pods_dropped_connections_are_its_network_namespaces_count() {
+    require_root();
+    let name = "flyprobe-e2e-backlog";
+    let ns = Netns::create(&[name]);
+    let server = servers::gunicorn_sync_prepared(1, 4, |c| enter(c, name));
+    let port = server.port;
+    in_netns(name, || {
+        eventually("gunicorn listening in its namespace", SETTLE, || {
+            listening(port).then_some(()).ok_or(())
+        })
+    });
+    let fp = watch(server.pid());
+    let netstat = format!("/proc/{}/net/netstat", server.pid());
+    let kernel = || tcp_ext(&netstat, "ListenOverflows");
+    let counted = |m: &Metrics| port_gauge(m, "server_listen_overflows_total", port);
+    eventually("the series, at 0", SETTLE, || match counted(&fp.scrape()) {
+        Some(0) => Ok(()),
+        other => Err(other),
+    });
+    assert_eq!(kernel(), 0, "a new namespace has dropped nothing");
+    let clients = 40;
+    let answered = in_netns(name, || overflow(port, clients));
+    assert!(kernel() > 0, "40 clients on a backlog of 4 overflow it");
+    let dropped = eventually(
+        "flyprobe's count equal to the namespace's ListenOverflows",
+        SETTLE,
+        || match counted(&fp.scrape()) {
+            Some(n) if n == kernel() => Ok(n),
+            other => Err((other, kernel())),
+        },
+    );
+    let m = fp.scrape();
+    assert!(
+        port_gauge(&m, "server_listen_queue_length", port).is_some(),
+        "the queue, from the namespace's /proc/net/tcp:\n{}",
+        m.text
+    );
+    assert_eq!(
+        port_gauge(&m, "server_listen_queue_limit", port),
+        None,
+        "the limit is sock_diag's, which does not reach there"
+    );
+    eprintln!(
+        "in a namespace of its own, {clients} clients, backlog 4: {answered} answered, \
+         {dropped} connections dropped, counted exactly"
+    );
+    fp.stop();
+    drop((server, ns));
 }

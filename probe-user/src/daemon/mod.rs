@@ -151,12 +151,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             && !probe.skipped.contains(&"packet_dropped"),
         probe: None,
         openssl: cli.tls.then(OpenSsl::new),
+        announced: Default::default(),
     };
     if !state.overflow_correction {
         log::info!(
-            "server_listen_overflows_total is not exported: it needs the fentry or socket hooks \
-             and skb:kfree_skb with rx_sk and the TCP_LISTEN_OVERFLOW drop reason \
-             (Linux >= 6.15)"
+            "server_listen_overflows_total per listener needs the fentry or socket hooks and \
+             skb:kfree_skb with rx_sk and the TCP_LISTEN_OVERFLOW drop reason (Linux >= \
+             6.15): here it is exported only where a server's port is the only one listening \
+             in its network namespace (a pod), from that namespace's ListenDrops"
         );
     }
     state.seed_listeners();
@@ -197,6 +199,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         "programs attached; capabilities dropped to [{}]",
         kept.join(", ")
     );
+    // Start-up's BTF parses are freed: their pages go back to the system, not into RSS.
+    ticker::release_free_heap();
     let state = Shared::new(state);
     let shared_for_exit = state.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -3,7 +3,7 @@
 //! has queued, so a process that exited while the daemon was stopped or busy is reported
 //! with its exit event's reason, never found "vanished" ahead of it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aya::maps::{MapData, RingBuf};
 use probe_common::ProcEvent;
@@ -17,6 +17,21 @@ use crate::{kernel::ring::decode, model::state::Shared};
 /// How often the daemon reads /proc and the kernel maps' sizes.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
+/// Sweeps between returns of the heap's free pages to the system.
+const TRIM_EVERY_SWEEPS: u32 = 60;
+
+/// Hand the heap's free pages back to the system. glibc keeps what the daemon freed (the
+/// kernel's BTF, parsed at start-up: tens of MB; the buffers of a scrape of thousands of
+/// connections) and the daemon's RSS would count it for good: measured idle on 6.18, 31 MB
+/// before a trim, 10 MB after.
+pub fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system; no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Read lifecycle events as they come and sweep once a second. Returns when `until` says
 /// so after a sweep (`--exit-with-target`).
 pub async fn run(
@@ -29,6 +44,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     // After a stall, one sweep, not a burst of them.
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut sweeps: u32 = 0;
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -39,6 +55,10 @@ pub async fn run(
             _ = tick.tick() => {
                 drain(ring.get_mut(), &state);
                 state.sweep();
+                sweeps = sweeps.wrapping_add(1);
+                if sweeps.is_multiple_of(TRIM_EVERY_SWEEPS) {
+                    release_free_heap();
+                }
                 if until(&state) {
                     return Ok(());
                 }
@@ -56,13 +76,22 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared) {
     }
 }
 
-/// Node-wide discovery announcements: handled as they come (nothing waits on them).
+/// Node-wide discovery announcements: handled as they come (nothing waits on them), and
+/// those that matched no selector looked at again when due.
 pub async fn pump(ring: RingBuf<MapData>, state: Shared) -> std::io::Result<()> {
     // SAFETY: as in `run`.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE)? };
     loop {
-        let mut guard = ring.readable_mut().await?;
-        drain(guard.get_inner_mut(), &state);
-        guard.clear_ready();
+        let due = state.announced_due();
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &state);
+                guard.clear_ready();
+            }
+            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
+                state.retry_announced();
+            }
+        }
     }
 }

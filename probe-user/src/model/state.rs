@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, MutexGuard},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use probe_common::{ListenKey, PortStats, ProcEvent, event_kind};
@@ -19,8 +19,9 @@ use crate::{
     model::lifecycle,
     model::persist::PinDir,
     model::snapshot::{self, KernelView, ServerPorts, Snapshot, SnapshotSource},
-    model::watched::{Origin, Watched},
+    model::{members::Origin, watched::Watched},
     processes::containers,
+    processes::netstat,
     processes::selectors::Selectors,
     processes::sockets::{self, Holder},
     processes::tree::alive,
@@ -83,6 +84,10 @@ pub struct State {
     pub probe: Option<Probe>,
     /// `--tls`: the libssl files attached.
     pub openssl: Option<OpenSsl>,
+    /// Announced processes that matched no selector yet: (looks so far, when to look
+    /// again). The socket-keyed sets announce a listener at its LISTEN state change, a
+    /// moment before /proc lists the socket; a server preempted there is looked at again.
+    pub announced: BTreeMap<u32, (u32, Instant)>,
 }
 
 #[derive(Clone)]
@@ -140,13 +145,26 @@ impl Shared {
                     None => {}
                 }
             }
+            event_kind::DISCOVER if state.watched.is_member(event.pid) => {}
             event_kind::DISCOVER => {
-                if !state.watched.is_member(event.pid) && state.selectors.matches(event.pid) {
+                if state.selectors.matches(event.pid) {
                     state.add_root(event.pid);
+                } else {
+                    state.announced_unmatched(event.pid);
                 }
             }
             other => log::debug!("unknown kernel event kind {other}"),
         }
+    }
+
+    /// When announced processes that matched no selector are to be looked at again.
+    pub fn announced_due(&self) -> Option<Instant> {
+        self.lock().announced.values().map(|&(_, due)| due).min()
+    }
+
+    /// Look again at the announced processes that are due.
+    pub fn retry_announced(&self) {
+        self.lock().retry_announced(Instant::now());
     }
 
     /// Notice processes that vanished without an event, classify workers, and retire the
@@ -170,7 +188,41 @@ impl Shared {
     }
 }
 
+/// Looks at an announced process that matched no selector (20, 40, 80, 160, 320 ms after
+/// its announcement); after them, the full scan every `SCAN_EVERY_SWEEPS` is the backstop.
+const ANNOUNCE_LOOKS: u32 = 5;
+/// Announced processes waiting for another look, at most (an exec storm is left to the scan).
+const ANNOUNCED_MAX: usize = 1024;
+
 impl State {
+    /// Announced process `pid` matched no selector: looked at again shortly.
+    fn announced_unmatched(&mut self, pid: u32) {
+        log::debug!("announced process {pid} matches no selector (yet)");
+        if self.announced.len() < ANNOUNCED_MAX {
+            let due = Instant::now() + Duration::from_millis(20);
+            self.announced.entry(pid).or_insert((0, due));
+        }
+    }
+
+    fn retry_announced(&mut self, now: Instant) {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.announced)
+            .into_iter()
+            .partition(|(_, (_, at))| *at <= now);
+        self.announced = later.into_iter().collect();
+        for (pid, (looks, _)) in due {
+            if self.watched.is_member(pid) || !alive(pid) {
+                continue;
+            }
+            if self.selectors.matches(pid) {
+                log::debug!("announced process {pid} matched on look {}", looks + 2);
+                self.add_root(pid);
+            } else if looks + 1 < ANNOUNCE_LOOKS {
+                let due = now + Duration::from_millis(20 << (looks + 1));
+                self.announced.insert(pid, (looks + 1, due));
+            }
+        }
+    }
+
     /// Watch every process the selectors match that is not watched yet (a full /proc scan).
     pub fn scan(&mut self) -> usize {
         self.since_scan = 0;
@@ -432,7 +484,8 @@ impl State {
             out.entry(*root).or_default().counted.add(counted);
         }
         // Queues, limits and drops per listener from sock_diag, in flyprobe's own network
-        // namespace; elsewhere the queue from /proc (which shows no limit, no drops).
+        // namespace. Elsewhere the queue from /proc (which shows no limit), and the drops
+        // from the namespace's own count where the port is all that listens there.
         let own = containers::netns_id(std::process::id() as i32).map(|n| n as u32);
         let diag = if self.listeners.keys().any(|(netns, _)| Some(*netns) == own) {
             sock_diag::listeners()
@@ -441,12 +494,11 @@ impl State {
         } else {
             None
         };
-        let mut tables: BTreeMap<u32, BTreeMap<u16, u64>> = BTreeMap::new();
+        let mut namespaces: BTreeMap<u32, Namespace> = BTreeMap::new();
         for (&(netns, port), &Holder { root, pid }) in &self.listeners {
             let entry = out.entry(root).or_default();
-            if Some(netns) == own
-                && let Some(diag) = &diag
-            {
+            let diag = diag.as_ref().filter(|_| Some(netns) == own);
+            if let Some(diag) = diag {
                 let on_port = || diag.iter().filter(|l| l.port == port);
                 entry.queues.insert(port, on_port().map(|l| l.queue).sum());
                 entry.limits.insert(port, on_port().map(|l| l.limit).sum());
@@ -457,17 +509,49 @@ impl State {
                         .map_or(0, |c| c.handshakes_dropped);
                     let drops: u64 = on_port().map(|l| l.drops).sum();
                     entry.overflows.insert(port, drops.saturating_sub(twice));
+                    continue;
                 }
-                continue;
             }
-            let table = tables
+            let ns = namespaces
                 .entry(netns)
-                .or_insert_with(|| sockets::listen_queues(pid));
-            if let Some(&queue) = table.get(&port) {
+                .or_insert_with(|| Namespace::read(pid));
+            if diag.is_none()
+                && let Some(&queue) = ns.queues.get(&port)
+            {
                 entry.queues.insert(port, queue);
+            }
+            if let Some(drops) = ns.drops_of(port) {
+                entry.overflows.insert(port, drops);
             }
         }
         out
+    }
+}
+
+/// A network namespace's TCP listeners as /proc shows them, to any reader: the accept
+/// queue of each listening port, and the namespace's own drop count.
+struct Namespace {
+    queues: BTreeMap<u16, u64>,
+    /// `ListenDrops`, read where one port listens (only then is it that port's).
+    drops: Option<u64>,
+}
+
+impl Namespace {
+    fn read(pid: u32) -> Self {
+        let queues = sockets::listen_queues(pid);
+        let drops = (queues.len() == 1)
+            .then(|| netstat::listen_drops(pid))
+            .flatten();
+        Self { queues, drops }
+    }
+
+    /// The connections dropped on `port`: the namespace's count, when `port` is the only
+    /// TCP port listening there (a pod's server). The count is the namespace's since it was
+    /// created, so it includes drops of an earlier listener on the port (a restarted
+    /// container in its pod).
+    fn drops_of(&self, port: u16) -> Option<u64> {
+        let sole = self.queues.len() == 1 && self.queues.contains_key(&port);
+        self.drops.filter(|_| sole)
     }
 }
 
@@ -495,4 +579,26 @@ impl SnapshotSource for Shared {
 /// Seconds since boot, the clock /proc start times are on.
 pub fn uptime() -> f64 {
     procfs::Uptime::current().map_or(0.0, |u| u.uptime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A namespace's drop count is a port's only where that port is all that listens there.
+    #[test]
+    fn a_namespace_s_drops_are_its_only_listening_port_s() {
+        let ns = |ports: &[u16]| Namespace {
+            queues: ports.iter().map(|&p| (p, 0)).collect(),
+            drops: Some(7),
+        };
+        assert_eq!(ns(&[8000]).drops_of(8000), Some(7));
+        assert_eq!(ns(&[8000]).drops_of(9000), None, "another port's");
+        assert_eq!(
+            ns(&[8000, 9100]).drops_of(8000),
+            None,
+            "shared with a sidecar"
+        );
+        assert_eq!(ns(&[]).drops_of(8000), None);
+    }
 }
