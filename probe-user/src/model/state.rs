@@ -188,8 +188,9 @@ impl Shared {
     }
 }
 
-/// Looks at an announced process that matched no selector (20, 40, 80, 160, 320 ms after
-/// its announcement); after them, the full scan every `SCAN_EVERY_SWEEPS` is the backstop.
+/// Looks at an announced process that matched no selector (20, 60, 140, 300 and 620 ms
+/// after its announcement); after them, the full scan every `SCAN_EVERY_SWEEPS` is the
+/// backstop.
 const ANNOUNCE_LOOKS: u32 = 5;
 /// Announced processes waiting for another look, at most (an exec storm is left to the scan).
 const ANNOUNCED_MAX: usize = 1024;
@@ -520,7 +521,11 @@ impl State {
             {
                 entry.queues.insert(port, queue);
             }
-            if let Some(drops) = ns.drops_of(port) {
+            // Not flyprobe's own namespace: there the count would be the host's since boot
+            // (and flyprobe's /metrics port listens there too).
+            if Some(netns) != own
+                && let Some(drops) = ns.drops_of(port)
+            {
                 entry.overflows.insert(port, drops);
             }
         }
