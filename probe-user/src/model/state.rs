@@ -498,8 +498,9 @@ impl State {
         let mut namespaces: BTreeMap<u32, Namespace> = BTreeMap::new();
         for (&(netns, port), &Holder { root, pid }) in &self.listeners {
             let entry = out.entry(root).or_default();
-            let diag = diag.as_ref().filter(|_| Some(netns) == own);
-            if let Some(diag) = diag {
+            if Some(netns) == own
+                && let Some(diag) = &diag
+            {
                 let on_port = || diag.iter().filter(|l| l.port == port);
                 entry.queues.insert(port, on_port().map(|l| l.queue).sum());
                 entry.limits.insert(port, on_port().map(|l| l.limit).sum());
@@ -510,22 +511,18 @@ impl State {
                         .map_or(0, |c| c.handshakes_dropped);
                     let drops: u64 = on_port().map(|l| l.drops).sum();
                     entry.overflows.insert(port, drops.saturating_sub(twice));
-                    continue;
                 }
+                continue;
             }
+            // Flyprobe's own namespace's count would be the host's since boot (and its
+            // /metrics port listens there too): only another namespace's is read.
             let ns = namespaces
                 .entry(netns)
-                .or_insert_with(|| Namespace::read(pid));
-            if diag.is_none()
-                && let Some(&queue) = ns.queues.get(&port)
-            {
+                .or_insert_with(|| Namespace::read(pid, Some(netns) != own));
+            if let Some(&queue) = ns.queues.get(&port) {
                 entry.queues.insert(port, queue);
             }
-            // Not flyprobe's own namespace: there the count would be the host's since boot
-            // (and flyprobe's /metrics port listens there too).
-            if Some(netns) != own
-                && let Some(drops) = ns.drops_of(port)
-            {
+            if let Some(drops) = ns.drops_of(port) {
                 entry.overflows.insert(port, drops);
             }
         }
@@ -537,14 +534,16 @@ impl State {
 /// queue of each listening port, and the namespace's own drop count.
 struct Namespace {
     queues: BTreeMap<u16, u64>,
-    /// `ListenDrops`, read where one port listens (only then is it that port's).
+    /// `ListenDrops`, read where one port listens (only then is it that port's) and it is
+    /// wanted.
     drops: Option<u64>,
 }
 
 impl Namespace {
-    fn read(pid: u32) -> Self {
+    /// The namespace of `pid`; its drop count too where `drops` says so.
+    fn read(pid: u32, drops: bool) -> Self {
         let queues = sockets::listen_queues(pid);
-        let drops = (queues.len() == 1)
+        let drops = (drops && queues.len() == 1)
             .then(|| netstat::listen_drops(pid))
             .flatten();
         Self { queues, drops }
