@@ -8,9 +8,13 @@ use flyprobe_tests::{
     client::Conn,
     eventually,
     flyprobe::{self, Flyprobe},
-    free_port, require_root,
+    free_port,
+    netns::{Netns, enter, in_netns, listening},
+    require_root,
     servers::{self, Server},
 };
+
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// CAP_DAC_READ_SEARCH (2), CAP_SYS_PTRACE (19) and CAP_BPF (39): what the daemon keeps
 /// after attaching.
@@ -85,6 +89,44 @@ fn runs_as_nobody_with_only_the_documented_capabilities() {
         log.contains("capabilities dropped to [CAP_BPF, CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE]"),
         "{log}"
     );
+}
+
+/// The documented set reaches a root server in a network namespace of its own (a pod):
+/// CAP_SYS_PTRACE lets flyprobe, as nobody, borrow its listener for the accept queue's
+/// limit, which nothing in /proc shows.
+#[test]
+fn as_nobody_it_reads_a_pods_listener() {
+    require_root();
+    let name = "flyprobe-e2e-nobody";
+    let ns = Netns::create(&[name]);
+    let server = servers::gunicorn_sync_prepared(1, 16, |c| enter(c, name));
+    let port = server.port;
+    in_netns(name, || {
+        eventually("gunicorn listening in its namespace", SETTLE, || {
+            listening(port).then_some(()).ok_or(())
+        })
+    });
+    let caps = "-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search";
+    let wrapper = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        &format!("--inh-caps={caps}"),
+        &format!("--ambient-caps={caps}"),
+        &format!("--bounding-set={caps}"),
+    ];
+    let pid = server.pid().to_string();
+    let fp = Flyprobe::start_via(&wrapper, &["--pid-tree", &pid]);
+    let limit = eventually("the pod's queue limit", SETTLE, || {
+        let m = fp.scrape();
+        m.get("server_listen_queue_limit", &[("port", &port.to_string())])
+            .ok_or(m.text)
+    });
+    assert_eq!(limit, 16.0, "gunicorn --backlog 16");
+    let log = fp.stop();
+    assert!(!log.contains("reading the listener"), "{log}");
+    drop((server, ns));
 }
 
 #[test]

@@ -17,6 +17,7 @@ use crate::{
     expose::endpoint,
     expose::metrics,
     expose::web_config::WebConfig,
+    kernel::borrowed,
     kernel::maps::KernelMaps,
     kernel::memory,
     kernel::openssl::OpenSsl,
@@ -129,6 +130,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         probe.links,
     );
 
+    let borrow_refused = borrowed::refused_here();
     let mut state = State {
         maps,
         watched,
@@ -152,6 +154,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         probe: None,
         openssl: cli.tls.then(OpenSsl::new),
         announced: Default::default(),
+        borrow_listeners: borrow_refused.is_none(),
     };
     if !state.overflow_correction {
         log::info!(
@@ -159,6 +162,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
              skb:kfree_skb with rx_sk and the TCP_LISTEN_OVERFLOW drop reason (Linux >= \
              6.15): here it is exported only where a server's port is the only one listening \
              in its network namespace (a pod), from that namespace's ListenDrops"
+        );
+    }
+    if state.borrow_listeners {
+        log::info!(
+            "accept queues of servers in other network namespaces: read from their \
+             listening sockets, borrowed for a moment (pidfd_getfd)"
+        );
+    } else if let Some(why) = &borrow_refused {
+        log::info!(
+            "accept queues of servers in other network namespaces: from /proc, without \
+             their limit ({why})"
         );
     }
     state.seed_listeners();

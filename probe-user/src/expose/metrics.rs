@@ -189,8 +189,9 @@ pub const OVERFLOWS: Def = def(
     &["server", "port"],
     "Connections the kernel dropped on the server's listening port: its accept queue was \
      full (or its SYN queue), so the client's SYN or handshake was dropped (the listener's \
-     drop counter, as ss -ltnm shows it, in flyprobe's own network namespace; elsewhere the \
-     namespace's ListenDrops, where the port is the only one listening there).",
+     drop counter, as ss -ltnm shows it, less the dropped handshakes it holds twice; where \
+     the kernel cannot tell those, in another network namespace, the namespace's \
+     ListenDrops, where the port is the only one listening there).",
 );
 pub const RESETS: Def = def(
     "server_connection_resets_total",

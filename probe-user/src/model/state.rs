@@ -3,7 +3,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -11,6 +14,7 @@ use probe_common::{ListenKey, PortStats, ProcEvent, event_kind};
 use procfs::Current as _;
 
 use crate::{
+    kernel::borrowed::{self, ListenerStats},
     kernel::maps::{KernelMaps, Remains},
     kernel::memory,
     kernel::openssl::OpenSsl,
@@ -79,6 +83,9 @@ pub struct State {
     /// The kernel counts the handshakes dropped at a full accept queue (`skb:kfree_skb` with
     /// `rx_sk`), which overflows need (the listener's drop counter holds them twice).
     pub overflow_correction: bool,
+    /// Listeners in other network namespaces are borrowed for their queue, limit and drop
+    /// counter (`kernel::borrowed`): not where that would re-tag them.
+    pub borrow_listeners: bool,
     /// The programs and their links: dropped (detached) at shutdown; attached to more
     /// libraries meanwhile with `--tls`.
     pub probe: Option<Probe>,
@@ -485,8 +492,9 @@ impl State {
             out.entry(*root).or_default().counted.add(counted);
         }
         // Queues, limits and drops per listener from sock_diag, in flyprobe's own network
-        // namespace. Elsewhere the queue from /proc (which shows no limit), and the drops
-        // from the namespace's own count where the port is all that listens there.
+        // namespace; elsewhere from the listening sockets themselves, borrowed (or where
+        // that is refused, the queue from /proc and the drops from the namespace's own
+        // count where the port is all that listens there).
         let own = containers::netns_id(std::process::id() as i32).map(|n| n as u32);
         let diag = if self.listeners.keys().any(|(netns, _)| Some(*netns) == own) {
             sock_diag::listeners()
@@ -495,58 +503,126 @@ impl State {
         } else {
             None
         };
+        // A listener's drop counter holds each dropped handshake twice; the kernel's
+        // handshake drops (kfree_skb) are subtracted once.
+        let overflows = |key: &(u32, u16), drops: u64| {
+            self.overflow_correction.then(|| {
+                let twice = counted.get(key).map_or(0, |c| c.handshakes_dropped);
+                drops.saturating_sub(twice)
+            })
+        };
         let mut namespaces: BTreeMap<u32, Namespace> = BTreeMap::new();
         for (&(netns, port), &Holder { root, pid }) in &self.listeners {
             let entry = out.entry(root).or_default();
-            if Some(netns) == own
+            let read = if Some(netns) == own
                 && let Some(diag) = &diag
             {
-                let on_port = || diag.iter().filter(|l| l.port == port);
-                entry.queues.insert(port, on_port().map(|l| l.queue).sum());
-                entry.limits.insert(port, on_port().map(|l| l.limit).sum());
-                if self.overflow_correction {
-                    // The listener's drop counter holds each dropped handshake twice.
-                    let twice = counted
-                        .get(&(netns, port))
-                        .map_or(0, |c| c.handshakes_dropped);
-                    let drops: u64 = on_port().map(|l| l.drops).sum();
-                    entry.overflows.insert(port, drops.saturating_sub(twice));
+                let mut sum = ListenerStats::default();
+                for l in diag.iter().filter(|l| l.port == port) {
+                    sum.add(&ListenerStats {
+                        queue: l.queue,
+                        limit: l.limit,
+                        drops: l.drops,
+                    });
                 }
-                continue;
-            }
-            // Flyprobe's own namespace's count would be the host's since boot (and its
-            // /metrics port listens there too): only another namespace's is read.
-            let ns = namespaces
-                .entry(netns)
-                .or_insert_with(|| Namespace::read(pid, Some(netns) != own));
-            if let Some(&queue) = ns.queues.get(&port) {
-                entry.queues.insert(port, queue);
-            }
-            if let Some(drops) = ns.drops_of(port) {
-                entry.overflows.insert(port, drops);
+                Some(sum)
+            } else {
+                // Flyprobe's own namespace's count would be the host's since boot (and its
+                // /metrics port listens there too): only another namespace's is read.
+                let ns = namespaces.entry(netns).or_insert_with(|| {
+                    Namespace::read(pid, Some(netns) != own, self.borrow_listeners)
+                });
+                let read = ns.borrowed.get(&port).copied();
+                if read.is_none()
+                    && let Some(&queue) = ns.queues.get(&port)
+                {
+                    entry.queues.insert(port, queue);
+                }
+                if (read.is_none() || !self.overflow_correction)
+                    && let Some(drops) = ns.drops_of(port)
+                {
+                    entry.overflows.insert(port, drops);
+                }
+                read
+            };
+            if let Some(read) = read {
+                entry.queues.insert(port, read.queue);
+                entry.limits.insert(port, read.limit);
+                if let Some(n) = overflows(&(netns, port), read.drops) {
+                    entry.overflows.insert(port, n);
+                }
             }
         }
         out
     }
 }
 
-/// A network namespace's TCP listeners as /proc shows them, to any reader: the accept
-/// queue of each listening port, and the namespace's own drop count.
+/// A network namespace's TCP listeners: the accept queue of each listening port as /proc
+/// shows it to any reader, the sockets themselves where they could be borrowed, and the
+/// namespace's own drop count.
 struct Namespace {
     queues: BTreeMap<u16, u64>,
+    /// Ports whose every socket the holder holds and lent: their summed kernel numbers.
+    borrowed: BTreeMap<u16, ListenerStats>,
     /// `ListenDrops`, read where one port listens (only then is it that port's) and it is
     /// wanted.
     drops: Option<u64>,
 }
 
 impl Namespace {
-    /// The namespace of `pid`; its drop count too where `drops` says so.
-    fn read(pid: u32, drops: bool) -> Self {
-        let queues = sockets::listen_queues(pid);
+    /// The namespace of `pid`; its drop count too where `drops` says so, and the sockets
+    /// `pid` holds borrowed where `borrow` says so.
+    fn read(pid: u32, drops: bool, borrow: bool) -> Self {
+        let held = sockets::held_listeners(pid);
+        let mut queues: BTreeMap<u16, u64> = BTreeMap::new();
+        for l in &held {
+            *queues.entry(l.port).or_default() += l.queue;
+        }
+        let borrowed = if borrow {
+            Self::borrow(pid, &held)
+        } else {
+            BTreeMap::new()
+        };
         let drops = (drops && queues.len() == 1)
             .then(|| netstat::listen_drops(pid))
             .flatten();
-        Self { queues, drops }
+        Self {
+            queues,
+            borrowed,
+            drops,
+        }
+    }
+
+    /// The summed numbers of each port all of whose sockets `pid` holds and lent (a port
+    /// with a socket missing would be half counted: it is left to /proc).
+    fn borrow(pid: u32, held: &[sockets::HeldListener]) -> BTreeMap<u16, ListenerStats> {
+        let mut out: BTreeMap<u16, Option<ListenerStats>> = BTreeMap::new();
+        for l in held {
+            let read = l.fd.map(|fd| {
+                borrowed::listener(pid, fd, l.inode).map_err(|err| {
+                    let message = format!(
+                        "reading the listener on port {} of pid {pid} (fd {fd}): {err}",
+                        l.port
+                    );
+                    if !BORROW_WARNED.swap(true, Ordering::Relaxed) {
+                        log::warn!(
+                            "{message}; its accept queue's limit is not exported (further \
+                             failures are logged at debug level)"
+                        );
+                    } else {
+                        log::debug!("{message}");
+                    }
+                })
+            });
+            let sum = out.entry(l.port).or_insert(Some(ListenerStats::default()));
+            match (sum.as_mut(), read) {
+                (Some(sum), Some(Ok(read))) => sum.add(&read),
+                _ => *sum = None,
+            }
+        }
+        out.into_iter()
+            .filter_map(|(port, sum)| Some((port, sum?)))
+            .collect()
     }
 
     /// The connections dropped on `port`: the namespace's count, when `port` is the only
@@ -558,6 +634,10 @@ impl Namespace {
         self.drops.filter(|_| sole)
     }
 }
+
+/// A failure to borrow a listener is warned about once (a host whose LSM refuses it would
+/// repeat it at every scrape).
+static BORROW_WARNED: AtomicBool = AtomicBool::new(false);
 
 impl SnapshotSource for Shared {
     fn snapshot(&self) -> Snapshot {
@@ -594,6 +674,7 @@ mod tests {
     fn a_namespace_s_drops_are_its_only_listening_port_s() {
         let ns = |ports: &[u16]| Namespace {
             queues: ports.iter().map(|&p| (p, 0)).collect(),
+            borrowed: BTreeMap::new(),
             drops: Some(7),
         };
         assert_eq!(ns(&[8000]).drops_of(8000), Some(7));
@@ -604,5 +685,41 @@ mod tests {
             "shared with a sidecar"
         );
         assert_eq!(ns(&[]).drops_of(8000), None);
+    }
+
+    /// A port is borrowed whole or not at all: a socket on it that the holder does not hold
+    /// (a SO_REUSEPORT sibling of another worker) leaves the port to /proc.
+    #[test]
+    fn a_port_is_borrowed_only_when_all_its_sockets_are_held() {
+        use std::{net::TcpListener, os::fd::AsRawFd as _, os::unix::fs::MetadataExt as _};
+        let socket = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let inode = std::fs::metadata(format!("/proc/self/fd/{}", socket.as_raw_fd()))
+            .unwrap()
+            .ino();
+        let held = sockets::HeldListener {
+            port,
+            inode,
+            queue: 0,
+            fd: Some(socket.as_raw_fd()),
+        };
+        let sibling = sockets::HeldListener {
+            inode: inode + 1,
+            fd: None,
+            ..held
+        };
+        let pid = std::process::id();
+        let whole = Namespace::borrow(pid, &[held]);
+        assert_eq!(whole.get(&port).map(|s| (s.queue, s.drops)), Some((0, 0)));
+        assert!(whole[&port].limit > 0, "listen()'s backlog");
+        assert!(Namespace::borrow(pid, &[held, sibling]).is_empty());
+        let gone = sockets::HeldListener {
+            inode: inode + 1,
+            ..held
+        };
+        assert!(
+            Namespace::borrow(pid, &[gone]).is_empty(),
+            "an fd that names another socket now"
+        );
     }
 }

@@ -162,14 +162,38 @@ fn parse_listener(line: &str) -> Option<TcpListener> {
     })
 }
 
-/// Accept queues right now, per listening port of `pid`'s network namespace, summed over
-/// the sockets on one port (IPv4 and IPv6, SO_REUSEPORT groups).
-pub fn listen_queues(pid: u32) -> BTreeMap<u16, u64> {
-    let mut out: BTreeMap<u16, u64> = BTreeMap::new();
-    for l in tcp_listeners(pid as i32) {
-        *out.entry(l.port).or_default() += l.queue;
+/// A TCP listener of a network namespace: its port, its accept queue as /proc shows it, and
+/// the descriptor a process holds it as, if that process holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldListener {
+    pub port: u16,
+    pub inode: u64,
+    pub queue: u64,
+    pub fd: Option<i32>,
+}
+
+/// Every TCP listener of `pid`'s network namespace, each with the descriptor `pid` holds
+/// it as (none for sockets `pid` does not hold: another process's port, or a member of a
+/// SO_REUSEPORT group that another worker opened).
+pub fn held_listeners(pid: u32) -> Vec<HeldListener> {
+    let listeners = tcp_listeners(pid as i32);
+    let mut fds: HashMap<u64, i32> = HashMap::new();
+    if let Ok(held) = Process::new(pid as i32).and_then(|p| p.fd()) {
+        for fd in held.filter_map(Result::ok) {
+            if let FDTarget::Socket(inode) = fd.target {
+                fds.entry(inode).or_insert(fd.fd);
+            }
+        }
     }
-    out
+    listeners
+        .into_iter()
+        .map(|l| HeldListener {
+            port: l.port,
+            inode: l.inode,
+            queue: l.queue,
+            fd: fds.get(&l.inode).copied(),
+        })
+        .collect()
 }
 
 /// The listening unix-domain stream sockets in `pid`'s network namespace, by inode: bound
