@@ -35,6 +35,22 @@ pub fn hooks() -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
+/// A wrapper for [`Flyprobe::start_via`]: `setpriv` (the program at that path) running
+/// flyprobe as nobody holding only the documented minimal set of capabilities to start
+/// (tracefs already mounted).
+pub fn as_nobody(setpriv: &str) -> Vec<String> {
+    let caps = "-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search";
+    vec![
+        setpriv.into(),
+        "--reuid=65534".into(),
+        "--regid=65534".into(),
+        "--clear-groups".into(),
+        format!("--inh-caps={caps}"),
+        format!("--ambient-caps={caps}"),
+        format!("--bounding-set={caps}"),
+    ]
+}
+
 pub struct Flyprobe {
     guard: Guard,
     pub port: u16,

@@ -14,7 +14,11 @@ pub struct Netns(Vec<String>);
 impl Netns {
     pub fn create(names: &[&str]) -> Self {
         for name in names {
-            let _ = Command::new("ip").args(["netns", "delete", name]).status();
+            // A namespace a killed run left behind (none, usually: say nothing then).
+            let _ = Command::new("ip")
+                .args(["netns", "delete", name])
+                .stderr(std::process::Stdio::null())
+                .status();
             let ok = Command::new("ip")
                 .args(["netns", "add", name])
                 .status()

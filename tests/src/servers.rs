@@ -238,6 +238,21 @@ pub fn gunicorn_recycling(workers: u32, max_requests: u32) -> Server {
     )
 }
 
+/// `gunicorn_sync` in the `ip netns` namespace `name` (as a pod's server), once it listens
+/// there.
+pub fn gunicorn_sync_in_netns(name: &str, workers: u32, backlog: u32) -> Server {
+    let server = gunicorn_sync_prepared(workers, backlog, |c| crate::netns::enter(c, name));
+    let port = server.port;
+    crate::netns::in_netns(name, || {
+        crate::eventually(
+            "gunicorn listening in its namespace",
+            Duration::from_secs(20),
+            || crate::netns::listening(port).then_some(()).ok_or(()),
+        )
+    });
+    server
+}
+
 /// `gunicorn_sync(workers, backlog)` with `prepare` applied to its command (a network
 /// namespace to enter), not probed for readiness from here: the caller asks where it runs.
 pub fn gunicorn_sync_prepared(

@@ -2,19 +2,17 @@
 //! the documented capabilities, drops what it no longer needs once attached, and serves over
 //! TLS with basic or bearer authentication, checked with a real client (curl).
 
-use std::{fs, path::PathBuf, process::Command};
+use std::{fs, path::PathBuf, process::Command, time::Duration};
 
 use flyprobe_tests::{
     client::Conn,
     eventually,
     flyprobe::{self, Flyprobe},
     free_port,
-    netns::{Netns, enter, in_netns, listening},
+    netns::Netns,
     require_root,
     servers::{self, Server},
 };
-
-const SETTLE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// CAP_DAC_READ_SEARCH (2), CAP_SYS_PTRACE (19) and CAP_BPF (39): what the daemon keeps
 /// after attaching.
@@ -66,17 +64,8 @@ fn exact_requests(fp: &Flyprobe, server: &Server, n: u64) {
 fn runs_as_nobody_with_only_the_documented_capabilities() {
     require_root();
     let server = servers::rust_server();
-    // The documented minimal set to start (tracefs already mounted).
-    let caps = "-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search";
-    let wrapper = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        &format!("--inh-caps={caps}"),
-        &format!("--ambient-caps={caps}"),
-        &format!("--bounding-set={caps}"),
-    ];
+    let wrapper = flyprobe::as_nobody("setpriv");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let pid = server.pid().to_string();
     let fp = Flyprobe::start_via(&wrapper, &["--pid-tree", &pid]);
     assert_eq!(uid_of(fp.pid()), 65534);
@@ -99,26 +88,13 @@ fn as_nobody_it_reads_a_pods_listener() {
     require_root();
     let name = "flyprobe-e2e-nobody";
     let ns = Netns::create(&[name]);
-    let server = servers::gunicorn_sync_prepared(1, 16, |c| enter(c, name));
+    let server = servers::gunicorn_sync_in_netns(name, 1, 16);
     let port = server.port;
-    in_netns(name, || {
-        eventually("gunicorn listening in its namespace", SETTLE, || {
-            listening(port).then_some(()).ok_or(())
-        })
-    });
-    let caps = "-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search";
-    let wrapper = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        &format!("--inh-caps={caps}"),
-        &format!("--ambient-caps={caps}"),
-        &format!("--bounding-set={caps}"),
-    ];
+    let wrapper = flyprobe::as_nobody("setpriv");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let pid = server.pid().to_string();
     let fp = Flyprobe::start_via(&wrapper, &["--pid-tree", &pid]);
-    let limit = eventually("the pod's queue limit", SETTLE, || {
+    let limit = eventually("the pod's queue limit", Duration::from_secs(20), || {
         let m = fp.scrape();
         m.get("server_listen_queue_limit", &[("port", &port.to_string())])
             .ok_or(m.text)

@@ -17,7 +17,7 @@ use flyprobe_tests::{
     client::Conn,
     eventually,
     flyprobe::{Flyprobe, Metrics},
-    netns::{Netns, enter, in_netns, listening},
+    netns::{Netns, in_netns},
     require_root, servers,
 };
 
@@ -72,6 +72,28 @@ fn ss_queue(port: u16) -> (u64, u64) {
     }
 }
 
+/// The accept queue flyprobe reports against `ss`'s (Recv-Q, Send-Q) of the port, while
+/// clients wait: each scrape read between two ss readings that agree (the queue changes every
+/// 200 ms), up to three non-empty ones in 3 s.
+fn queue_against_ss(fp: &Flyprobe, port: u16, ss: impl Fn() -> (u64, u64)) {
+    let mut compared = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while compared < 3 && Instant::now() < deadline {
+        let before = ss();
+        let m = fp.scrape();
+        if ss() != before || before.0 == 0 {
+            continue;
+        }
+        assert_eq!(
+            port_gauge(&m, "server_listen_queue_length", port),
+            Some(before.0),
+            "queue length against ss ({before:?})"
+        );
+        compared += 1;
+    }
+    assert!(compared > 0, "never saw a steady, non-empty accept queue");
+}
+
 /// `name` of the server's `port` (a gauge or a counter), if exported.
 fn port_gauge(m: &Metrics, name: &str, port: u16) -> Option<u64> {
     m.get(name, &[("server", SERVER), ("port", &port.to_string())])
@@ -105,25 +127,8 @@ fn waiting_for_a_busy_worker_is_measured_per_connection_and_the_queue_matches_ss
         })
         .collect();
     start.wait();
-    // While they wait: the queue flyprobe reports is the one ss reports, read between two
-    // ss readings that agree (it changes every 200 ms).
-    let mut compared = 0;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while compared < 3 && Instant::now() < deadline {
-        let before = ss_queue(port);
-        let m = fp.scrape();
-        let after = ss_queue(port);
-        if before != after || before.0 == 0 {
-            continue;
-        }
-        assert_eq!(
-            port_gauge(&m, "server_listen_queue_length", port),
-            Some(before.0),
-            "queue length against ss ({before:?})"
-        );
-        compared += 1;
-    }
-    assert!(compared > 0, "never saw a steady, non-empty accept queue");
+    // While they wait: the queue flyprobe reports is the one ss reports.
+    queue_against_ss(&fp, port, || ss_queue(port));
     let waits: Vec<Duration> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     let total: f64 = waits.iter().map(Duration::as_secs_f64).sum();
 
@@ -321,13 +326,8 @@ fn a_pods_accept_queue_and_dropped_connections_are_read_from_its_listener() {
     require_root();
     let name = "flyprobe-e2e-backlog";
     let ns = Netns::create(&[name]);
-    let server = servers::gunicorn_sync_prepared(1, 4, |c| enter(c, name));
+    let server = servers::gunicorn_sync_in_netns(name, 1, 4);
     let port = server.port;
-    in_netns(name, || {
-        eventually("gunicorn listening in its namespace", SETTLE, || {
-            listening(port).then_some(()).ok_or(())
-        })
-    });
     let fp = watch(server.pid());
     let per_listener = !fp
         .log()
@@ -354,24 +354,8 @@ fn a_pods_accept_queue_and_dropped_connections_are_read_from_its_listener() {
     assert_eq!(kernel(), 0, "a new namespace has dropped nothing");
     let clients = 40;
     let load = std::thread::spawn(move || in_netns(name, || overflow(port, clients)));
-    // While clients wait: the queue flyprobe reports is the one ss shows in the pod, read
-    // between two ss readings that agree.
-    let mut compared = 0;
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while compared < 3 && Instant::now() < deadline {
-        let before = pod_ss();
-        let m = fp.scrape();
-        if pod_ss() != before || before.0 == 0 {
-            continue;
-        }
-        assert_eq!(
-            port_gauge(&m, "server_listen_queue_length", port),
-            Some(before.0),
-            "queue length against ss in the pod ({before:?})"
-        );
-        compared += 1;
-    }
-    assert!(compared > 0, "never saw a steady, non-empty accept queue");
+    // While clients wait: the queue flyprobe reports is the one ss shows in the pod.
+    queue_against_ss(&fp, port, pod_ss);
     let answered = load.join().unwrap();
     assert!(kernel() > 0, "40 clients on a backlog of 4 overflow it");
     let dropped = eventually(

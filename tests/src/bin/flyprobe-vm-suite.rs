@@ -104,6 +104,12 @@ fn main() {
         drop(held);
         return;
     }
+    if let [_, flag, backlog] = argv.as_slice()
+        && flag == "--pod-listener"
+    {
+        pod_listener(backlog.parse().unwrap_or(2));
+        return;
+    }
     let args = match parse_args() {
         Ok(args) => args,
         Err(usage) => {
@@ -211,6 +217,7 @@ fn run_set(suite: &mut Suite, set: &str, expected: &str, first: bool) {
     suite.check(set, "accept", || accept(expected));
     if first {
         suite.check(set, "least-privilege", || least_privilege(expected, &rust));
+        suite.check(set, "pod-listener", || pod(expected));
     }
     for (server, s) in [("flyprobe-test-server", &rust), ("nginx", &nginx)] {
         suite.check(set, &format!("{server}-workers"), || {
@@ -401,20 +408,9 @@ fn exact(fp: &Flyprobe, server: &str, port: u16) -> Result<String, String> {
 /// by now), on a kernel built as Debian builds it (perf_event_paranoid=3, where a perf event
 /// wants CAP_SYS_ADMIN): the set `auto` chooses loads, attaches and counts.
 fn least_privilege(expected: &str, server: &Server) -> Result<String, String> {
-    let caps = "-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search";
-    let inh = format!("--inh-caps={caps}");
-    let amb = format!("--ambient-caps={caps}");
-    let bounding = format!("--bounding-set={caps}");
-    // util-linux's, not busybox's (which /init puts first on PATH and lacks --reuid).
-    let wrapper = [
-        "/usr/bin/setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        inh.as_str(),
-        amb.as_str(),
-        bounding.as_str(),
-    ];
+    // util-linux's setpriv, not busybox's (which /init puts first on PATH and lacks --reuid).
+    let wrapper = flyprobe::as_nobody("/usr/bin/setpriv");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let fp = Flyprobe::start_via(&wrapper, &["--pid-tree", &server.pid().to_string()]);
     let log = fp.log();
     let want = format!("({expected} hooks)");
@@ -432,7 +428,178 @@ fn least_privilege(expected: &str, server: &Server) -> Result<String, String> {
         (m.total("server_requests_total", &label) == before + 5).then_some(())
     });
     Ok(format!(
-        "{expected} hooks as uid 65534 with {caps}: 5 requests counted"
+        "{expected} hooks as uid 65534 with the documented capabilities: 5 requests counted"
+    ))
+}
+
+/// The pod check's server: in a network namespace of its own (loopback up), a listener with
+/// `backlog` that never accepts. It says "listening PORT"; told "connect N", it opens N
+/// connections to it from inside the namespace at once (those the full queue drops retry
+/// their SYN, dropped again), gives up on them after 3 s and says "closed".
+fn pod_listener(backlog: i32) {
+    use std::{io::BufRead as _, os::fd::FromRawFd as _};
+    // SAFETY: plain syscalls on this process and a socket it owns from here on.
+    let listener = unsafe {
+        assert_eq!(
+            libc::unshare(libc::CLONE_NEWNET),
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        let up = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status();
+        assert!(up.is_ok_and(|s| s.success()), "ip link set lo up");
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            },
+            sin_zero: [0; 8],
+        };
+        let bound = libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        );
+        assert!(
+            bound == 0 && libc::listen(fd, backlog) == 0,
+            "bind/listen: {}",
+            std::io::Error::last_os_error()
+        );
+        std::net::TcpListener::from_raw_fd(fd)
+    };
+    let port = listener.local_addr().expect("local address").port();
+    println!("listening {port}");
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    let n: usize = line
+        .trim()
+        .strip_prefix("connect ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let to = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let clients: Vec<_> = (0..n)
+        .map(|_| {
+            std::thread::spawn(move || {
+                std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)).ok()
+            })
+        })
+        .collect();
+    let held: Vec<_> = clients.into_iter().map(|c| c.join().ok()).collect();
+    drop(held);
+    println!("closed");
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    drop(listener);
+}
+
+/// Counter `name` of `TcpExt` in `pid`'s network namespace (/proc/PID/net/netstat).
+fn tcp_ext(pid: u32, name: &str) -> Result<u64, String> {
+    let path = format!("/proc/{pid}/net/netstat");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .chunks(2)
+        .find_map(|pair| match pair {
+            [names, values] if names.starts_with("TcpExt:") => {
+                let i = names.split_whitespace().position(|n| n == name)?;
+                values.split_whitespace().nth(i)?.parse().ok()
+            }
+            _ => None,
+        })
+        .ok_or_else(|| format!("no TcpExt {name} in {path}"))
+}
+
+/// The accept queue of the listener on `port` in `pid`'s network namespace, as
+/// /proc/PID/net/tcp shows it (rx_queue of a LISTEN line).
+fn proc_queue(pid: u32, port: u16) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    let local = format!(":{port:04X}");
+    text.lines().skip(1).find_map(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        (cols.get(1)?.ends_with(&local) && cols.get(3) == Some(&"0A"))
+            .then(|| u64::from_str_radix(cols.get(4)?.split_once(':')?.1, 16).ok())
+            .flatten()
+    })
+}
+
+/// A server in a network namespace of its own, as in a pod, watched by flyprobe as nobody
+/// with the documented capabilities: the listener's limit and queue (borrowed with
+/// pidfd_getfd) and its overflows (here the namespace's own count: before 6.15 the kernel
+/// does not tell a listener's dropped handshakes apart), against the backlog it listened
+/// with and the namespace's /proc.
+fn pod(hooks: &str) -> Result<String, String> {
+    const BACKLOG: u64 = 2;
+    let mut server = this_suite("--pod-listener", &BACKLOG.to_string())?;
+    let pid = server.pid();
+    let mut said = std::io::BufReader::new(server.child.stdout.take().ok_or("no stdout")?);
+    let mut hear = || -> Result<String, String> {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut said, &mut line).map_err(|e| e.to_string())?;
+        Ok(line.trim().to_string())
+    };
+    let heard = hear()?;
+    let port: u16 = heard
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .ok_or(format!("the pod's server said {heard:?}"))?;
+    // util-linux's setpriv, not busybox's (which /init puts first on PATH and lacks --reuid).
+    let wrapper = flyprobe::as_nobody("/usr/bin/setpriv");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let fp = Flyprobe::start_via(
+        &wrapper,
+        &["--hooks", hooks, "--pid-tree", &pid.to_string()],
+    );
+    let port_label = port.to_string();
+    let labels = [("port", port_label.as_str())];
+    settle(&fp, "the pod's queue limit and no overflows", |m| {
+        (m.get("server_listen_queue_limit", &labels) == Some(BACKLOG as f64)
+            && m.get("server_listen_overflows_total", &labels) == Some(0.0))
+        .then_some(())
+    });
+    let mut stdin = server.child.stdin.take().ok_or("no stdin")?;
+    std::io::Write::write_all(&mut stdin, b"connect 8\n").map_err(|e| e.to_string())?;
+    let heard = hear()?;
+    if heard != "closed" {
+        return Err(format!("the pod's server said {heard:?}, not closed"));
+    }
+    let kernel = tcp_ext(pid, "ListenOverflows")?;
+    if kernel == 0 {
+        return Err("8 clients on a backlog of 2 did not overflow it".into());
+    }
+    let queue = proc_queue(pid, port).ok_or("no listener in the pod's /proc/net/tcp")?;
+    settle(
+        &fp,
+        "overflows and the queue as the pod's kernel counts",
+        |m| {
+            (m.get("server_listen_overflows_total", &labels) == Some(kernel as f64)
+                && m.get("server_listen_queue_length", &labels) == Some(queue as f64))
+            .then_some(())
+        },
+    );
+    let log = fp.stop();
+    if log.contains("reading the listener") {
+        return Err(format!("a borrow failed: {log}"));
+    }
+    drop(stdin);
+    Ok(format!(
+        "as nobody: limit {BACKLOG}, queue {queue}, {kernel} overflows, as the pod's kernel \
+         counts them"
+    ))
+}
+
+/// This binary as one of the servers of its checks (`mode`), talked to over its stdin and
+/// stdout.
+fn this_suite(mode: &str, arg: &str) -> Result<flyprobe_tests::procs::Guard, String> {
+    Ok(flyprobe_tests::procs::Guard::spawn(
+        mode.trim_start_matches('-'),
+        Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+            .args([mode, arg])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
     ))
 }
 
@@ -441,13 +608,7 @@ fn least_privilege(expected: &str, server: &Server) -> Result<String, String> {
 /// so it stays queued.
 fn accept(hooks: &str) -> Result<String, String> {
     let port = flyprobe_tests::free_port();
-    let mut server = flyprobe_tests::procs::Guard::spawn(
-        "accept-and-hold",
-        Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
-            .args(["--accept-and-hold", &port.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped()),
-    );
+    let mut server = this_suite("--accept-and-hold", &port.to_string())?;
     // It says when it listens (a probe connection would be the one it accepts).
     let mut said = std::io::BufReader::new(server.child.stdout.take().ok_or("no stdout")?);
     let mut expect = |word: &str| -> Result<(), String> {
