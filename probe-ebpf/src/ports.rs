@@ -5,10 +5,10 @@
 //!   write or close by a watched process (where a worker takes it);
 //! - the TCP resets on its connections, sent (`tcp:tcp_send_reset`: an abort, a close with
 //!   unread data) and received (`tcp:tcp_receive_reset`: a client that aborted);
-//! - the handshakes dropped because its accept queue was full (`skb:kfree_skb`, reason
-//!   TCP_LISTEN_OVERFLOW: `rx_sk` since 6.11, the reason since 6.15). SYNs dropped for the same reason
-//!   have no event (they are consumed, not freed): the daemon reads the listener's drop
-//!   counter for the total.
+//! - the handshakes dropped because its accept queue was full (`skb:kfree_skb` on the
+//!   listener: `rx_sk` since 6.11, the reason TCP_LISTEN_OVERFLOW since 6.15). SYNs
+//!   dropped for the same reason have no event (they are consumed, not freed): the daemon
+//!   reads the listener's drop counter for the total.
 //!
 //! A connection is the port's when its local port and network namespace are a watched
 //! listener's, as for the connections themselves: outbound connections never are.
@@ -18,7 +18,7 @@ use probe_common::{ConnState, ListenKey, PortStats, drop_reason};
 
 use crate::{
     maps::{LISTEN_PORTS, PORT_STATS, per_cpu_entry},
-    record::{DROP_REASON_LISTEN_OVERFLOW, INET_SPORT_OFFSET, kernel_at},
+    record::{DROP_REASON_LISTEN_OVERFLOW, INET_SPORT_OFFSET, SK_STATE_OFFSET, kernel_at},
     requests::observe,
     sockets::listen_key,
 };
@@ -73,17 +73,24 @@ pub fn reset_received(ctx: RawTracePointContext) -> i32 {
 
 /// skb:kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason,
 /// struct sock *rx_sk): a dropped packet, anywhere on the node (never a delivered one).
-/// Attached only where the tracepoint has `rx_sk` (the reason is u32::MAX, matching
-/// nothing, where BTF does not name it).
+/// Attached only where the tracepoint has `rx_sk` (Linux >= 6.11). The reason that marks a
+/// handshake dropped on a listener is TCP_LISTEN_OVERFLOW from 6.15; before, such a drop
+/// is NOT_SPECIFIED (the daemon sets whichever BTF names), which other drops share: only a
+/// listener's count (the packet of a request socket, dropped on its listener).
 #[raw_tracepoint(tracepoint = "kfree_skb")]
 pub fn packet_dropped(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(3);
     if ctx.arg::<u64>(2) as u32 == DROP_REASON_LISTEN_OVERFLOW.load()
-        && let Some(stats) = port_of(ctx.arg(3))
+        && sk != 0
+        && kernel_at::<u8>(sk, SK_STATE_OFFSET.load()) == Ok(TCP_LISTEN)
+        && let Some(stats) = port_of(sk)
     {
         stats.handshakes_dropped += 1;
     }
     0
 }
+
+const TCP_LISTEN: u8 = 10;
 
 /// The counters of the watched port `sk` is on.
 #[inline(always)]

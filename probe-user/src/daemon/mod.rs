@@ -149,7 +149,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         retention: cli.worker_retention,
         kernel_events: [0; 3],
         overflow_correction: probe.hooks != HookSet::Syscall
-            && probe.listen_overflow_reason
+            && probe.listen_overflow.is_some()
             && !probe.skipped.contains(&"packet_dropped"),
         probe: None,
         openssl: cli.tls.then(OpenSsl::new),
@@ -159,9 +159,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     if !state.overflow_correction {
         log::info!(
             "server_listen_overflows_total per listener needs the fentry or socket hooks and \
-             skb:kfree_skb with rx_sk and the TCP_LISTEN_OVERFLOW drop reason (Linux >= \
-             6.15): here it is exported only where a server's port is the only one listening \
-             in its network namespace (a pod), from that namespace's ListenDrops"
+             skb:kfree_skb with rx_sk (Linux >= 6.11): here it is exported only where a \
+             server's port is the only one listening in its network namespace (a pod), from \
+             that namespace's ListenDrops"
+        );
+    } else if probe.listen_overflow.is_some_and(|o| !o.named) {
+        log::info!(
+            "handshakes dropped at a full accept queue: skb:kfree_skb on a listener with \
+             reason NOT_SPECIFIED (this kernel's BTF has no TCP_LISTEN_OVERFLOW, Linux < 6.15)"
         );
     }
     if state.borrow_listeners {

@@ -15,6 +15,7 @@ use std::{
     fs, io,
     mem::size_of,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 /// What the kernel reports of a listening socket.
@@ -39,9 +40,14 @@ impl ListenerStats {
 }
 
 /// Why listeners are not borrowed on this host, if they are not: a cgroup v1 controller
-/// that receiving a socket would re-tag it for.
+/// that receiving a socket would re-tag it for (or no way to tell).
 pub fn refused_here() -> Option<String> {
-    let cgroups = fs::read_to_string("/proc/cgroups").unwrap_or_default();
+    let cgroups = match fs::read_to_string("/proc/cgroups") {
+        Ok(text) => text,
+        // A kernel without cgroups has neither controller.
+        Err(err) if err.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(err) => return Some(format!("/proc/cgroups: {err}")),
+    };
     let mounted = v1_retagging(&cgroups);
     (!mounted.is_empty()).then(|| {
         format!(
@@ -49,6 +55,34 @@ pub fn refused_here() -> Option<String> {
             mounted.join(" and ")
         )
     })
+}
+
+/// Set once the kernel or a security policy refused a borrow: flyprobe stops asking (an LSM
+/// would log a denial at every scrape, a kernel before 5.6 has no pidfd_getfd).
+static REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a borrow was refused, so that none is tried any more.
+pub fn refused() -> bool {
+    REFUSED.load(Ordering::Relaxed)
+}
+
+/// Log a failed borrow of `pid`'s `fd` (a listener on `port`). A refusal (EPERM, EACCES,
+/// ENOSYS) is warned about once and ends borrowing; a race with the server (it exited, closed
+/// or replaced the descriptor) is only a debug line.
+pub fn failed(pid: u32, fd: i32, port: u16, err: &io::Error) {
+    let message = format!("reading the listener on port {port} of pid {pid} (fd {fd}): {err}");
+    let refusal = matches!(
+        err.raw_os_error(),
+        Some(libc::EPERM | libc::EACCES | libc::ENOSYS)
+    );
+    if refusal && !REFUSED.swap(true, Ordering::Relaxed) {
+        log::warn!(
+            "{message}; listeners in other network namespaces are not read from here on (no \
+             accept queue limit there; queues from /proc)"
+        );
+    } else {
+        log::debug!("{message}");
+    }
 }
 
 /// The controllers of /proc/cgroups ("subsys_name hierarchy num_cgroups enabled") that
@@ -88,13 +122,15 @@ pub fn listener(pid: u32, fd: i32, inode: u64) -> io::Result<ListenerStats> {
     }
     // SAFETY: tcp_info is plain integers; all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    get(&socket, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
+    // SAFETY: tcp_info is integers only.
+    unsafe { get(&socket, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info) }?;
     const TCP_LISTEN: u8 = 10;
     if info.tcpi_state != TCP_LISTEN {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "not listening"));
     }
     let mut meminfo = [0u32; libc::SK_MEMINFO_DROPS as usize + 1];
-    get(&socket, libc::SOL_SOCKET, libc::SO_MEMINFO, &mut meminfo)?;
+    // SAFETY: an array of u32.
+    unsafe { get(&socket, libc::SOL_SOCKET, libc::SO_MEMINFO, &mut meminfo) }?;
     // A listener's tcp_info holds its accept queue in unacked and the limit in sacked.
     Ok(ListenerStats {
         queue: info.tcpi_unacked.into(),
@@ -112,7 +148,10 @@ fn owned(rc: libc::c_long) -> io::Result<OwnedFd> {
 }
 
 /// getsockopt(2) into `value`, which the kernel fills as far as it knows the option.
-fn get<T>(socket: &OwnedFd, level: i32, name: i32, value: &mut T) -> io::Result<()> {
+///
+/// # Safety
+/// `T` must be plain integers (any bytes the kernel writes are a valid `T`).
+unsafe fn get<T>(socket: &OwnedFd, level: i32, name: i32, value: &mut T) -> io::Result<()> {
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: `value` is valid for `len` bytes; the kernel writes at most that many.
     let rc = unsafe {

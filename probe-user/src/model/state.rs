@@ -498,7 +498,18 @@ impl State {
         let own = containers::netns_id(std::process::id() as i32).map(|n| n as u32);
         let diag = if self.listeners.keys().any(|(netns, _)| Some(*netns) == own) {
             sock_diag::listeners()
-                .map_err(|err| log::debug!("sock_diag: {err}"))
+                .map_err(|err| {
+                    if !DIAG_WARNED.swap(true, Ordering::Relaxed) {
+                        // inet_diag is a module on most distributions' kernels: one the
+                        // host cannot load, or a filter refusing AF_NETLINK.
+                        log::warn!(
+                            "sock_diag: {err}: listeners in flyprobe's network namespace are \
+                             read from borrowed copies instead"
+                        );
+                    } else {
+                        log::debug!("sock_diag: {err}");
+                    }
+                })
                 .ok()
         } else {
             None
@@ -512,6 +523,7 @@ impl State {
             })
         };
         let mut namespaces: BTreeMap<u32, Namespace> = BTreeMap::new();
+        let mut borrowed_by: BTreeMap<u32, BTreeMap<u16, ListenerStats>> = BTreeMap::new();
         for (&(netns, port), &Holder { root, pid }) in &self.listeners {
             let entry = out.entry(root).or_default();
             let read = if Some(netns) == own
@@ -529,18 +541,30 @@ impl State {
             } else {
                 // Flyprobe's own namespace's count would be the host's since boot (and its
                 // /metrics port listens there too): only another namespace's is read.
-                let ns = namespaces.entry(netns).or_insert_with(|| {
-                    Namespace::read(pid, Some(netns) != own, self.borrow_listeners)
-                });
-                let read = ns.borrowed.get(&port).copied();
+                let other = Some(netns) != own;
+                let ns = namespaces
+                    .entry(netns)
+                    .or_insert_with(|| Namespace::read(pid, other));
+                // Here for another namespace, or flyprobe's own where sock_diag failed.
+                let read = if self.borrow_listeners && !borrowed::refused() {
+                    // Each holder's own sockets (two servers of a pod, each its port).
+                    borrowed_by
+                        .entry(pid)
+                        .or_insert_with(|| Namespace::borrow(pid, netns))
+                        .get(&port)
+                        .copied()
+                } else {
+                    None
+                };
                 if read.is_none()
                     && let Some(&queue) = ns.queues.get(&port)
                 {
                     entry.queues.insert(port, queue);
                 }
-                if (read.is_none() || !self.overflow_correction)
-                    && let Some(drops) = ns.drops_of(port)
-                {
+                // One source per series: where listeners are read for their own count, a
+                // failed read leaves the series out rather than switch to the namespace's.
+                let per_listener = self.overflow_correction && self.borrow_listeners;
+                if !per_listener && let Some(drops) = ns.drops_of(port) {
                     entry.overflows.insert(port, drops);
                 }
                 read
@@ -557,66 +581,50 @@ impl State {
     }
 }
 
-/// A network namespace's TCP listeners: the accept queue of each listening port as /proc
-/// shows it to any reader, the sockets themselves where they could be borrowed, and the
-/// namespace's own drop count.
+/// A network namespace's TCP listeners as /proc shows them to any reader: the accept queue
+/// of each listening port, and the namespace's own drop count.
 struct Namespace {
     queues: BTreeMap<u16, u64>,
-    /// Ports whose every socket the holder holds and lent: their summed kernel numbers.
-    borrowed: BTreeMap<u16, ListenerStats>,
     /// `ListenDrops`, read where one port listens (only then is it that port's) and it is
     /// wanted.
     drops: Option<u64>,
 }
 
 impl Namespace {
-    /// The namespace of `pid`; its drop count too where `drops` says so, and the sockets
-    /// `pid` holds borrowed where `borrow` says so.
-    fn read(pid: u32, drops: bool, borrow: bool) -> Self {
-        let held = sockets::held_listeners(pid);
+    /// The namespace of `pid`; its drop count too where `drops` says so.
+    fn read(pid: u32, drops: bool) -> Self {
         let mut queues: BTreeMap<u16, u64> = BTreeMap::new();
-        for l in &held {
-            *queues.entry(l.port).or_default() += l.queue;
+        for (port, queue) in sockets::listen_queues(pid) {
+            *queues.entry(port).or_default() += queue;
         }
-        let borrowed = if borrow {
-            Self::borrow(pid, &held)
-        } else {
-            BTreeMap::new()
-        };
         let drops = (drops && queues.len() == 1)
             .then(|| netstat::listen_drops(pid))
             .flatten();
-        Self {
-            queues,
-            borrowed,
-            drops,
-        }
+        Self { queues, drops }
     }
 
-    /// The summed numbers of each port all of whose sockets `pid` holds and lent (a port
-    /// with a socket missing would be half counted: it is left to /proc).
-    fn borrow(pid: u32, held: &[sockets::HeldListener]) -> BTreeMap<u16, ListenerStats> {
+    /// The summed kernel numbers of each port all of whose sockets in network namespace
+    /// `netns` `pid` holds and lent (a port with a socket missing would be half counted: it is
+    /// left to /proc). Nothing where `pid` is no longer in `netns` (a PID reused since the
+    /// sweep).
+    fn borrow(pid: u32, netns: u32) -> BTreeMap<u16, ListenerStats> {
+        if containers::netns_id(pid as i32).map(|n| n as u32) != Some(netns) {
+            return BTreeMap::new();
+        }
+        Self::borrow_held(pid, &sockets::held_listeners(pid))
+    }
+
+    fn borrow_held(pid: u32, held: &[sockets::HeldListener]) -> BTreeMap<u16, ListenerStats> {
         let mut out: BTreeMap<u16, Option<ListenerStats>> = BTreeMap::new();
         for l in held {
-            let read = l.fd.map(|fd| {
-                borrowed::listener(pid, fd, l.inode).map_err(|err| {
-                    let message = format!(
-                        "reading the listener on port {} of pid {pid} (fd {fd}): {err}",
-                        l.port
-                    );
-                    if !BORROW_WARNED.swap(true, Ordering::Relaxed) {
-                        log::warn!(
-                            "{message}; its accept queue's limit is not exported (further \
-                             failures are logged at debug level)"
-                        );
-                    } else {
-                        log::debug!("{message}");
-                    }
-                })
+            let read = l.fd.and_then(|fd| {
+                borrowed::listener(pid, fd, l.inode)
+                    .map_err(|err| borrowed::failed(pid, fd, l.port, &err))
+                    .ok()
             });
             let sum = out.entry(l.port).or_insert(Some(ListenerStats::default()));
             match (sum.as_mut(), read) {
-                (Some(sum), Some(Ok(read))) => sum.add(&read),
+                (Some(sum), Some(read)) => sum.add(&read),
                 _ => *sum = None,
             }
         }
@@ -634,10 +642,6 @@ impl Namespace {
         self.drops.filter(|_| sole)
     }
 }
-
-/// A failure to borrow a listener is warned about once (a host whose LSM refuses it would
-/// repeat it at every scrape).
-static BORROW_WARNED: AtomicBool = AtomicBool::new(false);
 
 impl SnapshotSource for Shared {
     fn snapshot(&self) -> Snapshot {
@@ -665,6 +669,9 @@ pub fn uptime() -> f64 {
     procfs::Uptime::current().map_or(0.0, |u| u.uptime)
 }
 
+/// sock_diag's failure is warned about once (it would fail at every scrape).
+static DIAG_WARNED: AtomicBool = AtomicBool::new(false);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -674,7 +681,6 @@ mod tests {
     fn a_namespace_s_drops_are_its_only_listening_port_s() {
         let ns = |ports: &[u16]| Namespace {
             queues: ports.iter().map(|&p| (p, 0)).collect(),
-            borrowed: BTreeMap::new(),
             drops: Some(7),
         };
         assert_eq!(ns(&[8000]).drops_of(8000), Some(7));
@@ -709,16 +715,16 @@ mod tests {
             ..held
         };
         let pid = std::process::id();
-        let whole = Namespace::borrow(pid, &[held]);
+        let whole = Namespace::borrow_held(pid, &[held]);
         assert_eq!(whole.get(&port).map(|s| (s.queue, s.drops)), Some((0, 0)));
         assert!(whole[&port].limit > 0, "listen()'s backlog");
-        assert!(Namespace::borrow(pid, &[held, sibling]).is_empty());
+        assert!(Namespace::borrow_held(pid, &[held, sibling]).is_empty());
         let gone = sockets::HeldListener {
             inode: inode + 1,
             ..held
         };
         assert!(
-            Namespace::borrow(pid, &[gone]).is_empty(),
+            Namespace::borrow_held(pid, &[gone]).is_empty(),
             "an fd that names another socket now"
         );
     }

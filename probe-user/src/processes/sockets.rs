@@ -162,6 +162,15 @@ fn parse_listener(line: &str) -> Option<TcpListener> {
     })
 }
 
+/// Accept queues right now of the listening TCP sockets of `pid`'s network namespace, by
+/// port (one entry per socket: IPv4 and IPv6, SO_REUSEPORT groups).
+pub fn listen_queues(pid: u32) -> Vec<(u16, u64)> {
+    tcp_listeners(pid as i32)
+        .into_iter()
+        .map(|l| (l.port, l.queue))
+        .collect()
+}
+
 /// A TCP listener of a network namespace: its port, its accept queue as /proc shows it, and
 /// the descriptor a process holds it as, if that process holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

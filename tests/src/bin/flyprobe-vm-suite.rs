@@ -105,9 +105,9 @@ fn main() {
         return;
     }
     if let [_, flag, backlog] = argv.as_slice()
-        && flag == "--pod-listener"
+        && (flag == "--pod-listener" || flag == "--own-listener")
     {
-        pod_listener(backlog.parse().unwrap_or(2));
+        hold_listener(backlog.parse().unwrap_or(2), flag == "--pod-listener");
         return;
     }
     let args = match parse_args() {
@@ -217,7 +217,8 @@ fn run_set(suite: &mut Suite, set: &str, expected: &str, first: bool) {
     suite.check(set, "accept", || accept(expected));
     if first {
         suite.check(set, "least-privilege", || least_privilege(expected, &rust));
-        suite.check(set, "pod-listener", || pod(expected));
+        suite.check(set, "pod-listener", || listener(expected, true));
+        suite.check(set, "own-listener", || listener(expected, false));
     }
     for (server, s) in [("flyprobe-test-server", &rust), ("nginx", &nginx)] {
         suite.check(set, &format!("{server}-workers"), || {
@@ -432,24 +433,26 @@ fn least_privilege(expected: &str, server: &Server) -> Result<String, String> {
     ))
 }
 
-/// The pod check's server: in a network namespace of its own (loopback up), a listener with
-/// `backlog` that never accepts. It says "listening PORT"; told "connect N", it opens N
-/// connections to it from inside the namespace at once (those the full queue drops retry
-/// their SYN, dropped again), gives up on them after 3 s and says "closed".
-fn pod_listener(backlog: i32) {
+/// The listener checks' server: a listener with `backlog`, in a network namespace of its own
+/// (loopback up) where `pod`. It says "listening PORT"; told "connect N", it opens N
+/// connections to it at once (those the full queue drops retry their SYN, dropped again),
+/// accepts one every 100 ms, gives up on the rest after 3 s and says "closed".
+fn hold_listener(backlog: i32, pod: bool) {
     use std::{io::BufRead as _, os::fd::FromRawFd as _};
     // SAFETY: plain syscalls on this process and a socket it owns from here on.
     let listener = unsafe {
-        assert_eq!(
-            libc::unshare(libc::CLONE_NEWNET),
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            std::io::Error::last_os_error()
-        );
-        let up = Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status();
-        assert!(up.is_ok_and(|s| s.success()), "ip link set lo up");
+        if pod {
+            assert_eq!(
+                libc::unshare(libc::CLONE_NEWNET),
+                0,
+                "unshare(CLONE_NEWNET): {}",
+                std::io::Error::last_os_error()
+            );
+            let up = Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status();
+            assert!(up.is_ok_and(|s| s.success()), "ip link set lo up");
+        }
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
         let addr = libc::sockaddr_in {
@@ -489,9 +492,42 @@ fn pod_listener(backlog: i32) {
             })
         })
         .collect();
+    // A slow worker: one connection taken every 100 ms frees a place in the queue for a SYN
+    // whose handshake then finds it full again (a handshake drop, which the listener's drop
+    // counter holds twice), besides the SYNs dropped at a full queue.
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    let mut taken = Vec::new();
+    let until = Instant::now() + Duration::from_millis(3500);
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Ok((conn, _)) = listener.accept() {
+            taken.push(conn);
+        }
+    }
     let held: Vec<_> = clients.into_iter().map(|c| c.join().ok()).collect();
-    drop(held);
-    println!("closed");
+    drop((held, taken));
+    // The listener's drop counter (sk_drops): above the kernel's overflow count by the
+    // handshakes it holds twice.
+    let mut meminfo = [0u32; libc::SK_MEMINFO_DROPS as usize + 1];
+    let mut len = size_of_val(&meminfo) as libc::socklen_t;
+    // SAFETY: getsockopt into an array of u32 of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&listener),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            meminfo.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    let drops = if rc == 0 {
+        meminfo[libc::SK_MEMINFO_DROPS as usize] as i64
+    } else {
+        -1
+    };
+    println!("closed {drops}");
     let _ = std::io::stdin().lock().read_line(&mut line);
     drop(listener);
 }
@@ -526,14 +562,20 @@ fn proc_queue(pid: u32, port: u16) -> Option<u64> {
     })
 }
 
-/// A server in a network namespace of its own, as in a pod, watched by flyprobe as nobody
-/// with the documented capabilities: the listener's limit and queue (borrowed with
-/// pidfd_getfd) and its overflows (here the namespace's own count: before 6.15 the kernel
-/// does not tell a listener's dropped handshakes apart), against the backlog it listened
-/// with and the namespace's /proc.
-fn pod(hooks: &str) -> Result<String, String> {
+/// A listener with backlog 2 and a slow worker, watched by flyprobe as nobody with the
+/// documented capabilities: in a network namespace of its own as in a pod (`pod`), else in
+/// flyprobe's. Its limit and queue (sock_diag, or in the pod the listener borrowed with
+/// pidfd_getfd), and after 8 clients its overflows: the kernel's own count of the namespace
+/// where flyprobe can tell them per listener (its log says whether), absent where it cannot.
+/// Against the backlog it listened with and the namespace's /proc.
+fn listener(hooks: &str, pod: bool) -> Result<String, String> {
     const BACKLOG: u64 = 2;
-    let mut server = this_suite("--pod-listener", &BACKLOG.to_string())?;
+    let mode = if pod {
+        "--pod-listener"
+    } else {
+        "--own-listener"
+    };
+    let mut server = this_suite(mode, &BACKLOG.to_string())?;
     let pid = server.pid();
     let mut said = std::io::BufReader::new(server.child.stdout.take().ok_or("no stdout")?);
     let mut hear = || -> Result<String, String> {
@@ -545,7 +587,8 @@ fn pod(hooks: &str) -> Result<String, String> {
     let port: u16 = heard
         .strip_prefix("listening ")
         .and_then(|p| p.parse().ok())
-        .ok_or(format!("the pod's server said {heard:?}"))?;
+        .ok_or(format!("the listener said {heard:?}"))?;
+    let before = tcp_ext(pid, "ListenOverflows")?;
     // util-linux's setpriv, not busybox's (which /init puts first on PATH and lacks --reuid).
     let wrapper = flyprobe::as_nobody("/usr/bin/setpriv");
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
@@ -553,41 +596,53 @@ fn pod(hooks: &str) -> Result<String, String> {
         &wrapper,
         &["--hooks", hooks, "--pid-tree", &pid.to_string()],
     );
+    // Per listener (the handshakes it dropped told apart), or in a pod its namespace's count;
+    // in flyprobe's own namespace without that, none.
+    let counted = pod || !fp.log().contains("per listener needs");
+    let want = |n: u64| counted.then_some(n as f64);
     let port_label = port.to_string();
     let labels = [("port", port_label.as_str())];
-    settle(&fp, "the pod's queue limit and no overflows", |m| {
+    settle(&fp, "the queue's limit, and no overflows", |m| {
         (m.get("server_listen_queue_limit", &labels) == Some(BACKLOG as f64)
-            && m.get("server_listen_overflows_total", &labels) == Some(0.0))
+            && m.get("server_listen_overflows_total", &labels) == want(0))
         .then_some(())
     });
     let mut stdin = server.child.stdin.take().ok_or("no stdin")?;
     std::io::Write::write_all(&mut stdin, b"connect 8\n").map_err(|e| e.to_string())?;
     let heard = hear()?;
-    if heard != "closed" {
-        return Err(format!("the pod's server said {heard:?}, not closed"));
-    }
-    let kernel = tcp_ext(pid, "ListenOverflows")?;
-    if kernel == 0 {
+    let sk_drops = heard
+        .strip_prefix("closed ")
+        .ok_or(format!("the listener said {heard:?}, not closed"))?
+        .to_string();
+    // Both read again at each look: handshakes the full queue dropped are retried (SYN-ACK
+    // retransmits, the clients' FINs) and overflow again for a few seconds.
+    let kernel = || tcp_ext(pid, "ListenOverflows").map_or(0, |n| n - before);
+    if kernel() == 0 {
         return Err("8 clients on a backlog of 2 did not overflow it".into());
     }
-    let queue = proc_queue(pid, port).ok_or("no listener in the pod's /proc/net/tcp")?;
-    settle(
-        &fp,
-        "overflows and the queue as the pod's kernel counts",
-        |m| {
-            (m.get("server_listen_overflows_total", &labels) == Some(kernel as f64)
-                && m.get("server_listen_queue_length", &labels) == Some(queue as f64))
-            .then_some(())
-        },
-    );
+    let queue = || proc_queue(pid, port);
+    let m = settle(&fp, "overflows and the queue as the kernel counts", |m| {
+        (m.get("server_listen_overflows_total", &labels) == want(kernel())
+            && m.get("server_listen_queue_length", &labels) == queue().map(|q| q as f64))
+        .then_some(())
+    });
+    let overflows = m.get("server_listen_overflows_total", &labels);
+    let queue = m.get("server_listen_queue_length", &labels).unwrap_or(-1.0);
+    let kernel = kernel();
     let log = fp.stop();
     if log.contains("reading the listener") {
         return Err(format!("a borrow failed: {log}"));
     }
     drop(stdin);
+    let how = match (pod, counted) {
+        (true, _) => "in a pod",
+        (false, true) => "per listener",
+        (false, false) => "none exported: this kernel cannot tell them per listener",
+    };
     Ok(format!(
-        "as nobody: limit {BACKLOG}, queue {queue}, {kernel} overflows, as the pod's kernel \
-         counts them"
+        "as nobody: limit {BACKLOG}, queue {queue}, overflows {overflows:?} with the \
+         kernel's {kernel} ({how}; the listener's drop counter read {sk_drops} as the clients \
+         ended, each handshake drop in it twice)"
     ))
 }
 

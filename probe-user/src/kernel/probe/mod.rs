@@ -24,7 +24,7 @@ use probe_common::{dir, names};
 pub use self::{
     error::{ProbeError, causes},
     hooks::HookSet,
-    offsets::SocketOffsets,
+    offsets::{ListenOverflow, SocketOffsets},
 };
 use self::{
     error::{first_line, program_error},
@@ -105,8 +105,9 @@ pub struct Probe {
     kernel_btf: Option<Btf>,
     /// Programs not attached because this kernel lacks what they read.
     pub skipped: Vec<&'static str>,
-    /// BTF names SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (Linux >= 6.15).
-    pub listen_overflow_reason: bool,
+    /// The drop reason that marks a handshake dropped at a full accept queue, where BTF
+    /// names one.
+    pub listen_overflow: Option<ListenOverflow>,
     /// The data path's HTTP/2 frame walks' arrays, tail-called from here (held: the kernel
     /// empties a program array when its last descriptor closes).
     h2_walk: Vec<ProgramArray<MapData>>,
@@ -163,7 +164,11 @@ impl Probe {
                 .override_global(names::NET_INUM_OFFSET, &o.net_inum, true)
                 .override_global(names::SK_PROTOCOL_OFFSET, &o.sk_protocol, true)
                 .override_global(names::INET_SPORT_OFFSET, &o.inet_sport, true)
-                .override_global(names::DROP_REASON_LISTEN_OVERFLOW, &o.listen_overflow, true)
+                .override_global(
+                    names::DROP_REASON_LISTEN_OVERFLOW,
+                    &o.listen_overflow.reason,
+                    true,
+                )
                 .override_global(names::REGS_ARG1_OFFSET, &o.regs_arg1, true)
                 .override_global(names::PEEK_REGS, &peek, true)
                 .override_global(names::SK_TYPE_OFFSET, &o.unix.sk_type, true)
@@ -220,7 +225,9 @@ impl Probe {
             btf: None,
             kernel_btf: None,
             skipped: Vec::new(),
-            listen_overflow_reason: socket.is_some_and(|o| o.listen_overflow != u32::MAX),
+            listen_overflow: socket
+                .map(|o| o.listen_overflow)
+                .filter(ListenOverflow::known),
             h2_walk: Vec::new(),
             tls_h2_walk: None,
         };

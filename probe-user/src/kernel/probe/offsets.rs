@@ -12,6 +12,39 @@ use crate::kernel::{
     tracefs::{Format, TracefsError},
 };
 
+/// The `skb_drop_reason` of a handshake dropped because the listener's accept queue was
+/// full: TCP_LISTEN_OVERFLOW from Linux 6.15; before, NOT_SPECIFIED, which the kernel
+/// program counts only where the dropping socket is a listener (`kfree_skb`'s `rx_sk`,
+/// 6.11+).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenOverflow {
+    pub(super) reason: u32,
+    /// TCP_LISTEN_OVERFLOW itself.
+    pub named: bool,
+}
+
+impl ListenOverflow {
+    fn read(btf: &Btf) -> Self {
+        let value = |name| btf.enum_value("skb_drop_reason", name).ok();
+        match value("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW") {
+            Some(v) => Self {
+                reason: v as u32,
+                named: true,
+            },
+            None => Self {
+                // u32::MAX matches no reason.
+                reason: value("SKB_DROP_REASON_NOT_SPECIFIED").map_or(u32::MAX, |v| v as u32),
+                named: false,
+            },
+        }
+    }
+
+    /// Whether a reason is known at all.
+    pub fn known(&self) -> bool {
+        self.reason != u32::MAX
+    }
+}
+
 /// Offsets of kernel struct fields the socket-keyed sets read, from the kernel's BTF.
 #[derive(Clone, Copy, Debug)]
 pub struct SocketOffsets {
@@ -22,8 +55,8 @@ pub struct SocketOffsets {
     pub(super) net_inum: u32,
     pub(super) sk_protocol: u32,
     pub(super) inet_sport: u32,
-    /// SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (u32::MAX where BTF lacks it).
-    pub(super) listen_overflow: u32,
+    /// The drop reason of a handshake dropped on a full accept queue.
+    pub(super) listen_overflow: ListenOverflow,
     pub(super) task: TaskOffsets,
     /// `pt_regs.si`, followed by `di` and `orig_ax` (the syscall number).
     pub(super) regs_arg1: u32,
@@ -238,9 +271,7 @@ impl SocketOffsets {
             net_inum: field("net", &["ns", "inum"])?,
             sk_protocol: field("sock", &["sk_protocol"])?,
             inet_sport: field("inet_sock", &["inet_sport"])?,
-            listen_overflow: btf
-                .enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW")
-                .map_or(u32::MAX, |v| v as u32),
+            listen_overflow: ListenOverflow::read(btf),
             task: TaskOffsets::read(btf)?,
             regs_arg1: 0,
             unix: UnixOffsets::read(btf).unwrap_or_else(|err| {
