@@ -18,26 +18,7 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
-/// What the kernel reports of a listening socket.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ListenerStats {
-    /// Connections in its accept queue (`sk_ack_backlog`).
-    pub queue: u64,
-    /// The queue's limit (`sk_max_ack_backlog`: the backlog given to listen(), capped by
-    /// `net.core.somaxconn`).
-    pub limit: u64,
-    /// `sk_drops`: SYNs and handshakes the listener dropped (a dropped handshake twice).
-    pub drops: u64,
-}
-
-impl ListenerStats {
-    /// Sum over the sockets of one port (IPv4 and IPv6, SO_REUSEPORT groups).
-    pub fn add(&mut self, other: &Self) {
-        self.queue += other.queue;
-        self.limit += other.limit;
-        self.drops += other.drops;
-    }
-}
+pub use crate::kernel::sock_diag::ListenerStats;
 
 /// Why listeners are not borrowed on this host, if they are not: a cgroup v1 controller
 /// that receiving a socket would re-tag it for (or no way to tell).

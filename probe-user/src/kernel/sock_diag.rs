@@ -16,12 +16,28 @@ use std::{
 pub struct Listener {
     pub port: u16,
     pub inode: u64,
-    /// Its accept queue right now (`sk_ack_backlog`), and the queue's limit
-    /// (`sk_max_ack_backlog`), which /proc/net/tcp does not show.
+    pub stats: ListenerStats,
+}
+
+/// What the kernel reports of a listening socket (here, or from a borrowed copy of it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListenerStats {
+    /// Connections in its accept queue right now (`sk_ack_backlog`).
     pub queue: u64,
+    /// The queue's limit (`sk_max_ack_backlog`: the backlog given to listen(), capped by
+    /// `net.core.somaxconn`), which /proc/net/tcp does not show.
     pub limit: u64,
-    /// `sk_drops`: SYNs and handshakes the listener dropped.
+    /// `sk_drops`: SYNs and handshakes the listener dropped (a dropped handshake twice).
     pub drops: u64,
+}
+
+impl ListenerStats {
+    /// Sum over the sockets of one port (IPv4 and IPv6, SO_REUSEPORT groups).
+    pub fn add(&mut self, other: &Self) {
+        self.queue += other.queue;
+        self.limit += other.limit;
+        self.drops += other.drops;
+    }
 }
 
 const NETLINK_SOCK_DIAG: i32 = 4;
@@ -139,9 +155,11 @@ fn parse(mut data: &[u8], out: &mut Vec<Listener>) -> io::Result<bool> {
                 out.push(Listener {
                     port,
                     inode,
-                    queue,
-                    limit,
-                    drops,
+                    stats: ListenerStats {
+                        queue,
+                        limit,
+                        drops,
+                    },
                 });
             }
             _ => return Err(bad()),
@@ -167,7 +185,7 @@ mod tests {
             .unwrap_or_else(|| panic!("port {port} not in {found:?}"));
         assert!(mine.inode > 0);
         // std listens with a backlog of 128 (capped by net.core.somaxconn).
-        assert_eq!((mine.queue, mine.drops), (0, 0));
-        assert!(mine.limit > 0 && mine.limit <= 128, "{mine:?}");
+        assert_eq!((mine.stats.queue, mine.stats.drops), (0, 0));
+        assert!(mine.stats.limit > 0 && mine.stats.limit <= 128, "{mine:?}");
     }
 }

@@ -522,6 +522,10 @@ impl State {
                 drops.saturating_sub(twice)
             })
         };
+        // One source per series: where listeners are read for their own count, a failed
+        // read leaves the series out rather than switch to the namespace's count (which is
+        // then not read at all).
+        let per_listener = self.overflow_correction && self.borrow_listeners;
         let mut namespaces: BTreeMap<u32, Namespace> = BTreeMap::new();
         let mut borrowed_by: BTreeMap<u32, BTreeMap<u16, ListenerStats>> = BTreeMap::new();
         for (&(netns, port), &Holder { root, pid }) in &self.listeners {
@@ -531,11 +535,7 @@ impl State {
             {
                 let mut sum = ListenerStats::default();
                 for l in diag.iter().filter(|l| l.port == port) {
-                    sum.add(&ListenerStats {
-                        queue: l.queue,
-                        limit: l.limit,
-                        drops: l.drops,
-                    });
+                    sum.add(&l.stats);
                 }
                 Some(sum)
             } else {
@@ -544,7 +544,7 @@ impl State {
                 let other = Some(netns) != own;
                 let ns = namespaces
                     .entry(netns)
-                    .or_insert_with(|| Namespace::read(pid, other));
+                    .or_insert_with(|| Namespace::read(pid, other && !per_listener));
                 // Here for another namespace, or flyprobe's own where sock_diag failed.
                 let read = if self.borrow_listeners && !borrowed::refused() {
                     // Each holder's own sockets (two servers of a pod, each its port).
@@ -561,10 +561,7 @@ impl State {
                 {
                     entry.queues.insert(port, queue);
                 }
-                // One source per series: where listeners are read for their own count, a
-                // failed read leaves the series out rather than switch to the namespace's.
-                let per_listener = self.overflow_correction && self.borrow_listeners;
-                if !per_listener && let Some(drops) = ns.drops_of(port) {
+                if let Some(drops) = ns.drops_of(port) {
                     entry.overflows.insert(port, drops);
                 }
                 read
@@ -593,10 +590,7 @@ struct Namespace {
 impl Namespace {
     /// The namespace of `pid`; its drop count too where `drops` says so.
     fn read(pid: u32, drops: bool) -> Self {
-        let mut queues: BTreeMap<u16, u64> = BTreeMap::new();
-        for (port, queue) in sockets::listen_queues(pid) {
-            *queues.entry(port).or_default() += queue;
-        }
+        let queues = sockets::listen_queues(pid);
         let drops = (drops && queues.len() == 1)
             .then(|| netstat::listen_drops(pid))
             .flatten();
@@ -706,7 +700,6 @@ mod tests {
         let held = sockets::HeldListener {
             port,
             inode,
-            queue: 0,
             fd: Some(socket.as_raw_fd()),
         };
         let sibling = sockets::HeldListener {

@@ -162,22 +162,22 @@ fn parse_listener(line: &str) -> Option<TcpListener> {
     })
 }
 
-/// Accept queues right now of the listening TCP sockets of `pid`'s network namespace, by
-/// port (one entry per socket: IPv4 and IPv6, SO_REUSEPORT groups).
-pub fn listen_queues(pid: u32) -> Vec<(u16, u64)> {
-    tcp_listeners(pid as i32)
-        .into_iter()
-        .map(|l| (l.port, l.queue))
-        .collect()
+/// Accept queues right now, per listening port of `pid`'s network namespace, summed over
+/// the sockets on one port (IPv4 and IPv6, SO_REUSEPORT groups).
+pub fn listen_queues(pid: u32) -> BTreeMap<u16, u64> {
+    let mut out: BTreeMap<u16, u64> = BTreeMap::new();
+    for l in tcp_listeners(pid as i32) {
+        *out.entry(l.port).or_default() += l.queue;
+    }
+    out
 }
 
-/// A TCP listener of a network namespace: its port, its accept queue as /proc shows it, and
-/// the descriptor a process holds it as, if that process holds it.
+/// A TCP listener of a network namespace: its port, and the descriptor a process holds it
+/// as, if that process holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeldListener {
     pub port: u16,
     pub inode: u64,
-    pub queue: u64,
     pub fd: Option<i32>,
 }
 
@@ -199,7 +199,6 @@ pub fn held_listeners(pid: u32) -> Vec<HeldListener> {
         .map(|l| HeldListener {
             port: l.port,
             inode: l.inode,
-            queue: l.queue,
             fd: fds.get(&l.inode).copied(),
         })
         .collect()
