@@ -681,6 +681,8 @@ pub mod names {
     pub const INET_SPORT_OFFSET: &str = "INET_SPORT_OFFSET";
     /// `enum skb_drop_reason`'s SKB_DROP_REASON_TCP_LISTEN_OVERFLOW, from BTF.
     pub const DROP_REASON_LISTEN_OVERFLOW: &str = "DROP_REASON_LISTEN_OVERFLOW";
+    /// SKB_DROP_REASON_NOT_SPECIFIED, from BTF.
+    pub const DROP_REASON_NOT_SPECIFIED: &str = "DROP_REASON_NOT_SPECIFIED";
     pub const TASK_EXIT_CODE_OFFSET: &str = "TASK_EXIT_CODE_OFFSET";
     pub const TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
     pub const TASK_FLAGS_OFFSET: &str = "TASK_FLAGS_OFFSET";

@@ -44,6 +44,8 @@ pub static INET_SPORT_OFFSET: Global<u32> = Global::new(0);
 /// Never a real reason until the daemon sets it.
 #[unsafe(no_mangle)]
 pub static DROP_REASON_LISTEN_OVERFLOW: Global<u32> = Global::new(u32::MAX);
+#[unsafe(no_mangle)]
+pub static DROP_REASON_NOT_SPECIFIED: Global<u32> = Global::new(u32::MAX);
 /// 0: exit reasons come from exit_group and signal_generate (syscall hook set).
 #[unsafe(no_mangle)]
 pub static TASK_EXIT_CODE_OFFSET: Global<u32> = Global::new(0);

@@ -35,6 +35,14 @@ pub fn hooks() -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
+/// Whether flyprobe tells a listener's own overflows apart with hook set `set` on this
+/// kernel: the fentry set sees the handshakes a listener dropped (`kfree_skb`'s `rx_sk`,
+/// or before Linux 6.11 fexit on `tcp_check_req`); the socket set from Linux 6.11
+/// (`rx_sk`); the syscall set never.
+pub fn overflows_per_listener(set: &str) -> bool {
+    set == "fentry" || (set == "socket" && crate::kernel_at_least(6, 11))
+}
+
 /// A wrapper for [`Flyprobe::start_via`]: `setpriv` (the program at that path) running
 /// flyprobe as nobody holding only the documented minimal set of capabilities to start
 /// (tracefs already mounted).
@@ -147,6 +155,14 @@ impl Flyprobe {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The hook set it attached, from its "attached N programs (SET hooks)" line.
+    pub fn hook_set(&self) -> Option<String> {
+        let log = self.log();
+        let line = log.lines().find(|l| l.contains(" hooks) to "))?;
+        let set = line.split(" (").nth(1)?.split(' ').next()?;
+        Some(set.to_string())
     }
 
     fn try_scrape(&self) -> Result<Metrics, String> {

@@ -24,6 +24,16 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
+/// Whether the running kernel is at least `major.minor` (/proc/sys/kernel/osrelease).
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
+}
+
 /// End-to-end tests load eBPF programs: they need root, and fail (never skip) without it.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.

@@ -401,6 +401,24 @@ pub fn nginx(upstream: u16) -> Server {
     start_nginx(dir, port, &conf, 2)
 }
 
+/// nginx (1 worker) whose listener defers accepting a connection until its first data
+/// (`listen ... deferred`: TCP_DEFER_ACCEPT), answering `/` with 200.
+pub fn nginx_deferred() -> Server {
+    let port = free_port();
+    let dir = nginx_dir(port);
+    std::fs::create_dir_all(&dir).expect("nginx dir");
+    let conf = nginx_conf(
+        &dir,
+        1,
+        "keepalive_requests 100000;",
+        &format!(
+            "listen 127.0.0.1:{port} deferred;
+    location = / {{ return 200 'ok'; }}"
+        ),
+    );
+    start_nginx(dir, port, &conf, 1)
+}
+
 /// The size of `nginx_h2c`'s `/static/page.bin`: eight of them fit the client's initial
 /// HTTP/2 connection window (65,535 bytes), so a client needs no WINDOW_UPDATE.
 pub const H2C_PAGE: usize = 6000;

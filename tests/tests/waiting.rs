@@ -226,16 +226,6 @@ fn resets_are_counted_by_direction() {
     );
 }
 
-/// Whether the running kernel is at least `major.minor` (/proc/sys/kernel/osrelease).
-fn kernel_at_least(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut parts = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse::<u32>().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
-}
-
 /// Counter `name` of `TcpExt` in a netstat file: /proc/net/netstat is this network
 /// namespace's (what `nstat` shows), /proc/PID/net/netstat that of PID's.
 fn tcp_ext(file: &str, name: &str) -> u64 {
@@ -324,6 +314,57 @@ fn connections_dropped_by_a_full_accept_queue_are_counted_as_the_kernel_counts_t
     );
 }
 
+/// nginx `listen ... deferred` (TCP_DEFER_ACCEPT, common in front of apps): the kernel
+/// discards each connection's bare ACK on the listener (`TCPDeferAcceptDrop`), and the
+/// listener's drop counter holds each, yet nothing overflowed: flyprobe's overflows stay at
+/// the kernel's `ListenOverflows`, none, where its hook set tells a listener's own apart
+/// (absent elsewhere).
+#[test]
+fn a_deferred_accept_listeners_discarded_acks_are_no_overflows() {
+    require_root();
+    let clients = 10;
+    let server = servers::nginx_deferred();
+    let port = server.port;
+    let fp = watch(server.pid());
+    let set = fp.hook_set().expect("the hook set in flyprobe's log");
+    let want = flyprobe::overflows_per_listener(&set).then_some(0);
+    let counted = |m: &Metrics| port_gauge(m, "server_listen_overflows_total", port);
+    eventually("the series, at 0", SETTLE, || match counted(&fp.scrape()) {
+        n if n == want => Ok(()),
+        other => Err(other),
+    });
+    let deferred = || tcp_ext("/proc/net/netstat", "TCPDeferAcceptDrop");
+    let before = (deferred(), listen_overflows());
+    for _ in 0..clients {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(
+            stream,
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).expect("response");
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    }
+    let dropped = deferred() - before.0;
+    assert!(
+        dropped >= clients,
+        "each connection's bare ACK discarded on the listener: {dropped}"
+    );
+    assert_eq!(listen_overflows(), before.1, "nothing overflowed");
+    // Every look from now on: the discards are in the drop counter already.
+    for _ in 0..5 {
+        assert_eq!(counted(&fp.scrape()), want, "{}", fp.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "{set} hooks: {dropped} bare ACKs discarded on a deferred listener, overflows {want:?}"
+    );
+}
+
 /// A server in a network namespace of its own, as in a pod, where flyprobe's sock_diag does
 /// not reach: its listener, borrowed for a moment, reports its accept queue and limit (what
 /// `ss` shows inside the pod), and its drop counter, which needs the kernel's handshake
@@ -339,9 +380,9 @@ fn a_pods_accept_queue_and_dropped_connections_are_read_from_its_listener() {
     let server = servers::gunicorn_sync_in_netns(name, 1, 4);
     let port = server.port;
     let fp = watch(server.pid());
-    // The kernel tells a listener's dropped handshakes apart from Linux 6.11 (kfree_skb's
-    // rx_sk), for the socket-keyed hook sets.
-    let per_listener = kernel_at_least(6, 11) && flyprobe::hooks().as_deref() != Some("syscall");
+    // Whether flyprobe tells the listener's dropped handshakes apart, by hook set and kernel.
+    let set = fp.hook_set().expect("the hook set in flyprobe's log");
+    let per_listener = flyprobe::overflows_per_listener(&set);
     assert_eq!(
         per_listener,
         !fp.log()

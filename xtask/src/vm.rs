@@ -343,7 +343,13 @@ fn write_initramfs(path: &Path, busybox: &Path) -> Result<()> {
 
 /// End-to-end test binaries the guest suite runs (the Rust-only tests of each; see E2E in
 /// tests/src/bin/flyprobe-vm-suite.rs), built as `cargo xtask test` builds them.
-const E2E_BINARIES: [&str; 4] = ["http_matrix", "watch_servers", "sockets", "unix_sockets"];
+const E2E_BINARIES: [&str; 5] = [
+    "http_matrix",
+    "watch_servers",
+    "sockets",
+    "unix_sockets",
+    "waiting",
+];
 
 fn e2e_binaries() -> Result<Vec<(&'static str, PathBuf)>> {
     let out = Command::new("cargo")

@@ -21,7 +21,9 @@ use crate::{
     kernel::maps::KernelMaps,
     kernel::memory,
     kernel::openssl::OpenSsl,
-    kernel::probe::{HookSet, Limits, Options, Probe, Rings, SocketOffsets, pid_slots},
+    kernel::probe::{
+        HandshakeDrops, HookSet, Limits, Options, Probe, Rings, SocketOffsets, pid_slots,
+    },
     kernel::tracefs,
     model::persist::PinDir,
     model::state::{Shared, State},
@@ -138,6 +140,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         listeners: Default::default(),
         queued: Default::default(),
         retired_ports: Default::default(),
+        overflow_base: Default::default(),
         map_memory: Default::default(),
         map_names: Default::default(),
         unknown_since: Default::default(),
@@ -148,9 +151,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         hooks: probe.hooks.name(),
         retention: cli.worker_retention,
         kernel_events: [0; 3],
-        overflow_correction: probe.hooks != HookSet::Syscall
-            && probe.listen_overflow.is_some()
-            && !probe.skipped.contains(&"packet_dropped"),
+        overflow_correction: probe.handshake_drops.is_some(),
         probe: None,
         openssl: cli.tls.then(OpenSsl::new),
         announced: Default::default(),
@@ -158,15 +159,26 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     };
     if !state.overflow_correction {
         log::info!(
-            "server_listen_overflows_total per listener needs the fentry or socket hooks and \
-             skb:kfree_skb with rx_sk (Linux >= 6.11): here it is exported only where a \
-             server's port is the only one listening in its network namespace (a pod), from \
-             that namespace's ListenDrops"
+            "server_listen_overflows_total per listener needs skb:kfree_skb with rx_sk \
+             (Linux >= 6.11, fentry or socket hooks) or, before, the fentry hooks' fexit on \
+             tcp_check_req: here it is exported only where a server's port is the only one \
+             listening in its network namespace (a pod), from that namespace's ListenDrops"
         );
-    } else if probe.listen_overflow.is_some_and(|o| !o.named) {
+    } else {
         log::info!(
-            "handshakes dropped at a full accept queue: skb:kfree_skb on a listener with \
-             reason NOT_SPECIFIED (this kernel's BTF has no TCP_LISTEN_OVERFLOW, Linux < 6.15)"
+            "packets discarded on a listener, which its drop counter holds besides the \
+             overflows: {}",
+            match probe.handshake_drops {
+                Some(HandshakeDrops::FreedOnListener { named: true }) =>
+                    "skb:kfree_skb on a listener with reason TCP_LISTEN_OVERFLOW or \
+                     NOT_SPECIFIED",
+                Some(HandshakeDrops::FreedOnListener { named: false }) =>
+                    "skb:kfree_skb on a listener with reason NOT_SPECIFIED (TCP_LISTEN_OVERFLOW \
+                     too from Linux 6.15)",
+                Some(HandshakeDrops::NoChild) | None =>
+                    "fexit on tcp_check_req returning no child, the packet then discarded on \
+                     the listener (skb:kfree_skb has no rx_sk before Linux 6.11)",
+            }
         );
     }
     if state.borrow_listeners {

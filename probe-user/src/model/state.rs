@@ -61,6 +61,11 @@ pub struct State {
     pub queued: BTreeMap<u32, u64>,
     /// What the kernel counted on listeners that are gone, by root (counters never go back).
     pub retired_ports: BTreeMap<u32, PortStats>,
+    /// Where each listener's overflows count from: its drop counter and the discards the
+    /// kernel programs counted on its port when flyprobe first read it. The counter runs
+    /// from the listener's creation, but the discards it holds besides overflows (a
+    /// deferred accept's bare ACK, an overflow's second count) are seen only from then on.
+    pub overflow_base: Mutex<BTreeMap<(u32, u16), (u64, u64)>>,
     /// Kernel memory each map uses, as of the last sweep.
     pub map_memory: BTreeMap<String, u64>,
     /// Map names by kernel map id (looked up once per map).
@@ -417,6 +422,7 @@ impl State {
                 if let Some(counted) = counted {
                     self.retired_ports.entry(root).or_default().add(&counted);
                 }
+                lock(&self.overflow_base).remove(&(netns, port));
             }
         }
         self.listeners = listeners;
@@ -514,12 +520,19 @@ impl State {
         } else {
             None
         };
-        // A listener's drop counter holds each dropped handshake twice; the kernel's
-        // handshake drops (kfree_skb) are subtracted once.
+        // A listener's drop counter holds each dropped handshake twice and the other
+        // discards on it once: the kernel's count of the discards is taken out, both from
+        // where flyprobe first read the listener.
         let overflows = |key: &(u32, u16), drops: u64| {
             self.overflow_correction.then(|| {
-                let twice = counted.get(key).map_or(0, |c| c.handshakes_dropped);
-                drops.saturating_sub(twice)
+                let discarded = counted.get(key).map_or(0, |c| c.handshakes_dropped);
+                let mut bases = lock(&self.overflow_base);
+                let base = bases.entry(*key).or_insert((drops, discarded));
+                if drops < base.0 || discarded < base.1 {
+                    // A new listener on the port (its counter starts again): from here.
+                    *base = (drops, discarded);
+                }
+                (drops - base.0).saturating_sub(discarded - base.1)
             })
         };
         // One source per series: where listeners are read for their own count, a failed
@@ -665,6 +678,11 @@ pub fn uptime() -> f64 {
 
 /// sock_diag's failure is warned about once (it would fail at every scrape).
 static DIAG_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// A lock no panic elsewhere can poison for good: what it guards is rebuilt as it is used.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 #[cfg(test)]
 mod tests {

@@ -596,9 +596,18 @@ fn listener(hooks: &str, pod: bool) -> Result<String, String> {
         &wrapper,
         &["--hooks", hooks, "--pid-tree", &pid.to_string()],
     );
-    // Per listener (the handshakes it dropped told apart), or in a pod its namespace's count;
-    // in flyprobe's own namespace without that, none.
-    let counted = pod || !fp.log().contains("per listener needs");
+    // Per listener (the handshakes it dropped told apart: on 6.1 the fentry set's fexit on
+    // tcp_check_req, on 6.12 kfree_skb's rx_sk), or in a pod its namespace's
+    // count; in flyprobe's own namespace without either, none. The log must agree.
+    let per_listener = flyprobe::overflows_per_listener(hooks);
+    if per_listener == fp.log().contains("per listener needs") {
+        return Err(format!(
+            "{hooks} hooks on this kernel should count overflows per listener: \
+             {per_listener}; the log says otherwise:\n{}",
+            fp.log()
+        ));
+    }
+    let counted = pod || per_listener;
     let want = |n: u64| counted.then_some(n as f64);
     let port_label = port.to_string();
     let labels = [("port", port_label.as_str())];
@@ -634,8 +643,9 @@ fn listener(hooks: &str, pod: bool) -> Result<String, String> {
         return Err(format!("a borrow failed: {log}"));
     }
     drop(stdin);
-    let how = match (pod, counted) {
-        (true, _) => "in a pod",
+    let how = match (pod, per_listener) {
+        (true, true) => "in a pod, per listener",
+        (true, false) => "in a pod, the namespace's count",
         (false, true) => "per listener",
         (false, false) => "none exported: this kernel cannot tell them per listener",
     };
@@ -747,6 +757,10 @@ const E2E: &[(&str, &[&str])] = &[
         ],
     ),
     ("watch_servers", &["rust_axum_server"]),
+    (
+        "waiting",
+        &["a_deferred_accept_listeners_discarded_acks_are_no_overflows"],
+    ),
     (
         "sockets",
         &["sockets_driven_through_io_uring_count_exactly"],

@@ -25,6 +25,8 @@ pub(super) enum Needs {
     TaskBtf,
     /// The kernel has no such BTF: the classic lifecycle programs instead.
     NoTaskBtf,
+    /// In place of this program, where the kernel lacked what it reads (attached first).
+    InsteadOf(&'static str),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,12 +67,20 @@ impl Hook {
         Self { needs, ..self }
     }
 
-    pub(super) fn wanted(&self, set: HookSet, task_btf: bool) -> bool {
+    /// Whether the row is attached in `set`, given the programs `skipped` so far.
+    /// A row that stands in for another is not needed for the rest: where the kernel
+    /// refuses it, it is left out (logged), not the whole set.
+    pub(super) fn optional(&self) -> bool {
+        matches!(self.needs, Needs::InsteadOf(_))
+    }
+
+    pub(super) fn wanted(&self, set: HookSet, task_btf: bool, skipped: &[&str]) -> bool {
         self.sets.contains(&set)
             && match self.needs {
                 Needs::Nothing => true,
                 Needs::TaskBtf => task_btf,
                 Needs::NoTaskBtf => !task_btf,
+                Needs::InsteadOf(program) => skipped.contains(&program),
             }
     }
 }
@@ -106,7 +116,7 @@ const SOCKET: &[HookSet] = &[HookSet::Socket];
 const SYSCALL: &[HookSet] = &[HookSet::Syscall];
 
 use Kind::{FExit, Raw, RawWith, Tracepoint};
-use Needs::{NoTaskBtf, TaskBtf};
+use Needs::{InsteadOf, NoTaskBtf, TaskBtf};
 
 pub(super) const CALIBRATION: Hook = Hook::new(
     "calibration",
@@ -175,6 +185,8 @@ pub(super) const HOOKS: &[Hook] = &[
     Hook::new("reset_sent", "tcp", &["tcp_send_reset"], Raw, BY_SOCKET),
     Hook::new("reset_received", "tcp", &["tcp_receive_reset"], Raw, BY_SOCKET),
     Hook::new("packet_dropped", "skb", &["kfree_skb"], RawWith("rx_sk"), BY_SOCKET),
+    // Before 6.11 (no rx_sk), the fentry set sees the handshakes a listener dropped here
+    Hook::new("check_req_exit", "fexit", &["tcp_check_req"], FExit(5), FENTRY).needs(InsteadOf("packet_dropped")),
     // The fentry set's data
     Hook::new("tcp_recv_exit", "fexit", &["tcp_recvmsg"], FExit(5), FENTRY),
     Hook::new("tcp_recv4_exit", "fexit", &["tcp_recvmsg"], FExit(4), FENTRY),
@@ -221,3 +233,32 @@ pub(super) const OPENSSL_CALLS: [(&str, &str, bool); 6] = [
     ("ssl_do_handshake", "SSL_do_handshake", false),
     ("ssl_free", "SSL_free", false),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(program: &str) -> &'static Hook {
+        HOOKS.iter().find(|h| h.program == program).unwrap()
+    }
+
+    #[test]
+    fn handshake_drops_come_from_kfree_skb_and_else_from_the_fentry_sets_fexit() {
+        let kfree = row("packet_dropped");
+        for set in [HookSet::Fentry, HookSet::Socket] {
+            assert!(kfree.wanted(set, true, &[]));
+        }
+        assert!(!kfree.wanted(HookSet::Syscall, true, &[]));
+        let fexit = row("check_req_exit");
+        assert!(fexit.optional());
+        // Only where kfree_skb had no rx_sk, and only on the fentry set.
+        assert!(!fexit.wanted(HookSet::Fentry, true, &[]));
+        assert!(fexit.wanted(HookSet::Fentry, true, &["packet_dropped"]));
+        assert!(!fexit.wanted(HookSet::Socket, true, &["packet_dropped"]));
+        assert!(!fexit.wanted(HookSet::Syscall, true, &["packet_dropped"]));
+        // Attached after the row they stand in for, which decides.
+        let at = |p| HOOKS.iter().position(|h| h.program == p).unwrap();
+        assert!(at("packet_dropped") < at("check_req_exit"));
+        assert!(!kfree.optional());
+    }
+}

@@ -93,6 +93,17 @@ pub struct Rings {
     pub access: RingBuf<MapData>,
 }
 
+/// Where the kernel counts the handshakes a listener dropped at a full accept queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandshakeDrops {
+    /// `skb:kfree_skb` on a listener (`rx_sk`, Linux >= 6.11), with reason NOT_SPECIFIED or
+    /// TCP_LISTEN_OVERFLOW (`named`, 6.15 on).
+    FreedOnListener { named: bool },
+    /// fexit on `tcp_check_req` returning no child, the packet then discarded on the
+    /// listener (the fentry set, before 6.11).
+    NoChild,
+}
+
 pub struct Probe {
     // Owns the programs and their links: dropping it detaches everything.
     ebpf: Ebpf,
@@ -107,7 +118,10 @@ pub struct Probe {
     pub skipped: Vec<&'static str>,
     /// The drop reason that marks a handshake dropped at a full accept queue, where BTF
     /// names one.
-    pub listen_overflow: Option<ListenOverflow>,
+    listen_overflow: Option<ListenOverflow>,
+    /// Where the kernel programs count the handshakes a listener dropped (which its drop
+    /// counter holds twice), if anywhere.
+    pub handshake_drops: Option<HandshakeDrops>,
     /// The data path's HTTP/2 frame walks' arrays, tail-called from here (held: the kernel
     /// empties a program array when its last descriptor closes).
     h2_walk: Vec<ProgramArray<MapData>>,
@@ -166,7 +180,12 @@ impl Probe {
                 .override_global(names::INET_SPORT_OFFSET, &o.inet_sport, true)
                 .override_global(
                     names::DROP_REASON_LISTEN_OVERFLOW,
-                    &o.listen_overflow.reason,
+                    &o.listen_overflow.overflow,
+                    true,
+                )
+                .override_global(
+                    names::DROP_REASON_NOT_SPECIFIED,
+                    &o.listen_overflow.not_specified,
                     true,
                 )
                 .override_global(names::REGS_ARG1_OFFSET, &o.regs_arg1, true)
@@ -228,19 +247,36 @@ impl Probe {
             listen_overflow: socket
                 .map(|o| o.listen_overflow)
                 .filter(ListenOverflow::known),
+            handshake_drops: None,
             h2_walk: Vec::new(),
             tls_h2_walk: None,
         };
         let set = options.hooks;
         if options.empty_hooks {
-            for hook in FLOOR.iter().filter(|h| h.wanted(set, task.is_some())) {
+            for hook in FLOOR.iter().filter(|h| h.wanted(set, task.is_some(), &[])) {
                 probe.attach(tracefs, hook)?;
             }
             return Ok(probe);
         }
-        for hook in HOOKS.iter().filter(|h| h.wanted(set, task.is_some())) {
-            probe.attach(tracefs, hook)?;
+        for hook in HOOKS {
+            if !hook.wanted(set, task.is_some(), &probe.skipped) {
+                continue;
+            }
+            if !hook.optional() {
+                probe.attach(tracefs, hook)?;
+            } else if let Err(err) = probe.attach(tracefs, hook) {
+                // With its causes: the verifier's log is in them.
+                let mut why = err.to_string();
+                let mut source = std::error::Error::source(&err);
+                while let Some(cause) = source {
+                    why.push_str(&format!(": {cause}"));
+                    source = cause.source();
+                }
+                log::warn!("{} not attached: {why}", hook.program);
+                probe.skipped.push(hook.program);
+            }
         }
+        probe.handshake_drops = probe.handshake_drops_source(set, task.is_some());
         probe.data_walks();
         if options.tls {
             probe.tls_programs()?;
@@ -272,6 +308,7 @@ impl Probe {
             let found = self.params_of(function)?;
             if found != Some(params) {
                 log::debug!("{function} has {found:?} parameters here: {name} not attached");
+                self.skipped.push(name);
                 return Ok(());
             }
             self.read_btf(name)?;
@@ -321,6 +358,26 @@ impl Probe {
             }
         }
         Ok(())
+    }
+
+    /// Which attached programs count a listener's dropped handshakes.
+    fn handshake_drops_source(&self, set: HookSet, task_btf: bool) -> Option<HandshakeDrops> {
+        let attached = |name: &str| {
+            HOOKS
+                .iter()
+                .any(|h| h.program == name && h.wanted(set, task_btf, &self.skipped))
+                && !self.skipped.contains(&name)
+        };
+        if attached("packet_dropped") {
+            let reason = self.listen_overflow?;
+            Some(HandshakeDrops::FreedOnListener {
+                named: reason.named,
+            })
+        } else if attached("check_req_exit") {
+            Some(HandshakeDrops::NoChild)
+        } else {
+            None
+        }
     }
 
     /// The maps and the rings.

@@ -12,36 +12,38 @@ use crate::kernel::{
     tracefs::{Format, TracefsError},
 };
 
-/// The `skb_drop_reason` of a handshake dropped because the listener's accept queue was
-/// full: TCP_LISTEN_OVERFLOW from Linux 6.15; before, NOT_SPECIFIED, which the kernel
-/// program counts only where the dropping socket is a listener (`kfree_skb`'s `rx_sk`,
-/// 6.11+).
+/// The `skb_drop_reason`s of the packets `tcp_v{4,6}_rcv` discards on a listener after
+/// adding them to its drop counter (`kfree_skb` with `rx_sk` a listener, 6.11+): a handshake
+/// dropped at a full accept queue is TCP_LISTEN_OVERFLOW from Linux 6.15, NOT_SPECIFIED
+/// before; the other discards there (a bare ACK under TCP_DEFER_ACCEPT, measured on 6.18) are
+/// NOT_SPECIFIED on every kernel. Both are counted: the drop counter holds an overflow twice
+/// and the rest once, none of which is an overflow more.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListenOverflow {
-    pub(super) reason: u32,
-    /// TCP_LISTEN_OVERFLOW itself.
+    /// TCP_LISTEN_OVERFLOW (u32::MAX, which matches no reason, before 6.15).
+    pub(super) overflow: u32,
+    pub(super) not_specified: u32,
+    /// TCP_LISTEN_OVERFLOW is named.
     pub named: bool,
 }
 
 impl ListenOverflow {
     fn read(btf: &Btf) -> Self {
-        let value = |name| btf.enum_value("skb_drop_reason", name).ok();
-        match value("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW") {
-            Some(v) => Self {
-                reason: v as u32,
-                named: true,
-            },
-            None => Self {
-                // u32::MAX matches no reason.
-                reason: value("SKB_DROP_REASON_NOT_SPECIFIED").map_or(u32::MAX, |v| v as u32),
-                named: false,
-            },
+        let value = |name| {
+            btf.enum_value("skb_drop_reason", name)
+                .map_or(u32::MAX, |v| v as u32)
+        };
+        let overflow = value("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW");
+        Self {
+            overflow,
+            not_specified: value("SKB_DROP_REASON_NOT_SPECIFIED"),
+            named: overflow != u32::MAX,
         }
     }
 
     /// Whether a reason is known at all.
     pub fn known(&self) -> bool {
-        self.reason != u32::MAX
+        self.not_specified != u32::MAX
     }
 }
 
