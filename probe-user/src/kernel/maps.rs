@@ -149,13 +149,23 @@ impl KernelMaps {
     /// connection from it must not look served. Returns what the kernel counted on it.
     pub fn unlisten(&mut self, key: &ListenKey) -> Option<PortStats> {
         let _ = self.listen_ports.remove(key);
-        let counted = self.ports.get(key, 0).ok().map(|per_cpu| {
+        let counted = self.port(key.netns, key.port);
+        let _ = self.ports.remove(key);
+        counted
+    }
+
+    /// What the kernel counted on one watched listening port so far.
+    pub fn port(&self, netns: u32, port: u16) -> Option<PortStats> {
+        let key = ListenKey {
+            netns,
+            port,
+            _pad: 0,
+        };
+        self.ports.get(&key, 0).ok().map(|per_cpu| {
             let mut total = PortStats::default();
             per_cpu.iter().for_each(|s| total.add(s));
             total
-        });
-        let _ = self.ports.remove(key);
-        counted
+        })
     }
 
     /// What the kernel counted per watched listening port: (network namespace, port).

@@ -61,11 +61,8 @@ pub struct State {
     pub queued: BTreeMap<u32, u64>,
     /// What the kernel counted on listeners that are gone, by root (counters never go back).
     pub retired_ports: BTreeMap<u32, PortStats>,
-    /// Where each listener's overflows count from: its drop counter and the discards the
-    /// kernel programs counted on its port when flyprobe first read it. The counter runs
-    /// from the listener's creation, but the discards it holds besides overflows (a
-    /// deferred accept's bare ACK, an overflow's second count) are seen only from then on.
-    pub overflow_base: Mutex<BTreeMap<(u32, u16), (u64, u64)>>,
+    /// Each listener's overflow count as flyprobe publishes it (`Overflows`).
+    pub overflow_base: Mutex<BTreeMap<(u32, u16), Overflows>>,
     /// Kernel memory each map uses, as of the last sweep.
     pub map_memory: BTreeMap<String, u64>,
     /// Map names by kernel map id (looked up once per map).
@@ -521,18 +518,19 @@ impl State {
             None
         };
         // A listener's drop counter holds each dropped handshake twice and the other
-        // discards on it once: the kernel's count of the discards is taken out, both from
-        // where flyprobe first read the listener.
+        // discards on it once: the kernel's count of the discards is taken out. That count
+        // is read after the drop counter, so a discard between the two reads is an
+        // undercount (made good at the next scrape), never an overflow too many.
         let overflows = |key: &(u32, u16), drops: u64| {
             self.overflow_correction.then(|| {
-                let discarded = counted.get(key).map_or(0, |c| c.handshakes_dropped);
-                let mut bases = lock(&self.overflow_base);
-                let base = bases.entry(*key).or_insert((drops, discarded));
-                if drops < base.0 || discarded < base.1 {
-                    // A new listener on the port (its counter starts again): from here.
-                    *base = (drops, discarded);
-                }
-                (drops - base.0).saturating_sub(discarded - base.1)
+                let discarded = self
+                    .maps
+                    .port(key.0, key.1)
+                    .map_or(0, |c| c.handshakes_dropped);
+                lock(&self.overflow_base)
+                    .entry(*key)
+                    .or_insert_with(|| Overflows::new(drops, discarded))
+                    .read(drops, discarded)
             })
         };
         // One source per series: where listeners are read for their own count, a failed
@@ -679,6 +677,50 @@ pub fn uptime() -> f64 {
 /// sock_diag's failure is warned about once (it would fail at every scrape).
 static DIAG_WARNED: AtomicBool = AtomicBool::new(false);
 
+/// A listener's overflows as published: its drop counter less the discards the kernel
+/// programs counted on its port, both from when flyprobe first read it (the counter runs
+/// from the listener's creation, but the discards it holds are seen only from then on), and
+/// never less than published before (a counter).
+#[derive(Clone, Copy, Debug)]
+pub struct Overflows {
+    /// The readings this stretch counts from, and what was published when it began.
+    drops: u64,
+    discarded: u64,
+    base: u64,
+    /// The last drop count read, and the value published.
+    last: u64,
+    published: u64,
+}
+
+impl Overflows {
+    fn new(drops: u64, discarded: u64) -> Self {
+        Self {
+            drops,
+            discarded,
+            base: 0,
+            last: drops,
+            published: 0,
+        }
+    }
+
+    /// The count given the port's drop counter and the discards counted on it now.
+    fn read(&mut self, drops: u64, discarded: u64) -> u64 {
+        if drops < self.last || discarded < self.discarded {
+            // A socket of the port closed, or a new listener took it (its counter starts
+            // again): a new stretch, from what was published.
+            *self = Self {
+                base: self.published,
+                ..Self::new(drops, discarded)
+            };
+            self.published = self.base;
+        }
+        self.last = drops;
+        let value = self.base + (drops - self.drops).saturating_sub(discarded - self.discarded);
+        self.published = self.published.max(value);
+        self.published
+    }
+}
+
 /// A lock no panic elsewhere can poison for good: what it guards is rebuilt as it is used.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -687,6 +729,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Overflows: the drop counter less the discards, from the first read, never going back.
+    #[test]
+    fn overflows_count_from_the_first_read_and_never_go_back() {
+        // A listener that dropped 10 and discarded 4 before flyprobe: none of it counts.
+        let mut o = Overflows::new(10, 4);
+        assert_eq!(o.read(10, 4), 0);
+        // A deferred accept's bare ACK: once in the counter, once discarded.
+        assert_eq!(o.read(11, 5), 0);
+        // A handshake dropped at a full queue: twice in the counter, one discard.
+        assert_eq!(o.read(13, 6), 1);
+        // A SYN dropped at a full queue: once, no discard.
+        assert_eq!(o.read(14, 6), 2);
+        // Discards counted ahead of the counter (read in between): no step back.
+        assert_eq!(o.read(14, 7), 2);
+        assert_eq!(o.read(15, 7), 2);
+        // A socket of the port closed (the summed counter fell): a new stretch from here.
+        assert_eq!(o.read(3, 7), 2);
+        assert_eq!(o.read(5, 8), 3);
+        // A new listener (the kernel's discard count started again too).
+        assert_eq!(o.read(0, 0), 3);
+        assert_eq!(o.read(1, 0), 4);
+    }
 
     /// A namespace's drop count is a port's only where that port is all that listens there.
     #[test]

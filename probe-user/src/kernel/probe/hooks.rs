@@ -67,13 +67,13 @@ impl Hook {
         Self { needs, ..self }
     }
 
-    /// Whether the row is attached in `set`, given the programs `skipped` so far.
     /// A row that stands in for another is not needed for the rest: where the kernel
     /// refuses it, it is left out (logged), not the whole set.
     pub(super) fn optional(&self) -> bool {
         matches!(self.needs, Needs::InsteadOf(_))
     }
 
+    /// Whether the row is attached in `set`, given the programs `skipped` so far.
     pub(super) fn wanted(&self, set: HookSet, task_btf: bool, skipped: &[&str]) -> bool {
         self.sets.contains(&set)
             && match self.needs {
