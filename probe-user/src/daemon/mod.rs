@@ -140,7 +140,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         listeners: Default::default(),
         queued: Default::default(),
         retired_ports: Default::default(),
-        overflow_base: Default::default(),
+        overflows: Default::default(),
         map_memory: Default::default(),
         map_names: Default::default(),
         unknown_since: Default::default(),

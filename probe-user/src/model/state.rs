@@ -62,7 +62,7 @@ pub struct State {
     /// What the kernel counted on listeners that are gone, by root (counters never go back).
     pub retired_ports: BTreeMap<u32, PortStats>,
     /// Each listener's overflow count as flyprobe publishes it (`Overflows`).
-    pub overflow_base: Mutex<BTreeMap<(u32, u16), Overflows>>,
+    pub overflows: Mutex<BTreeMap<(u32, u16), Overflows>>,
     /// Kernel memory each map uses, as of the last sweep.
     pub map_memory: BTreeMap<String, u64>,
     /// Map names by kernel map id (looked up once per map).
@@ -419,7 +419,7 @@ impl State {
                 if let Some(counted) = counted {
                     self.retired_ports.entry(root).or_default().add(&counted);
                 }
-                lock(&self.overflow_base).remove(&(netns, port));
+                lock(&self.overflows).remove(&(netns, port));
             }
         }
         self.listeners = listeners;
@@ -527,7 +527,7 @@ impl State {
                     .maps
                     .port(key.0, key.1)
                     .map_or(0, |c| c.handshakes_dropped);
-                lock(&self.overflow_base)
+                lock(&self.overflows)
                     .entry(*key)
                     .or_insert_with(|| Overflows::new(drops, discarded))
                     .read(drops, discarded)

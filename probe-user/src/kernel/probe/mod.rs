@@ -265,14 +265,8 @@ impl Probe {
             if !hook.optional() {
                 probe.attach(tracefs, hook)?;
             } else if let Err(err) = probe.attach(tracefs, hook) {
-                // With its causes: the verifier's log is in them.
-                let mut why = err.to_string();
-                let mut source = std::error::Error::source(&err);
-                while let Some(cause) = source {
-                    why.push_str(&format!(": {cause}"));
-                    source = cause.source();
-                }
-                log::warn!("{} not attached: {why}", hook.program);
+                // As the refused walks are told: the first line and the verifier's verdict.
+                log::warn!("{} not attached: {}", hook.program, first_line(&err));
                 probe.skipped.push(hook.program);
             }
         }
