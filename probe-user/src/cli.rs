@@ -110,6 +110,12 @@ pub struct Cli {
     #[arg(long, hide = true)]
     pub empty_hooks: bool,
 
+    /// Socket set: never read the syscall's buffer, so method, status and protocol stay
+    /// unknown (each turn a request of protocol "unknown"; the benchmark's measure of what the
+    /// payload peeks cost). The start-up self-test needs the peeks and is not run.
+    #[arg(long, hide = true)]
+    pub no_peek: bool,
+
     /// The syscall hooks' lifecycle programs as a kernel without BTF for task_struct has
     /// them: classic sched tracepoints (tests run that path on kernels that have BTF).
     #[arg(long, hide = true)]

@@ -73,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         },
         hooks,
         empty_hooks: cli.empty_hooks,
+        no_peek: cli.no_peek,
         classic_lifecycle: cli.classic_lifecycle,
         access_log: access_log.is_some(),
         calibration: cli.calibration_probe,
@@ -328,6 +329,14 @@ fn attach(
         if cli.empty_hooks {
             log::info!(
                 "hooks: empty programs on the {} set's events only (--empty-hooks)",
+                set.name()
+            );
+            return Ok((probe, maps, rings));
+        }
+        if cli.no_peek {
+            log::warn!(
+                "hooks: {} set without payload peeks (--no-peek): no self-test; method, status \
+                 and protocol are not read",
                 set.name()
             );
             return Ok((probe, maps, rings));

@@ -68,6 +68,8 @@ pub struct Options {
     pub hooks: HookSet,
     /// Attach only empty programs on the socket set's events (the benchmark's floor).
     pub empty_hooks: bool,
+    /// Socket set: leave the syscall's buffer unread (`--no-peek`, the benchmark's).
+    pub no_peek: bool,
     /// The syscall set's lifecycle as on a kernel without task_struct BTF (tests).
     pub classic_lifecycle: bool,
     /// Extra tracepoints that must exist, as `category:name`.
@@ -168,7 +170,7 @@ impl Probe {
             loader.map_pin_path(name, path.as_path());
         }
         let announce_listen = u32::from(options.listen_events);
-        let peek = u32::from(socket.is_some_and(|o| o.peek_regs));
+        let peek = u32::from(!options.no_peek && socket.is_some_and(|o| o.peek_regs));
         if let Some(o) = &socket {
             loader
                 .override_global(names::SK_FAMILY_OFFSET, &o.sk_family, true)

@@ -57,6 +57,8 @@ pub enum Variant {
     Again,
     Floor,
     Socket,
+    /// The socket hooks without reading any payload byte (`--no-peek`): what the peeks cost.
+    NoPeek,
     Syscall,
     Unwatched,
     /// The socket hooks with the OpenSSL uprobes (`--tls`): the TLS servers only.
@@ -64,11 +66,12 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::None,
         Self::Again,
         Self::Floor,
         Self::Socket,
+        Self::NoPeek,
         Self::Syscall,
         Self::Unwatched,
         Self::Tls,
@@ -91,6 +94,7 @@ impl Variant {
             Self::Again => "a/a",
             Self::Floor => "floor",
             Self::Socket => "socket",
+            Self::NoPeek => "no-peek",
             Self::Syscall => "syscall",
             Self::Unwatched => "unwatched",
             Self::Tls => "tls",
@@ -109,6 +113,11 @@ impl Variant {
                  sock_send_length and inet_sock_set_state (the cost floor of hooking them)"
             }
             Self::Socket => "`flyprobe --hooks socket --pid-tree SERVER`",
+            Self::NoPeek => {
+                "`flyprobe --hooks socket --no-peek --pid-tree SERVER`: the socket set reading no \
+                 payload byte (method, status and protocol unknown): `socket` \
+                 minus this is what the payload peeks cost"
+            }
             Self::Syscall => "`flyprobe --hooks syscall --pid-tree SERVER`",
             Self::Unwatched => {
                 "`flyprobe --hooks auto --pid-tree IDLE`: flyprobe watching an idle `sleep`, \
@@ -127,6 +136,7 @@ impl Variant {
             Self::None | Self::Again => return None,
             Self::Floor => &["--empty-hooks", "--pid-tree"],
             Self::Socket => &["--hooks", "socket", "--pid-tree"],
+            Self::NoPeek => &["--hooks", "socket", "--no-peek", "--pid-tree"],
             Self::Syscall => &["--hooks", "syscall", "--pid-tree"],
             Self::Unwatched => &["--hooks", "auto", "--pid-tree"],
             Self::Tls => &["--hooks", "socket", "--tls", "--pid-tree"],
@@ -735,6 +745,19 @@ pub fn section(
                 ));
             }
         }
+    }
+
+    // What the payload peeks cost: per round, socket's CPU per request over no-peek's.
+    if let (Some(s), Some(n)) = (index(Variant::Socket), index(Variant::NoPeek)) {
+        let d: Vec<f64> = (0..args.rounds)
+            .map(|k| (samples[s][k].us_per_req() / samples[n][k].us_per_req() - 1.0) * 100.0)
+            .collect();
+        let iv = stats::bootstrap_median(&d);
+        r.code(format!(
+            "peeks: socket over no-peek, per round, median {:+.2}% [{:+.2}, {:+.2}] (the CPU per \
+             request that reading the method and status adds; informational)",
+            iv.median, iv.lo, iv.hi
+        ));
     }
 
     // Cross-check against /proc/PID/stat's ticks, and the noise on CPU 0.

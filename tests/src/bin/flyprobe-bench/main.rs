@@ -988,6 +988,25 @@ fn hooks(r: &mut Report, args: &BenchArgs, bin: &std::path::Path) -> Result<()> 
              tracked {t:.0} ns; watching the server adds {:.0} ns per request to the empty programs",
             t - e
         ));
+        // The same watched load reading no payload byte: what the peeks add (informational).
+        if accepts(&["--hooks", "socket", "--no-peek"]) {
+            let (bare, bare_req) = hook_costs(
+                &["--hooks", "socket", "--no-peek", "--pid-tree", &pid],
+                &watched,
+                args,
+            )?;
+            r.code("tracked traffic without payload peeks (--hooks socket --no-peek), same load:");
+            for (name, runs, ns) in &bare {
+                r.code(format!("  {name:<16} {runs:>10} runs  {ns:>7.1} ns/run"));
+            }
+            let b = ns_per_request(&bare, bare_req);
+            r.code(format!(
+                "program time per request without peeks: {b:.0} ns (adds {:.0} ns to the empty \
+                 programs); the method and status peeks: {:.0} ns per request",
+                b - e,
+                t - b
+            ));
+        }
         // ns per run over all of them: the busy ones dominate.
         let runs: u64 = empty.iter().map(|x| x.1).sum();
         let ns: f64 = empty.iter().map(|x| x.2 * x.1 as f64).sum();
