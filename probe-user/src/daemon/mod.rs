@@ -33,6 +33,10 @@ use crate::{
 };
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // The other sets read the payload another way, which the flag does not turn off.
+    if cli.no_peek && cli.hooks != Hooks::Socket {
+        anyhow::bail!("--no-peek applies to the socket set only: add --hooks socket");
+    }
     check_pid_namespace()?;
     raise_fd_limit();
     crate::processes::kubelet::set_log_dir(cli.kubelet_log_dir.clone());
