@@ -872,6 +872,14 @@ fn untracked(r: &mut Report, args: &BenchArgs, rng: &mut Rng) -> Result<()> {
 /// One program's runs and ns per run over a load.
 type HookCost = (String, u64, f64);
 
+/// One load's per-program costs under `title`, a line a program.
+fn cost_table(r: &mut Report, title: &str, costs: &[HookCost]) {
+    r.code(title);
+    for (name, runs, ns) in costs {
+        r.code(format!("  {name:<16} {runs:>10} runs  {ns:>7.1} ns/run"));
+    }
+}
+
 /// Every program's run time over a load, per request the load completed. The load
 /// generator's own socket events run the programs too (as untracked runs), so per-run
 /// figures blend the server's runs with the client's; per request, the difference between
@@ -962,22 +970,21 @@ fn hooks(r: &mut Report, args: &BenchArgs, bin: &std::path::Path) -> Result<()> 
     }
     let (tracked, tracked_req) = hook_costs(&fp_args, &watched, args)?;
     let (untracked, untracked_req) = hook_costs(&fp_args, &other, args)?;
-    r.code("tracked traffic (flyprobe watches the loaded server):");
-    for (name, runs, ns) in &tracked {
-        r.code(format!("  {name:<16} {runs:>10} runs  {ns:>7.1} ns/run"));
-    }
-    r.code("untracked traffic (flyprobe watches another, idle server):");
-    for (name, runs, ns) in &untracked {
-        r.code(format!("  {name:<16} {runs:>10} runs  {ns:>7.1} ns/run"));
-    }
+    cost_table(
+        r,
+        "tracked traffic (flyprobe watches the loaded server):",
+        &tracked,
+    );
+    cost_table(
+        r,
+        "untracked traffic (flyprobe watches another, idle server):",
+        &untracked,
+    );
     let calib = |v: &[HookCost]| v.iter().find(|x| x.0 == "calibration").map(|x| x.2);
     let (floor_t, floor_u) = if empty_hooks {
         let (empty, empty_req) =
             hook_costs(&["--empty-hooks", "--pid-tree", &pid], &watched, args)?;
-        r.code("empty programs (--empty-hooks), same load:");
-        for (name, runs, ns) in &empty {
-            r.code(format!("  {name:<16} {runs:>10} runs  {ns:>7.1} ns/run"));
-        }
+        cost_table(r, "empty programs (--empty-hooks), same load:", &empty);
         let (t, u, e) = (
             ns_per_request(&tracked, tracked_req),
             ns_per_request(&untracked, untracked_req),
@@ -995,10 +1002,11 @@ fn hooks(r: &mut Report, args: &BenchArgs, bin: &std::path::Path) -> Result<()> 
                 &watched,
                 args,
             )?;
-            r.code("tracked traffic without payload peeks (--hooks socket --no-peek), same load:");
-            for (name, runs, ns) in &bare {
-                r.code(format!("  {name:<16} {runs:>10} runs  {ns:>7.1} ns/run"));
-            }
+            cost_table(
+                r,
+                "tracked traffic without payload peeks (--hooks socket --no-peek), same load:",
+                &bare,
+            );
             let b = ns_per_request(&bare, bare_req);
             r.code(format!(
                 "program time per request without peeks: {b:.0} ns (adds {:.0} ns to the empty \
