@@ -116,6 +116,12 @@ pub struct Cli {
     #[arg(long, hide = true)]
     pub no_peek: bool,
 
+    /// Benchmarks only: SIGUSR1 detaches the raw programs on the socket events
+    /// (sock_recv_length, sock_send_length, inet_sock_set_state), SIGUSR2 attaches them
+    /// again, so one load can be measured with and without them in alternating windows.
+    #[arg(long, hide = true)]
+    pub bench_toggle: bool,
+
     /// The syscall hooks' lifecycle programs as a kernel without BTF for task_struct has
     /// them: classic sched tracepoints (tests run that path on kernels that have BTF).
     #[arg(long, hide = true)]

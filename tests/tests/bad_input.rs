@@ -107,6 +107,22 @@ fn listen_address_in_use() {
     );
 }
 
+/// The benchmark's switch detaches the socket set's programs; the other sets have none.
+#[test]
+fn bench_toggle_with_another_hook_set() {
+    for set in ["syscall", "fentry"] {
+        let out = run(
+            &["--pid-tree", &own_pid(), "--hooks", set, "--bench-toggle"],
+            |_| {},
+        );
+        assert_fails(
+            &out,
+            RUNTIME,
+            "--bench-toggle applies to the socket set only: add --hooks socket",
+        );
+    }
+}
+
 #[test]
 fn pid_of_a_thread() {
     let (tx, rx) = std::sync::mpsc::channel();

@@ -603,3 +603,61 @@ fn sockets_a_process_still_held_untouched_when_it_exited_count_for_it() {
     settle(&fp, &only(pid, want));
     fp.stop();
 }
+
+/// The benchmark's switch (`--bench-toggle`, section 1w): SIGUSR1 detaches the programs on
+/// the socket events, so requests then are not seen at all; SIGUSR2 attaches them again and
+/// the same keep-alive connection counts from its next request.
+#[test]
+fn bench_toggle_detaches_and_attaches_the_socket_programs() {
+    require_root();
+    let server = servers::rust_server();
+    let fp = Flyprobe::start(&[
+        "--pid-tree",
+        &server.pid().to_string(),
+        "--server-name",
+        SERVER,
+        "--bench-toggle",
+    ]);
+    let mut conn = Conn::connect(server.port).expect("connecting");
+    let pid = get_n(&mut conn, 3, None);
+    let m = settle(&fp, &only(pid, open(&conn, 3)));
+    assert_eq!(request_labels(&m), gets(3), "labels\n{}", m.text);
+    let (sent, received) = (conn.sent, conn.received);
+
+    let toggled = |sig: i32, now: &str, times: usize| {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(fp.pid() as i32, sig) };
+        let line = format!("programs on the socket events {now} (3 links)");
+        eventually(&format!("flyprobe's log to say {line:?}"), SETTLE, || {
+            let log = fp.log();
+            if log.matches(&line).count() >= times {
+                Ok(())
+            } else {
+                Err(Box::new(log))
+            }
+        });
+    };
+    toggled(libc::SIGUSR1, "detached", 1);
+    get_n(&mut conn, 4, Some(pid));
+    // Nothing of those 4 was seen: the view is still the one before them.
+    let before = Row {
+        received: sent,
+        sent: received,
+        ..open(&conn, 3)
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(View::of(&fp.scrape()), only(pid, before));
+
+    toggled(libc::SIGUSR2, "attached", 1);
+    let (sent_detached, received_detached) = (conn.sent - sent, conn.received - received);
+    get_n(&mut conn, 2, Some(pid));
+    let again = Row {
+        requests: 5,
+        received: conn.sent - sent_detached,
+        sent: conn.received - received_detached,
+        ..open(&conn, 5)
+    };
+    let m = settle(&fp, &only(pid, again));
+    assert_eq!(request_labels(&m), gets(5), "labels\n{}", m.text);
+    fp.stop();
+}

@@ -37,6 +37,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.no_peek && cli.hooks != Hooks::Socket {
         anyhow::bail!("--no-peek applies to the socket set only: add --hooks socket");
     }
+    // The fentry and syscall sets have no raw programs on the socket events to toggle.
+    if cli.bench_toggle && !matches!(cli.hooks, Hooks::Socket | Hooks::Auto) {
+        anyhow::bail!("--bench-toggle applies to the socket set only: add --hooks socket");
+    }
     check_pid_namespace()?;
     raise_fd_limit();
     crate::processes::kubelet::set_log_dir(cli.kubelet_log_dir.clone());
@@ -225,6 +229,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
              (HTTPS plaintext is counted as http1 over TLS, protocol=\"https\", or h2)"
         );
     }
+    if cli.bench_toggle {
+        if probe.data_path_links() == 0 {
+            anyhow::bail!(
+                "--bench-toggle needs raw programs on the socket events ({} hooks have none): \
+                 add --hooks socket",
+                probe.hooks.name()
+            );
+        }
+        log::warn!(
+            "--bench-toggle: SIGUSR1 detaches the {} programs on the socket events, SIGUSR2 \
+             attaches them again (benchmarks only: counts are not exact meanwhile)",
+            probe.data_path_links()
+        );
+    }
     state.probe = Some(probe);
     state.sweep(); // classify workers before the first scrape (and find their libssl)
     let kept =
@@ -266,6 +284,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         access,
         state,
         cli.exit_with_target,
+        cli.bench_toggle,
     ));
     shared_for_exit.save_ledger();
     let probe = shared_for_exit.take_probe();
@@ -284,6 +303,7 @@ async fn serve(
     access: Option<(RingBuf<MapData>, access_log::Sink)>,
     state: Shared,
     exit_with_target: bool,
+    bench_toggle: bool,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener).context("listening socket")?;
     let registry = metrics::registry(state.clone()).context("building the metrics registry")?;
@@ -296,8 +316,16 @@ async fn serve(
             None => std::future::pending().await,
         }
     };
+    let toggled = state.clone();
+    let toggle = async move {
+        match bench_toggle {
+            true => toggle_data_path(toggled).await,
+            false => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = endpoint::serve(listener, router, web) => r.context("serving metrics")?,
+        r = toggle => r.context("--bench-toggle")?,
         r = ticker::pump(discoveries, state.clone()) => r.context("reading discovery events")?,
         r = access_log => r.context("writing the access log")?,
         r = ticker::run(ring, state, |s| exit_with_target && s.all_roots_exited()) => {
@@ -308,6 +336,22 @@ async fn serve(
         _ = sigint.recv() => log::info!("SIGINT: shutting down"),
     }
     Ok(())
+}
+
+/// `--bench-toggle`: SIGUSR1 detaches the programs on the socket events, SIGUSR2 attaches
+/// them again.
+async fn toggle_data_path(state: Shared) -> anyhow::Result<()> {
+    let mut off = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
+    let mut on = signal(SignalKind::user_defined2()).context("installing SIGUSR2 handler")?;
+    loop {
+        let attached = tokio::select! {
+            _ = off.recv() => false,
+            _ = on.recv() => true,
+        };
+        let changed = state.set_data_path(attached)?;
+        let now = if attached { "attached" } else { "detached" };
+        log::info!("--bench-toggle: programs on the socket events {now} ({changed} links)");
+    }
 }
 
 /// Load and attach the hook set `--hooks` asks for. `auto` takes the first of fentry, socket

@@ -18,7 +18,7 @@ use crate::{
     kernel::maps::{KernelMaps, Remains},
     kernel::memory,
     kernel::openssl::OpenSsl,
-    kernel::probe::Probe,
+    kernel::probe::{Probe, ProbeError},
     kernel::sock_diag,
     model::lifecycle,
     model::persist::PinDir,
@@ -180,6 +180,14 @@ impl Shared {
     /// exited past their grace.
     pub fn sweep(&self) {
         self.lock().sweep();
+    }
+
+    /// Detach or attach again the probe's raw programs on the socket events (`--bench-toggle`).
+    pub fn set_data_path(&self, attached: bool) -> Result<usize, ProbeError> {
+        match &mut self.lock().probe {
+            Some(probe) => probe.set_data_path(attached),
+            None => Ok(0),
+        }
     }
 
     /// The probe, to detach it at shutdown.

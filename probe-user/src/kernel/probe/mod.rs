@@ -16,6 +16,7 @@ use aya::{
     maps::{Array, MapData, ProgramArray, RingBuf},
     programs::{
         FExit as FExitProgram, ProgramError, ProgramFd, RawTracePoint, TracePoint, UProbe,
+        raw_trace_point::RawTracePointLinkId,
         uprobe::{UProbeLinkId, UProbeScope},
     },
 };
@@ -129,7 +130,18 @@ pub struct Probe {
     h2_walk: Vec<ProgramArray<MapData>>,
     /// The OpenSSL plaintext's HTTP/2 walks (`--tls`), held likewise.
     tls_h2_walk: Option<ProgramArray<MapData>>,
+    /// The raw programs on the socket events (`DATA_EVENTS`) and their links, None while
+    /// paused (`set_data_path`, the benchmark's `--bench-toggle`).
+    data_links: Vec<(&'static str, &'static str, Option<RawTracePointLinkId>)>,
 }
+
+/// The events on a server's request path in the socket set (and its floor): what
+/// `Probe::set_data_path` detaches and attaches again.
+const DATA_EVENTS: [&str; 3] = [
+    "sock_recv_length",
+    "sock_send_length",
+    "inet_sock_set_state",
+];
 
 impl Probe {
     pub fn load(tracefs: &Path, options: &Options) -> Result<Self, ProbeError> {
@@ -252,6 +264,7 @@ impl Probe {
             handshake_drops: None,
             h2_walk: Vec::new(),
             tls_h2_walk: None,
+            data_links: Vec::new(),
         };
         let set = options.hooks;
         if options.empty_hooks {
@@ -337,7 +350,10 @@ impl Probe {
             program.load().map_err(program_error)?;
             for &tp in hook.tracepoints {
                 Format::read(tracefs, hook.category, tp)?;
-                program.attach(tp).map_err(|e| attach_error(tp, e))?;
+                let link = program.attach(tp).map_err(|e| attach_error(tp, e))?;
+                if DATA_EVENTS.contains(&tp) {
+                    self.data_links.push((name, tp, Some(link)));
+                }
                 self.links += 1;
                 log::debug!("attached {name} to raw tracepoint {tp}");
             }
@@ -649,6 +665,40 @@ impl Probe {
                 let _ = program.detach(link);
             }
         }
+    }
+
+    /// How many raw programs' links are on the socket events (`set_data_path`'s).
+    pub fn data_path_links(&self) -> usize {
+        self.data_links.len()
+    }
+
+    /// Detach (`attached` false) or attach again the raw programs on the socket events, for
+    /// the benchmark to compare the same daemon with and without them in alternating
+    /// windows of one load. Returns how many links changed; none where the set has no such
+    /// programs (the syscall and fentry sets).
+    pub fn set_data_path(&mut self, attached: bool) -> Result<usize, ProbeError> {
+        let mut changed = 0;
+        for (name, tp, link) in &mut self.data_links {
+            let program = program_of::<RawTracePoint>(&mut self.ebpf, name)?;
+            match (attached, link.take()) {
+                (true, None) => {
+                    let new = program.attach(tp).map_err(|e| ProbeError::Attach {
+                        program: name,
+                        category: "sock",
+                        tracepoint: tp.to_string(),
+                        source: Box::new(e),
+                    })?;
+                    *link = Some(new);
+                    changed += 1;
+                }
+                (false, Some(old)) => {
+                    program.detach(old).map_err(|e| program_error(name, e))?;
+                    changed += 1;
+                }
+                (_, kept) => *link = kept,
+            }
+        }
+        Ok(changed)
     }
 
     /// Programs loaded and attached.

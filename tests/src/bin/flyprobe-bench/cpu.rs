@@ -22,7 +22,7 @@ use super::{
 
 /// The CPU the server is pinned to, and flyprobe's (wrk's depends on the layout).
 const SERVER_CPU: u32 = 0;
-const PROBE_CPU: u32 = 1;
+pub const PROBE_CPU: u32 = 1;
 const WRK_THREADS: u32 = 1;
 const WRK_CONNECTIONS: u32 = 32;
 /// Pause before each measurement, so a variant's start (or the previous one's exit) is
@@ -182,15 +182,15 @@ pub fn supported(bin: &Path) -> Vec<(Variant, bool)> {
 pub struct Kind {
     /// The `--only` name is `cpu-<key>`.
     pub key: &'static str,
-    title: &'static str,
-    start: fn() -> Result<Server>,
-    socket_max: f64,
+    pub title: &'static str,
+    pub start: fn() -> Result<Server>,
+    pub socket_max: f64,
     /// socket's added cost must be at most this multiple of the floor's.
-    floor_factor: Option<f64>,
-    unwatched_max: Option<f64>,
+    pub floor_factor: Option<f64>,
+    pub unwatched_max: Option<f64>,
     /// Served over TLS: measured with and without `--tls` (no target: `--tls` is opt-in,
     /// and this is its price).
-    tls: bool,
+    pub tls: bool,
 }
 
 pub const KINDS: [Kind; 4] = [
@@ -425,7 +425,7 @@ fn interval_pct(iv: Interval) -> String {
 }
 
 /// Markdown table rows, padded so the terminal shows aligned columns too.
-fn table(r: &mut Report, rows: &[Vec<String>]) {
+pub fn table(r: &mut Report, rows: &[Vec<String>]) {
     let cols = rows[0].len();
     let width: Vec<usize> = (0..cols)
         .map(|c| {

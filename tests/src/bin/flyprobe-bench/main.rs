@@ -8,6 +8,7 @@
 //! footprint follow. The report (markdown) goes to bench/results.md, or `--out`.
 
 mod cpu;
+mod paired;
 mod server;
 mod soak;
 mod stats;
@@ -27,12 +28,16 @@ use server::Server;
 use stats::{Interval, Rng, Verdict};
 
 /// The sections `--only` selects, in the order they run.
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 17] = [
     "cpu",
     "cpu-nginx",
     "cpu-nginx-tls",
     "cpu-axum",
     "cpu-uvicorn",
+    "windows",
+    "windows-nginx",
+    "windows-axum",
+    "windows-uvicorn",
     "hyper",
     "nginx",
     "uvicorn",
@@ -68,7 +73,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     connections: u32,
     /// Run only these sections: cpu (= cpu-nginx, cpu-nginx-tls, cpu-axum, cpu-uvicorn),
-    /// hyper, nginx,
+    /// windows (= windows-nginx, windows-axum, windows-uvicorn), hyper, nginx,
     /// uvicorn, untracked, hooks, idle, scrape; and soak, which runs only when named here.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -461,6 +466,7 @@ fn sections(r: &mut Report, args: &BenchArgs, flyprobe_bin: &std::path::Path) ->
         (args.only.is_empty() && !ON_REQUEST.contains(&s))
             || args.only.iter().any(|o| o == s)
             || (s.starts_with("cpu-") && args.only.iter().any(|o| o == "cpu"))
+            || (s.starts_with("windows-") && args.only.iter().any(|o| o == "windows"))
     };
 
     let cpu_kinds: Vec<&cpu::Kind> = cpu::KINDS
@@ -494,6 +500,28 @@ fn sections(r: &mut Report, args: &BenchArgs, flyprobe_bin: &std::path::Path) ->
         cpu::intro(r, args, &support);
         for kind in cpu_kinds {
             cpu::section(r, args, kind, &support)?;
+        }
+    }
+    let window_kinds: Vec<&cpu::Kind> = paired::kinds()
+        .filter(|k| wanted(&format!("windows-{}", k.key)))
+        .collect();
+    if !window_kinds.is_empty() {
+        paired::intro(r);
+        if paired::supported(flyprobe_bin) {
+            for kind in window_kinds {
+                paired::section(r, kind, args.seed)?;
+            }
+        } else {
+            let msg = "NOTE: section 1w SKIPPED: the flyprobe binary does not accept \
+                       --bench-toggle; its targets are not judged in this run";
+            eprintln!("\n!!!!!!!! {msg} !!!!!!!!\n");
+            r.md(format!("\n**{msg}.**"));
+            for kind in window_kinds {
+                r.skip(&format!(
+                    "{} (1w, paired windows): added CPU per request",
+                    kind.key
+                ));
+            }
         }
     }
     let mut rng = Rng::new(args.seed);

@@ -97,6 +97,39 @@ pub fn bootstrap_median(samples: &[f64]) -> Interval {
     Interval { median, lo, hi }
 }
 
+/// `a`'s added % minus `factor` × `b`'s (each the median of ratios to 1, in %), with the
+/// 2.5th..97.5th percentile of that difference over `RESAMPLES` resamples of both (drawn
+/// independently: the two sets of ratios come from different loads).
+pub fn bootstrap_difference(a: &[f64], b: &[f64], factor: f64) -> Interval {
+    let added = |v: &[f64]| (median(v) - 1.0) * 100.0;
+    let median = added(a) - factor * added(b);
+    if a.len() < 2 || b.len() < 2 {
+        return Interval {
+            median,
+            lo: f64::NEG_INFINITY,
+            hi: f64::INFINITY,
+        };
+    }
+    let mut rng = Rng::new(BOOTSTRAP_SEED);
+    let mut draw_a = vec![0.0; a.len()];
+    let mut draw_b = vec![0.0; b.len()];
+    let mut diffs: Vec<f64> = (0..RESAMPLES)
+        .map(|_| {
+            for d in draw_a.iter_mut() {
+                *d = a[rng.below(a.len())];
+            }
+            for d in draw_b.iter_mut() {
+                *d = b[rng.below(b.len())];
+            }
+            added(&draw_a) - factor * added(&draw_b)
+        })
+        .collect();
+    diffs.sort_by(f64::total_cmp);
+    let lo = diffs[(RESAMPLES as f64 * 0.025).floor() as usize];
+    let hi = diffs[((RESAMPLES as f64 * 0.975).ceil() as usize - 1).min(RESAMPLES - 1)];
+    Interval { median, lo, hi }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Pass,
@@ -145,6 +178,19 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn difference_of_added_costs() {
+        let socket = [1.08, 1.09, 1.085, 1.08, 1.09];
+        let floor = [1.01, 1.0, 1.005, 1.01, 1.0];
+        let iv = bootstrap_difference(&socket, &floor, 1.5);
+        // 8.5 − 1.5 × 0.5
+        assert!((iv.median - 7.75).abs() < 1e-9);
+        assert!(iv.lo <= iv.median && iv.median <= iv.hi);
+        assert!(iv.lo > 5.0 && iv.hi < 10.0);
+        let one = bootstrap_difference(&[1.1], &floor, 1.5);
+        assert!(one.lo.is_infinite() && one.hi.is_infinite());
     }
 
     #[test]
