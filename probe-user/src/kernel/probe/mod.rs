@@ -32,7 +32,7 @@ use self::{
     hooks::{
         CALIBRATION, EXEC_DISCOVER, FLOOR, HOOKS, Hook,
         Kind::{FExit, Raw, RawWith},
-        LISTEN_DISCOVER, OPENSSL_CALLS,
+        LISTEN_DISCOVER, OPENSSL_CALLS, SOCKET_EVENTS,
     },
     offsets::{FdOffsets, Offsets, TaskOffsets},
 };
@@ -130,18 +130,18 @@ pub struct Probe {
     h2_walk: Vec<ProgramArray<MapData>>,
     /// The OpenSSL plaintext's HTTP/2 walks (`--tls`), held likewise.
     tls_h2_walk: Option<ProgramArray<MapData>>,
-    /// The raw programs on the socket events (`DATA_EVENTS`) and their links, None while
-    /// paused (`set_data_path`, the benchmark's `--bench-toggle`).
-    data_links: Vec<(&'static str, &'static str, Option<RawTracePointLinkId>)>,
+    /// The raw programs on the socket events (`SOCKET_EVENTS`) and their links, None while
+    /// detached (`set_data_path`, the benchmark's `--bench-toggle`).
+    data_links: Vec<DataLink>,
 }
 
-/// The events on a server's request path in the socket set (and its floor): what
-/// `Probe::set_data_path` detaches and attaches again.
-const DATA_EVENTS: [&str; 3] = [
-    "sock_recv_length",
-    "sock_send_length",
-    "inet_sock_set_state",
-];
+/// A raw program on one of the socket events, and its link while attached.
+struct DataLink {
+    program: &'static str,
+    category: &'static str,
+    tracepoint: &'static str,
+    link: Option<RawTracePointLinkId>,
+}
 
 impl Probe {
     pub fn load(tracefs: &Path, options: &Options) -> Result<Self, ProbeError> {
@@ -351,8 +351,13 @@ impl Probe {
             for &tp in hook.tracepoints {
                 Format::read(tracefs, hook.category, tp)?;
                 let link = program.attach(tp).map_err(|e| attach_error(tp, e))?;
-                if DATA_EVENTS.contains(&tp) {
-                    self.data_links.push((name, tp, Some(link)));
+                if SOCKET_EVENTS.contains(&tp) {
+                    self.data_links.push(DataLink {
+                        program: name,
+                        category: hook.category,
+                        tracepoint: tp,
+                        link: Some(link),
+                    });
                 }
                 self.links += 1;
                 log::debug!("attached {name} to raw tracepoint {tp}");
@@ -667,35 +672,35 @@ impl Probe {
         }
     }
 
-    /// How many raw programs' links are on the socket events (`set_data_path`'s).
+    /// How many raw programs are on the socket events (`set_data_path`'s).
     pub fn data_path_links(&self) -> usize {
         self.data_links.len()
     }
 
     /// Detach (`attached` false) or attach again the raw programs on the socket events, for
-    /// the benchmark to compare the same daemon with and without them in alternating
-    /// windows of one load. Returns how many links changed; none where the set has no such
-    /// programs (the syscall and fentry sets).
+    /// the benchmark to compare one daemon with and without them in alternating windows of
+    /// one load. Returns how many links changed. An error leaves the links changed so far
+    /// as they are (the daemon then exits: a benchmark must not go on half-toggled).
     pub fn set_data_path(&mut self, attached: bool) -> Result<usize, ProbeError> {
         let mut changed = 0;
-        for (name, tp, link) in &mut self.data_links {
-            let program = program_of::<RawTracePoint>(&mut self.ebpf, name)?;
-            match (attached, link.take()) {
-                (true, None) => {
-                    let new = program.attach(tp).map_err(|e| ProbeError::Attach {
-                        program: name,
-                        category: "sock",
-                        tracepoint: tp.to_string(),
+        for data in &mut self.data_links {
+            let program = program_of::<RawTracePoint>(&mut self.ebpf, data.program)?;
+            if attached && data.link.is_none() {
+                let link = program
+                    .attach(data.tracepoint)
+                    .map_err(|e| ProbeError::Attach {
+                        program: data.program,
+                        category: data.category,
+                        tracepoint: data.tracepoint.into(),
                         source: Box::new(e),
                     })?;
-                    *link = Some(new);
-                    changed += 1;
-                }
-                (false, Some(old)) => {
-                    program.detach(old).map_err(|e| program_error(name, e))?;
-                    changed += 1;
-                }
-                (_, kept) => *link = kept,
+                data.link = Some(link);
+                changed += 1;
+            } else if !attached && let Some(link) = data.link.take() {
+                program
+                    .detach(link)
+                    .map_err(|e| program_error(data.program, e))?;
+                changed += 1;
             }
         }
         Ok(changed)

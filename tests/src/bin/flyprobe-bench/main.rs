@@ -69,6 +69,9 @@ pub struct BenchArgs {
     /// request (0: none, wrk closed-loop as fast as it can).
     #[arg(long, default_value_t = 0, value_name = "MS")]
     think_ms: u64,
+    /// Section 1w: pairs of windows per variant (each pair ~1.3 s).
+    #[arg(long, default_value_t = 50)]
+    pairs: usize,
     /// wrk connections for the saturation sections (section 1 uses -t1 -c32, pinned).
     #[arg(long, default_value_t = 64)]
     connections: u32,
@@ -506,10 +509,10 @@ fn sections(r: &mut Report, args: &BenchArgs, flyprobe_bin: &std::path::Path) ->
         .filter(|k| wanted(&format!("windows-{}", k.key)))
         .collect();
     if !window_kinds.is_empty() {
-        paired::intro(r);
+        paired::intro(r, args.pairs);
         if paired::supported(flyprobe_bin) {
             for kind in window_kinds {
-                paired::section(r, kind, args.seed)?;
+                paired::section(r, kind, args.seed, args.pairs)?;
             }
         } else {
             let msg = "NOTE: section 1w SKIPPED: the flyprobe binary does not accept \
