@@ -306,12 +306,7 @@ impl Probe {
     fn attach(&mut self, tracefs: &Path, hook: &Hook) -> Result<(), ProbeError> {
         let name = hook.program;
         let program_error = |e| program_error(name, e);
-        let attach_error = |tp: &str, e| ProbeError::Attach {
-            program: name,
-            category: hook.category,
-            tracepoint: tp.into(),
-            source: Box::new(e),
-        };
+        let attach_error = |tp: &str, e| attach_error(name, hook.category, tp, e);
         if let FExit(params) = hook.kind {
             let function = hook.tracepoints[0];
             let found = self.params_of(function)?;
@@ -688,12 +683,7 @@ impl Probe {
             if attached && data.link.is_none() {
                 let link = program
                     .attach(data.tracepoint)
-                    .map_err(|e| ProbeError::Attach {
-                        program: data.program,
-                        category: data.category,
-                        tracepoint: data.tracepoint.into(),
-                        source: Box::new(e),
-                    })?;
+                    .map_err(|e| attach_error(data.program, data.category, data.tracepoint, e))?;
                 data.link = Some(link);
                 changed += 1;
             } else if !attached && let Some(link) = data.link.take() {
@@ -709,6 +699,21 @@ impl Probe {
     /// Programs loaded and attached.
     pub fn program_count(&self) -> usize {
         self.programs
+    }
+}
+
+/// Attaching `program` to `category:tracepoint` failed.
+fn attach_error(
+    program: &'static str,
+    category: &'static str,
+    tracepoint: &str,
+    e: ProgramError,
+) -> ProbeError {
+    ProbeError::Attach {
+        program,
+        category,
+        tracepoint: tracepoint.into(),
+        source: Box::new(e),
     }
 }
 

@@ -163,19 +163,21 @@ pub fn supported(bin: &Path) -> Vec<(Variant, bool)> {
     Variant::ALL
         .iter()
         .map(|&v| {
-            let ok = match v.flyprobe_args(1, 1) {
-                None => true,
-                Some(args) => Command::new(bin)
-                    .args(&args)
-                    .arg("--help")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success()),
-            };
+            let ok = v.flyprobe_args(1, 1).is_none_or(|args| accepts(bin, &args));
             (v, ok)
         })
         .collect()
+}
+
+/// Whether `bin` accepts `args` (see `supported`).
+pub fn accepts(bin: &Path, args: &[impl AsRef<std::ffi::OsStr>]) -> bool {
+    Command::new(bin)
+        .args(args)
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// A server measured in this section, and its targets (added CPU per request, %).
@@ -420,7 +422,7 @@ fn pct(x: f64) -> String {
     format!("{x:+.2}%")
 }
 
-fn interval_pct(iv: Interval) -> String {
+pub fn interval_pct(iv: Interval) -> String {
     format!("{} [{}, {}]", pct(iv.median), pct(iv.lo), pct(iv.hi))
 }
 

@@ -72,29 +72,16 @@ pub const BOOTSTRAP_SEED: u64 = 0xf1f0_be0c_5eed_0001;
 /// The median of `samples` and the 2.5th..97.5th percentile of the medians of
 /// `RESAMPLES` resamples (with replacement, same size) of it.
 pub fn bootstrap_median(samples: &[f64]) -> Interval {
-    let n = samples.len();
     let median = median(samples);
-    if n < 2 {
-        return Interval {
-            median,
-            lo: f64::NEG_INFINITY,
-            hi: f64::INFINITY,
-        };
+    if samples.len() < 2 {
+        return unbounded(median);
     }
     let mut rng = Rng::new(BOOTSTRAP_SEED);
-    let mut draw = vec![0.0; n];
-    let mut medians: Vec<f64> = (0..RESAMPLES)
-        .map(|_| {
-            for d in draw.iter_mut() {
-                *d = samples[rng.below(n)];
-            }
-            self::median(&draw)
-        })
+    let mut draw = vec![0.0; samples.len()];
+    let medians = (0..RESAMPLES)
+        .map(|_| self::median(resample(samples, &mut rng, &mut draw)))
         .collect();
-    medians.sort_by(f64::total_cmp);
-    let lo = medians[(RESAMPLES as f64 * 0.025).floor() as usize];
-    let hi = medians[((RESAMPLES as f64 * 0.975).ceil() as usize - 1).min(RESAMPLES - 1)];
-    Interval { median, lo, hi }
+    percentiles(median, medians)
 }
 
 /// `a`'s added % minus `factor` × `b`'s (each the median of ratios to 1, in %), with the
@@ -104,29 +91,42 @@ pub fn bootstrap_difference(a: &[f64], b: &[f64], factor: f64) -> Interval {
     let added = |v: &[f64]| (median(v) - 1.0) * 100.0;
     let median = added(a) - factor * added(b);
     if a.len() < 2 || b.len() < 2 {
-        return Interval {
-            median,
-            lo: f64::NEG_INFINITY,
-            hi: f64::INFINITY,
-        };
+        return unbounded(median);
     }
     let mut rng = Rng::new(BOOTSTRAP_SEED);
     let mut draw_a = vec![0.0; a.len()];
     let mut draw_b = vec![0.0; b.len()];
-    let mut diffs: Vec<f64> = (0..RESAMPLES)
+    let diffs = (0..RESAMPLES)
         .map(|_| {
-            for d in draw_a.iter_mut() {
-                *d = a[rng.below(a.len())];
-            }
-            for d in draw_b.iter_mut() {
-                *d = b[rng.below(b.len())];
-            }
-            added(&draw_a) - factor * added(&draw_b)
+            let a = added(resample(a, &mut rng, &mut draw_a));
+            a - factor * added(resample(b, &mut rng, &mut draw_b))
         })
         .collect();
-    diffs.sort_by(f64::total_cmp);
-    let lo = diffs[(RESAMPLES as f64 * 0.025).floor() as usize];
-    let hi = diffs[((RESAMPLES as f64 * 0.975).ceil() as usize - 1).min(RESAMPLES - 1)];
+    percentiles(median, diffs)
+}
+
+/// No interval: too few samples to resample.
+fn unbounded(median: f64) -> Interval {
+    Interval {
+        median,
+        lo: f64::NEG_INFINITY,
+        hi: f64::INFINITY,
+    }
+}
+
+/// `draw` filled with `samples` drawn with replacement.
+fn resample<'a>(samples: &[f64], rng: &mut Rng, draw: &'a mut [f64]) -> &'a [f64] {
+    for d in draw.iter_mut() {
+        *d = samples[rng.below(samples.len())];
+    }
+    draw
+}
+
+/// The 2.5th..97.5th percentile of `RESAMPLES` resampled statistics, around `median`.
+fn percentiles(median: f64, mut values: Vec<f64>) -> Interval {
+    values.sort_by(f64::total_cmp);
+    let lo = values[(RESAMPLES as f64 * 0.025).floor() as usize];
+    let hi = values[((RESAMPLES as f64 * 0.975).ceil() as usize - 1).min(RESAMPLES - 1)];
     Interval { median, lo, hi }
 }
 
