@@ -97,6 +97,8 @@ fn bpf_linker(sysroot: &Path) -> Result<()> {
 const DEBIAN: &[(&str, &str)] = &[
     ("nginx", "nginx"),
     ("wrk", "wrk"),
+    // The benchmark's profile of where the added CPU goes (section 1p).
+    ("perf", "linux-perf"),
     ("bpftool", "bpftool"),
     // A real Prometheus scrapes flyprobe in the tests; promtool checks the exposition.
     ("prometheus", "prometheus"),

@@ -21,7 +21,7 @@ use super::{
 };
 
 /// The CPU the server is pinned to, and flyprobe's (wrk's depends on the layout).
-const SERVER_CPU: u32 = 0;
+pub const SERVER_CPU: u32 = 0;
 pub const PROBE_CPU: u32 = 1;
 const WRK_THREADS: u32 = 1;
 const WRK_CONNECTIONS: u32 = 32;

@@ -9,6 +9,7 @@
 
 mod cpu;
 mod paired;
+mod profile;
 mod server;
 mod soak;
 mod stats;
@@ -28,7 +29,7 @@ use server::Server;
 use stats::{Interval, Rng, Verdict};
 
 /// The sections `--only` selects, in the order they run.
-const SECTIONS: [&str; 17] = [
+const SECTIONS: [&str; 21] = [
     "cpu",
     "cpu-nginx",
     "cpu-nginx-tls",
@@ -38,6 +39,10 @@ const SECTIONS: [&str; 17] = [
     "windows-nginx",
     "windows-axum",
     "windows-uvicorn",
+    "profile",
+    "profile-nginx",
+    "profile-axum",
+    "profile-uvicorn",
     "hyper",
     "nginx",
     "uvicorn",
@@ -76,7 +81,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     connections: u32,
     /// Run only these sections: cpu (= cpu-nginx, cpu-nginx-tls, cpu-axum, cpu-uvicorn),
-    /// windows (= windows-nginx, windows-axum, windows-uvicorn), hyper, nginx,
+    /// windows (= windows-nginx, windows-axum, windows-uvicorn), profile (= profile-nginx,
+    /// profile-axum, profile-uvicorn), hyper, nginx,
     /// uvicorn, untracked, hooks, idle, scrape; and soak, which runs only when named here.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -470,6 +476,7 @@ fn sections(r: &mut Report, args: &BenchArgs, flyprobe_bin: &std::path::Path) ->
             || args.only.iter().any(|o| o == s)
             || (s.starts_with("cpu-") && args.only.iter().any(|o| o == "cpu"))
             || (s.starts_with("windows-") && args.only.iter().any(|o| o == "windows"))
+            || (s.starts_with("profile-") && args.only.iter().any(|o| o == "profile"))
     };
 
     let cpu_kinds: Vec<&cpu::Kind> = cpu::KINDS
@@ -525,6 +532,20 @@ fn sections(r: &mut Report, args: &BenchArgs, flyprobe_bin: &std::path::Path) ->
                     kind.key
                 ));
             }
+        }
+    }
+    let profile_kinds: Vec<&cpu::Kind> = paired::kinds()
+        .filter(|k| wanted(&format!("profile-{}", k.key)))
+        .collect();
+    if !profile_kinds.is_empty() {
+        profile::intro(r);
+        anyhow::ensure!(
+            paired::supported(flyprobe_bin),
+            "section 1p needs a flyprobe with --bench-toggle (this one does not accept it): \
+             leave it out with --only"
+        );
+        for kind in profile_kinds {
+            profile::section(r, kind, args.seed)?;
         }
     }
     let mut rng = Rng::new(args.seed);

@@ -286,10 +286,10 @@ pub fn section(r: &mut Report, kind: &Kind, seed: u64, pairs: usize) -> Result<(
 }
 
 /// This thread (and what it spawns) on one CPU until dropped, then on all again.
-struct Pinned(libc::cpu_set_t);
+pub(super) struct Pinned(libc::cpu_set_t);
 
 impl Pinned {
-    fn to(cpu: u32) -> Result<Self> {
+    pub(super) fn to(cpu: u32) -> Result<Self> {
         // SAFETY: cpu_set_t is plain data; the calls only read and write the sets given.
         unsafe {
             let mut before: libc::cpu_set_t = std::mem::zeroed();
@@ -350,34 +350,7 @@ fn run_variant(
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let cpu = PROBE_CPU.to_string();
     let fp = Flyprobe::start_via(&["taskset", "-c", &cpu], &args);
-    let mut toggles = 0;
-    // Each switch is confirmed by the daemon's log line before the settle time starts: a
-    // window must never measure a switch still pending.
-    let mut switch = |attached: bool| -> Result<()> {
-        let sig = if attached && v != Variant::Again {
-            libc::SIGUSR2
-        } else {
-            libc::SIGUSR1
-        };
-        // SAFETY: kill(2) on our own child.
-        ensure!(
-            unsafe { libc::kill(fp.pid() as i32, sig) } == 0,
-            "flyprobe (pid {}) is gone",
-            fp.pid()
-        );
-        toggles += 1;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while fp.log().matches(TOGGLED).count() < toggles {
-            ensure!(
-                Instant::now() < deadline,
-                "flyprobe did not confirm switch {toggles} within 5 s:\n{}",
-                fp.log()
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        std::thread::sleep(SETTLE);
-        Ok(())
-    };
+    let mut switch = Switch::new(&fp);
     // Room for the reads between windows; stopped at the end.
     let seconds = 3 * (n as f64 * 2.0 * (SETTLE + WINDOW).as_secs_f64()) as u64 + 30;
     let started = Instant::now();
@@ -387,9 +360,9 @@ fn run_variant(
     let mut pairs = Vec::with_capacity(n);
     for _ in 0..n {
         let first_on = rng.below(2) == 0;
-        switch(first_on)?;
+        switch.set(first_on && v != Variant::Again)?;
         let first = window(server, pids, request_bytes)?;
-        switch(!first_on)?;
+        switch.set(!first_on && v != Variant::Again)?;
         let second = window(server, pids, request_bytes)?;
         let (on, off) = if first_on {
             (first, second)
@@ -428,6 +401,47 @@ struct CrossCheck {
 /// The daemon's line for each switch (`--bench-toggle`).
 const TOGGLED: &str = "programs on the socket events";
 
+/// Switches a `--bench-toggle` flyprobe's programs on the socket events.
+pub(super) struct Switch<'a> {
+    fp: &'a Flyprobe,
+    toggles: usize,
+}
+
+impl<'a> Switch<'a> {
+    pub(super) fn new(fp: &'a Flyprobe) -> Self {
+        Self { fp, toggles: 0 }
+    }
+
+    /// Attach (SIGUSR2) or detach (SIGUSR1), then wait for the daemon's log line and the
+    /// settle time: a window must never measure a switch still pending.
+    pub(super) fn set(&mut self, attached: bool) -> Result<()> {
+        let sig = if attached {
+            libc::SIGUSR2
+        } else {
+            libc::SIGUSR1
+        };
+        // SAFETY: kill(2) on our own child.
+        ensure!(
+            unsafe { libc::kill(self.fp.pid() as i32, sig) } == 0,
+            "flyprobe (pid {}) is gone",
+            self.fp.pid()
+        );
+        self.toggles += 1;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.fp.log().matches(TOGGLED).count() < self.toggles {
+            ensure!(
+                Instant::now() < deadline,
+                "flyprobe did not confirm switch {} within 5 s:\n{}",
+                self.toggles,
+                self.fp.log()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(SETTLE);
+        Ok(())
+    }
+}
+
 /// The server's CPU and the requests it received over one window.
 fn window(server: &Server, pids: &[u32], request_bytes: f64) -> Result<Window> {
     let cpu0 = tree_cpu_ns(pids)?;
@@ -455,7 +469,7 @@ fn window(server: &Server, pids: &[u32], request_bytes: f64) -> Result<Window> {
     })
 }
 
-fn tree_cpu_ns(pids: &[u32]) -> Result<u64> {
+pub(super) fn tree_cpu_ns(pids: &[u32]) -> Result<u64> {
     pids.iter().try_fold(0, |sum, &pid| {
         server::cpu_ns(pid)
             .map(|ns| sum + ns)
@@ -465,7 +479,7 @@ fn tree_cpu_ns(pids: &[u32]) -> Result<u64> {
 
 /// Bytes received by each established TCP socket on local port `port` (the server's side of
 /// wrk's connections), by peer address, from the kernel's tcp_info.
-fn received_bytes(port: u16) -> Result<BTreeMap<String, u64>> {
+pub(super) fn received_bytes(port: u16) -> Result<BTreeMap<String, u64>> {
     let out = Command::new("ss")
         .args(["-tinH", "state", "established"])
         .arg(format!("( sport = :{port} )"))
@@ -508,15 +522,15 @@ fn is_address(word: &str) -> bool {
 
 /// The size of the request wrk sends to `path` on loopback port `port` (its default: the
 /// path and a Host header).
-fn request_bytes(path: &str, port: u16) -> f64 {
+pub(super) fn request_bytes(path: &str, port: u16) -> f64 {
     format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").len() as f64
 }
 
 /// A background wrk load on CPU `PROBE_CPU`, for `seconds` at most; killed if dropped.
-struct Wrk(Option<Child>);
+pub(super) struct Wrk(Option<Child>);
 
 impl Wrk {
-    fn start(url: &str, seconds: u64) -> Result<Self> {
+    pub(super) fn start(url: &str, seconds: u64) -> Result<Self> {
         let child = Command::new("taskset")
             .args(["-c", &PROBE_CPU.to_string(), "wrk", "-t1"])
             .arg(format!("-c{WRK_CONNECTIONS}"))
@@ -529,14 +543,19 @@ impl Wrk {
         Ok(Self(Some(child)))
     }
 
-    fn exited(&mut self) -> bool {
+    /// wrk's process (taskset exec'd it).
+    pub(super) fn pid(&self) -> Option<u32> {
+        self.0.as_ref().map(Child::id)
+    }
+
+    pub(super) fn exited(&mut self) -> bool {
         self.0
             .as_mut()
             .is_none_or(|c| c.try_wait().is_ok_and(|s| s.is_some()))
     }
 
     /// Stop it (SIGINT: wrk then prints its summary) and return the requests it completed.
-    fn stop(mut self) -> Result<u64> {
+    pub(super) fn stop(mut self) -> Result<u64> {
         let child = self.0.take().context("wrk was stopped already")?;
         // SAFETY: kill(2) on our own child (taskset exec'd wrk: the same process).
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
