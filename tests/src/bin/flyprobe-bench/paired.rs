@@ -91,24 +91,17 @@ impl Variant {
     }
 
     fn flyprobe_args(self, server: u32, idle: u32) -> Vec<String> {
-        let args: &[&str] = match self {
-            Self::Floor => &["--hooks", "socket", "--empty-hooks"],
-            Self::Again | Self::Socket | Self::Unwatched => &["--hooks", "socket"],
-            Self::NoPeek => &["--hooks", "socket", "--no-peek"],
+        let extra: &[&str] = match self {
+            Self::Floor => &["--empty-hooks"],
+            Self::Again | Self::Socket | Self::Unwatched => &[],
+            Self::NoPeek => &["--no-peek"],
         };
         let pid = if self == Self::Unwatched {
             idle
         } else {
             server
         };
-        args.iter()
-            .map(|a| a.to_string())
-            .chain([
-                "--bench-toggle".into(),
-                "--pid-tree".into(),
-                pid.to_string(),
-            ])
-            .collect()
+        toggle_args(extra, pid)
     }
 
     /// The target on the added CPU per request, %.
@@ -283,6 +276,21 @@ pub fn section(r: &mut Report, kind: &Kind, seed: u64, pairs: usize) -> Result<(
         server.tree()
     );
     Ok(())
+}
+
+/// A `--bench-toggle` flyprobe's arguments: the socket hook set, `extra`, watching `pid`'s
+/// tree.
+pub(super) fn toggle_args(extra: &[&str], pid: u32) -> Vec<String> {
+    ["--hooks", "socket"]
+        .iter()
+        .chain(extra)
+        .map(|a| a.to_string())
+        .chain([
+            "--bench-toggle".into(),
+            "--pid-tree".into(),
+            pid.to_string(),
+        ])
+        .collect()
 }
 
 /// This thread (and what it spawns) on one CPU until dropped, then on all again.

@@ -24,7 +24,7 @@ use flyprobe_tests::{flyprobe::Flyprobe, procs::Guard};
 use super::{
     Report,
     cpu::{Kind, PROBE_CPU, SERVER_CPU},
-    paired::{Pinned, Switch, Wrk, received_bytes, request_bytes, tree_cpu_ns},
+    paired::{Pinned, Switch, Wrk, received_bytes, request_bytes, toggle_args, tree_cpu_ns},
     stats::Rng,
 };
 
@@ -123,21 +123,11 @@ impl Variant {
     }
 
     fn flyprobe_args(self, server: u32, idle: u32) -> Vec<String> {
-        let (extra, pid): (&[&str], u32) = match self {
-            Self::Floor => (&["--empty-hooks"], server),
-            Self::Unwatched => (&[], idle),
-            Self::Again | Self::Socket => (&[], server),
-        };
-        ["--hooks", "socket"]
-            .iter()
-            .chain(extra)
-            .map(|a| a.to_string())
-            .chain([
-                "--bench-toggle".into(),
-                "--pid-tree".into(),
-                pid.to_string(),
-            ])
-            .collect()
+        match self {
+            Self::Floor => toggle_args(&["--empty-hooks"], server),
+            Self::Unwatched => toggle_args(&[], idle),
+            Self::Again | Self::Socket => toggle_args(&[], server),
+        }
     }
 }
 
@@ -297,28 +287,21 @@ fn window(
     let cpu0 = tree_cpu_ns(pids)?;
     let bytes0 = received_bytes(server.port)?;
     let wake0 = wakeups(wrk)?;
-    let out = Command::new("perf")
-        // No build-id cache: nothing written to root's ~/.debug.
-        .args([
-            "record",
-            "-q",
-            "--no-buildid-cache",
-            "-C",
-            &SERVER_CPU.to_string(),
-            "-F",
-        ])
-        .arg(FREQUENCY_HZ.to_string())
-        .arg("-o")
-        .arg(file)
-        .args(["--", "sleep"])
-        .arg(WINDOW.as_secs_f64().to_string())
-        .output()
-        .context("running perf (`cargo xtask setup` installs linux-perf)")?;
-    ensure!(
-        out.status.success(),
-        "perf record failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    // No build-id cache: nothing written to root's ~/.debug.
+    perf(&[
+        "record",
+        "-q",
+        "--no-buildid-cache",
+        "-C",
+        &SERVER_CPU.to_string(),
+        "-F",
+        &FREQUENCY_HZ.to_string(),
+        "-o",
+        &file.to_string_lossy(),
+        "--",
+        "sleep",
+        &WINDOW.as_secs_f64().to_string(),
+    ])?;
     let cpu1 = tree_cpu_ns(pids)?;
     let bytes1 = received_bytes(server.port)?;
     let wake1 = wakeups(wrk)?;
@@ -358,20 +341,37 @@ fn voluntary_switches(status: &str) -> Option<u64> {
 /// Samples by symbol of the processes `pids` in perf data `file`.
 fn symbols(file: &Path, pids: &[u32]) -> Result<BTreeMap<String, u64>> {
     let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+    let text = perf(&[
+        "report",
+        "--stdio",
+        "--no-children",
+        "-g",
+        "none",
+        "--sort",
+        "sym",
+        "-F",
+        "sample,sym",
+        "--pid",
+        &pids.join(","),
+        "-i",
+        &file.to_string_lossy(),
+    ])?;
+    Ok(parse_report(&text))
+}
+
+/// What `perf ARGS` printed; its error output if it failed.
+fn perf(args: &[&str]) -> Result<String> {
     let out = Command::new("perf")
-        .args(["report", "--stdio", "--no-children", "-g", "none"])
-        .args(["--sort", "sym", "-F", "sample,sym", "--pid"])
-        .arg(pids.join(","))
-        .arg("-i")
-        .arg(file)
+        .args(args)
         .output()
-        .context("running perf report")?;
+        .context("running perf (`cargo xtask setup` installs linux-perf)")?;
     ensure!(
         out.status.success(),
-        "perf report failed: {}",
+        "perf {} failed: {}",
+        args[0],
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    Ok(parse_report(&String::from_utf8_lossy(&out.stdout)))
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `perf report -F sample,sym` lines (`  1234  [k] tcp_sendmsg`) by symbol, without the
@@ -509,6 +509,20 @@ mod tests {
         assert_eq!(g("bpf_get_current_pid_tgid"), Some(GROUPS[6].0));
         assert_eq!(g("tcp_sendmsg_locked"), None);
         assert_eq!(g("ngx_http_parse_header_line"), None);
+    }
+
+    #[test]
+    fn variants_watch_what_they_say() {
+        let floor = Variant::Floor.flyprobe_args(1, 2);
+        assert!(floor.iter().any(|a| a == "--empty-hooks"));
+        assert_eq!(floor.last().map(String::as_str), Some("1"));
+        let unwatched = Variant::Unwatched.flyprobe_args(1, 2);
+        assert_eq!(unwatched.last().map(String::as_str), Some("2"));
+        for v in Variant::ALL {
+            let args = v.flyprobe_args(1, 2);
+            assert!(args.iter().any(|a| a == "--bench-toggle"), "{v:?}");
+            assert_eq!(args[..2], ["--hooks", "socket"], "{v:?}");
+        }
     }
 
     #[test]
