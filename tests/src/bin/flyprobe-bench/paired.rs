@@ -327,14 +327,14 @@ impl Drop for Pinned {
 
 /// One window: the server's CPU and requests over it.
 #[derive(Clone, Copy, Debug)]
-struct Window {
+pub(super) struct Window {
     cpu_s: f64,
-    requests: f64,
+    pub(super) requests: f64,
     wall_s: f64,
 }
 
 impl Window {
-    fn per_req(&self) -> f64 {
+    pub(super) fn per_req(&self) -> f64 {
         self.cpu_s / self.requests.max(1.0)
     }
 }
@@ -452,10 +452,23 @@ impl<'a> Switch<'a> {
 
 /// The server's CPU and the requests it received over one window.
 fn window(server: &Server, pids: &[u32], request_bytes: f64) -> Result<Window> {
+    measured(server, pids, request_bytes, || {
+        std::thread::sleep(WINDOW);
+        Ok(())
+    })
+}
+
+/// The server's CPU (processes `pids`) and the requests it received while `during` ran.
+pub(super) fn measured(
+    server: &Server,
+    pids: &[u32],
+    request_bytes: f64,
+    during: impl FnOnce() -> Result<()>,
+) -> Result<Window> {
     let cpu0 = tree_cpu_ns(pids)?;
     let bytes0 = received_bytes(server.port)?;
     let t0 = Instant::now();
-    std::thread::sleep(WINDOW);
+    during()?;
     let cpu1 = tree_cpu_ns(pids)?;
     let bytes1 = received_bytes(server.port)?;
     // wrk keeps its connections: a window where one closed or opened would count wrong.
@@ -477,7 +490,7 @@ fn window(server: &Server, pids: &[u32], request_bytes: f64) -> Result<Window> {
     })
 }
 
-pub(super) fn tree_cpu_ns(pids: &[u32]) -> Result<u64> {
+fn tree_cpu_ns(pids: &[u32]) -> Result<u64> {
     pids.iter().try_fold(0, |sum, &pid| {
         server::cpu_ns(pid)
             .map(|ns| sum + ns)
@@ -487,7 +500,7 @@ pub(super) fn tree_cpu_ns(pids: &[u32]) -> Result<u64> {
 
 /// Bytes received by each established TCP socket on local port `port` (the server's side of
 /// wrk's connections), by peer address, from the kernel's tcp_info.
-pub(super) fn received_bytes(port: u16) -> Result<BTreeMap<String, u64>> {
+fn received_bytes(port: u16) -> Result<BTreeMap<String, u64>> {
     let out = Command::new("ss")
         .args(["-tinH", "state", "established"])
         .arg(format!("( sport = :{port} )"))

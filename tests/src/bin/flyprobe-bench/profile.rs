@@ -12,7 +12,7 @@
 //! whenever wrk was waiting, and a slower server finds it waiting more often.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::Path,
     process::Command,
     time::Duration,
@@ -24,7 +24,7 @@ use flyprobe_tests::{flyprobe::Flyprobe, procs::Guard};
 use super::{
     Report,
     cpu::{Kind, PROBE_CPU, SERVER_CPU},
-    paired::{Pinned, Switch, Wrk, received_bytes, request_bytes, toggle_args, tree_cpu_ns},
+    paired::{Pinned, Switch, Wrk, measured, request_bytes, toggle_args},
     stats::Rng,
 };
 
@@ -35,8 +35,7 @@ const WINDOW: Duration = Duration::from_secs(4);
 const FREQUENCY_HZ: u32 = 4000;
 
 /// What each group of symbols is, in the order the report lists them. A symbol belongs to
-/// the first group one of whose patterns it starts with (`*` matches any tail, and a
-/// pattern ending in `_` a prefix).
+/// the first group one of whose patterns it starts with.
 const GROUPS: [(&str, &[&str]); 7] = [
     (
         "dispatch: the tracepoint calling the programs",
@@ -275,8 +274,8 @@ struct Window {
     wakeups: f64,
 }
 
-/// One window under `perf record`: the server's CPU per request and wrk's wake-ups per
-/// request over it.
+/// One window under `perf record`, recorded to `file`: the server's CPU per request and
+/// wrk's (`wrk`) wake-ups per request over it.
 fn window(
     server: &super::server::Server,
     pids: &[u32],
@@ -284,40 +283,30 @@ fn window(
     wrk: u32,
     file: &Path,
 ) -> Result<Window> {
-    let cpu0 = tree_cpu_ns(pids)?;
-    let bytes0 = received_bytes(server.port)?;
-    let wake0 = wakeups(wrk)?;
-    // No build-id cache: nothing written to root's ~/.debug.
-    perf(&[
-        "record",
-        "-q",
-        "--no-buildid-cache",
-        "-C",
-        &SERVER_CPU.to_string(),
-        "-F",
-        &FREQUENCY_HZ.to_string(),
-        "-o",
-        &file.to_string_lossy(),
-        "--",
-        "sleep",
-        &WINDOW.as_secs_f64().to_string(),
-    ])?;
-    let cpu1 = tree_cpu_ns(pids)?;
-    let bytes1 = received_bytes(server.port)?;
-    let wake1 = wakeups(wrk)?;
-    ensure!(
-        bytes0.keys().eq(bytes1.keys()),
-        "wrk's connections changed during a window"
-    );
-    let received: u64 = bytes1
-        .iter()
-        .map(|(peer, b)| b.saturating_sub(bytes0[peer]))
-        .sum();
-    let requests = received as f64 / request_bytes;
-    ensure!(requests > 0.0, "the server received nothing in a window");
+    let mut woken = 0;
+    let w = measured(server, pids, request_bytes, || {
+        let before = wakeups(wrk)?;
+        // No build-id cache: nothing written to root's ~/.debug.
+        perf(&[
+            "record",
+            "-q",
+            "--no-buildid-cache",
+            "-C",
+            &SERVER_CPU.to_string(),
+            "-F",
+            &FREQUENCY_HZ.to_string(),
+            "-o",
+            &file.to_string_lossy(),
+            "--",
+            "sleep",
+            &WINDOW.as_secs_f64().to_string(),
+        ])?;
+        woken = wakeups(wrk)?.saturating_sub(before);
+        Ok(())
+    })?;
     Ok(Window {
-        cpu_ns: cpu1.saturating_sub(cpu0) as f64 / requests,
-        wakeups: wake1.saturating_sub(wake0) as f64 / requests,
+        cpu_ns: w.per_req() * 1e9,
+        wakeups: woken as f64 / w.requests,
     })
 }
 
@@ -451,15 +440,13 @@ fn report(r: &mut Report, v: Variant, [on, off]: &[Profile; 2]) {
     let (a, d) = (on.group(None), off.group(None));
     rows.push(row("the rest (the server, the network stack)".into(), a, d));
     // The rest's largest changes, either way.
-    let mut rest: Vec<(&String, f64)> = on
-        .ns
-        .keys()
-        .chain(off.ns.keys())
+    let names: BTreeSet<&String> = on.ns.keys().chain(off.ns.keys()).collect();
+    let mut rest: Vec<(&String, f64)> = names
+        .into_iter()
         .filter(|s| group_of(s).is_none())
         .map(|s| (s, on.symbol(s) - off.symbol(s)))
         .collect();
     rest.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then(a.0.cmp(b.0)));
-    rest.dedup_by(|a, b| a.0 == b.0);
     for (s, _) in rest.iter().take(6) {
         rows.push(row(
             format!("  of which `{}`", shortened(s)),
